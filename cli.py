@@ -1,0 +1,165 @@
+"""The ``jobsite`` command (DESIGN section 9)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import auth
+import pipeline
+from config import Settings, SettingsError, load_settings
+from db import Database, DatabaseVersionError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jobsite", description="Run research pipelines on this machine, or serve a site."
+    )
+    parser.add_argument(
+        "--config", help="settings file (YAML); default: $JOBSITE_CONFIG, else built-in defaults"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("serve", help="start the site")
+
+    check = commands.add_parser("check", help="check a project.yaml")
+    check.add_argument("--project-dir", default=".", type=Path)
+
+    user = commands.add_parser("user", help="manage users").add_subparsers(
+        dest="user_command", required=True, metavar="SUBCOMMAND"
+    )
+    add = user.add_parser("add", help="add a local user")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="make the user a site admin")
+    add.add_argument("--password", help="default: a random password, printed once")
+    add.add_argument("--email")
+
+    token = commands.add_parser("token", help="manage API tokens").add_subparsers(
+        dest="token_command", required=True, metavar="SUBCOMMAND"
+    )
+    create = token.add_parser("create", help="print a new API token for a user")
+    create.add_argument("name", help="the user's username")
+    create.add_argument("--label", default="cli", help="a name for the token")
+
+    args = parser.parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": serve,
+        "check": check_project,
+        "user": user_add,
+        "token": token_create,
+    }
+    try:
+        return handlers[args.command](args)
+    except (SettingsError, DatabaseVersionError) as e:
+        print(f"jobsite: {e}", file=sys.stderr)
+        return 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+async def _with_db(settings: Settings, work: Callable) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = await Database.open(settings.data_dir / "db.sqlite", readers=1)
+    try:
+        return await work(db)
+    finally:
+        await db.close()
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server import create_app
+
+    settings = _settings(args)
+    asyncio.run(_with_db(settings, lambda db: _first_admin(db, settings)))
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        proxy_headers=True,
+    )
+    return 0
+
+
+async def _first_admin(db: Database, settings: Settings) -> int:
+    """On first start, make an admin and say how to sign in."""
+    if await db.fetchval("SELECT count(*) FROM users"):
+        return 0
+    password = secrets.token_urlsafe(12)
+    await auth.create_user(db, "admin", password, is_admin=True)
+    print(
+        "\n"
+        "  jobsite is starting for the first time; an admin account was made.\n"
+        f"  Sign in at {settings.base_url}/login\n"
+        "    username: admin\n"
+        f"    password: {password}\n"
+        "  This password is shown only now. Add more users with: jobsite user add NAME\n",
+        flush=True,
+    )
+    return 0
+
+
+def check_project(args: argparse.Namespace) -> int:
+    path = args.project_dir / "project.yaml"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        print(f"Cannot read {path}: {e.strerror}", file=sys.stderr)
+        return 1
+    try:
+        project = pipeline.load_pipeline(text)
+    except pipeline.ProjectValidationError as e:
+        print(f"{path} is not valid:", file=sys.stderr)
+        for error in e.errors:
+            print(f"  - {error}", file=sys.stderr)
+        return 1
+    print("Valid project.yaml")
+    for warning in project.warnings:
+        print(f"Warning: {warning}")
+    return 0
+
+
+def user_add(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    password = args.password or secrets.token_urlsafe(12)
+
+    async def add(db: Database) -> int:
+        try:
+            await auth.create_user(db, args.name, password, email=args.email, is_admin=args.admin)
+        except sqlite3.IntegrityError:
+            print(f"jobsite: a user named {args.name!r} already exists", file=sys.stderr)
+            return 1
+        role = "admin" if args.admin else "user"
+        print(f"Added {role} {args.name}.")
+        if not args.password:
+            print(f"Password (shown only now): {password}")
+        return 0
+
+    return asyncio.run(_with_db(settings, add))
+
+
+def token_create(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def create(db: Database) -> int:
+        user_id = await db.fetchval("SELECT id FROM users WHERE username = ?", (args.name,))
+        if user_id is None:
+            print(f"jobsite: there is no user {args.name!r}", file=sys.stderr)
+            return 1
+        print(await auth.create_token(db, user_id, args.label))
+        return 0
+
+    return asyncio.run(_with_db(settings, create))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

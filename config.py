@@ -1,0 +1,268 @@
+"""Settings: embedded defaults, a YAML file, then ``JOBSITE_<KEY>`` environment overrides.
+
+Every key is declared once, with its type, in the dataclasses below. Loading checks each
+value against its declared type so that a typo or a wrong type stops the site at start with
+a message naming the key, rather than surfacing later as a confusing failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "JOBSITE_"
+
+DEFAULT_IMAGE_TEMPLATE = "ghcr.io/opensafely-core/{name}:{tag}"
+DEFAULT_IMAGES = {
+    name: DEFAULT_IMAGE_TEMPLATE.replace("{name}", name)
+    for name in (
+        "cohortextractor",
+        "databuilder",
+        "ehrql",
+        "jupyter",
+        "python",
+        "r",
+        "sqlrunner",
+        "stata-mp",
+    )
+}
+
+
+class SettingsError(Exception):
+    """A setting is unknown or has the wrong type; the message names the key."""
+
+
+class Duration(float):
+    """Seconds, written as a number or a number with a unit: ``90s``, ``30m``, ``24h``, ``2d``."""
+
+
+class Size(int):
+    """Bytes, written as a number or a number with a unit: ``512M``, ``4G``."""
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_duration(value: Any) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90s, 30m or 24h")
+    if isinstance(value, int | float):
+        return Duration(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value).lower())
+    if not match:
+        raise ValueError(f"{value!r} is not a duration such as 90s, 30m or 24h")
+    number, unit = match.groups()
+    return Duration(float(number) * _DURATION_UNITS[unit or "s"])
+
+
+def parse_size(value: Any) -> Size:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512M or 4G")
+    if isinstance(value, int):
+        return Size(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
+    if not match:
+        raise ValueError(f"{value!r} is not a size such as 512M or 4G")
+    number, unit = match.groups()
+    return Size(int(float(number) * _SIZE_UNITS[unit]))
+
+
+@dataclass
+class Database:
+    description: str
+    url: str | None = None
+    network: str | None = None
+
+
+@dataclass
+class GitHub:
+    client_id: str | None = None
+    client_secret: str | None = None
+    base_url: str = "https://github.com"
+    api_url: str = "https://api.github.com"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_id and self.client_secret)
+
+
+@dataclass
+class SMTP:
+    host: str | None = None
+    port: int = 587
+    starttls: bool = True
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    from_addr: str = "jobsite@localhost"
+    timeout: Duration = Duration(30)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass
+class Repos:
+    # fnmatch patterns of repository URLs (or local paths) a workspace may use
+    allow: list[str] = field(default_factory=lambda: ["https://github.com/*"])
+    fetch_timeout: Duration = Duration(120)
+
+
+@dataclass
+class Settings:
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    base_url: str | None = None
+    site_id: str | None = None
+    backend: str = "jobsite"
+    max_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_jobs_per_user: int | None = None
+    max_db_workers: int | None = None
+    job_timeout: Duration = Duration(24 * 3600)
+    job_memory: Size = Size(4 * 1024**3)
+    job_cpus: float = 2.0
+    job_pids_limit: int = 1024
+    job_user: str = "65534:65534"
+    max_output_size: Size = Size(16 * 1024**3)
+    log_limit: Size = Size(8 * 1024**2)
+    min_free_disk: Size = Size(1024**3)
+    allow_pull: bool = True
+    images: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGES))
+    databases: dict[str, Database] = field(
+        default_factory=lambda: {
+            "full": Database("The full database: every patient"),
+            "sample": Database("A random sample of about 20% of patients, for faster runs"),
+        }
+    )
+    repos: Repos = field(default_factory=Repos)
+    github: GitHub = field(default_factory=GitHub)
+    smtp: SMTP = field(default_factory=SMTP)
+    local_accounts: bool = True
+    public_status: bool = True
+    session_max_age: Duration = Duration(14 * 86400)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        if self.site_id is None:
+            self.site_id = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:12]
+        if self.base_url is None:
+            self.base_url = f"http://{self.host}:{self.port}"
+        self.base_url = self.base_url.rstrip("/")
+        if self.max_workers < 1:
+            raise SettingsError("max_workers: must be at least 1")
+
+
+def load_settings(
+    path: str | os.PathLike | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build Settings from defaults, the YAML file at ``path`` (or ``$JOBSITE_CONFIG``),
+    ``JOBSITE_*`` environment variables, then keyword ``overrides`` (used by tests)."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("JOBSITE_CONFIG")
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SettingsError(f"cannot read settings file {path}: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SettingsError(f"settings file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"settings file {path} must be a mapping of keys to values")
+        raw = loaded or {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and name != "JOBSITE_CONFIG":
+            if name in ("JOBSITE_REQUIRE_DOCKER",):
+                continue
+            keys = name[len(ENV_PREFIX) :].lower().split("__")
+            target = raw
+            for key in keys[:-1]:
+                target = target.setdefault(key, {})
+                if not isinstance(target, dict):
+                    raise SettingsError(f"{name}: {key} is not a group of settings")
+            target[keys[-1]] = yaml.safe_load(value) if value != "" else None
+    raw.update(overrides)
+    if isinstance(raw.get("images"), dict):
+        # a site's image table extends the default one; an image set to null is removed
+        images = {**DEFAULT_IMAGES, **raw["images"]}
+        raw["images"] = {name: tmpl for name, tmpl in images.items() if tmpl is not None}
+    return _build(Settings, raw, "")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{where.rstrip('.') or 'settings'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise SettingsError(f"unknown setting {where}{key} (known settings: {known})")
+        kwargs[key] = _coerce(hints[key], value, f"{where}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise SettingsError(f"{where.rstrip('.') or 'settings'}: {e}") from e
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    try:
+        if hint is Duration:
+            return parse_duration(value)
+        if hint is Size:
+            return parse_size(value)
+    except ValueError as e:
+        raise SettingsError(f"{key}: {e}") from e
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SettingsError(f"{key}: expected a mapping")
+        _, value_type = args
+        if value_type is Database:
+            value = {
+                name: {"description": item} if isinstance(item, str) else item
+                for name, item in value.items()
+            }
+        return {str(k): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise SettingsError(f"{key}: expected a list")
+        return [_coerce(args[0], v, key) for v in value]
+    if hint is Path:
+        if not isinstance(value, str | os.PathLike):
+            raise SettingsError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise SettingsError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,167 @@
+"""SQLite state: one writer connection behind a lock, a small pool of readers.
+
+SQLite allows one writer at a time. Rather than let several connections race for the
+write lock (and meet "database is locked" under load), every write goes through a single
+connection guarded by an asyncio lock, inside ``BEGIN IMMEDIATE`` so the lock is taken up
+front. Reads use their own connections and, in WAL mode, never wait for the writer.
+aiosqlite runs each connection in its own thread, so the event loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+READERS = 4
+BUSY_TIMEOUT_MS = 10_000
+
+# SQL that takes a database from version N to N+1, keyed by N. schema.sql always holds the
+# whole current schema; a migration is added here whenever schema.sql changes.
+MIGRATIONS: dict[int, str] = {}
+
+
+class DatabaseVersionError(Exception):
+    """The database file was written by a newer jobsite than this one."""
+
+
+def schema_version() -> int:
+    for line in SCHEMA_PATH.read_text().splitlines():
+        if line.strip().upper().startswith("PRAGMA USER_VERSION"):
+            return int(line.split("=")[1].strip().rstrip(";"))
+    raise RuntimeError("schema.sql does not set PRAGMA user_version")
+
+
+Row = dict[str, Any]
+
+
+def _row_factory(cursor: sqlite3.Cursor, row: tuple) -> Row:
+    return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}
+
+
+class Database:
+    """The site's database. Open with ``await Database.open(path)``; close with ``close()``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all: list[aiosqlite.Connection] = []
+
+    @classmethod
+    async def open(cls, path: Path | str, readers: int = READERS) -> Database:
+        db = cls(Path(path))
+        try:
+            db._writer = await db._connect()
+            await db._writer.execute("PRAGMA journal_mode = WAL")
+            await db._migrate()
+            for _ in range(readers):
+                db._readers.put_nowait(await db._connect(readonly=True))
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def _connect(self, readonly: bool = False) -> aiosqlite.Connection:
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        self._all.append(conn)
+        conn.row_factory = _row_factory
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        if not readonly:
+            await conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    async def _migrate(self) -> None:
+        assert self._writer is not None
+        current = schema_version()
+        async with self._writer.execute("PRAGMA user_version") as cur:
+            (found,) = (await cur.fetchone()).values()
+        if found > current:
+            raise DatabaseVersionError(
+                f"{self.path} was made by a newer version of jobsite (schema version {found}; "
+                f"this version understands up to {current}). Upgrade jobsite, or restore a "
+                "backup taken with this version."
+            )
+        if found == current:
+            return
+        if found == 0:
+            async with self._writer.execute("SELECT count(*) AS n FROM sqlite_master") as cur:
+                (tables,) = (await cur.fetchone()).values()
+            if tables:
+                raise DatabaseVersionError(
+                    f"{self.path} is not a jobsite database (it has tables but no schema "
+                    "version). Point data_dir at an empty directory or a jobsite data dir."
+                )
+            script = SCHEMA_PATH.read_text()
+        else:
+            missing = [v for v in range(found, current) if v not in MIGRATIONS]
+            if missing:
+                raise DatabaseVersionError(
+                    f"no migration from schema version {missing[0]} of {self.path}"
+                )
+            script = "".join(MIGRATIONS[v] for v in range(found, current))
+            script += f"\nPRAGMA user_version = {current};"
+        await self._writer.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
+
+    async def close(self) -> None:
+        conns, self._all = self._all, []
+        for conn in conns:
+            await conn.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The writer connection inside ``BEGIN IMMEDIATE``; commits, or rolls back on error."""
+        assert self._writer is not None, "database is closed"
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            else:
+                await self._writer.execute("COMMIT")
+
+    async def execute(self, sql: str, params: Iterable[Any] | dict = ()) -> int:
+        """Run one write statement in its own transaction; returns lastrowid."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(sql, params)
+            return cur.lastrowid or cur.rowcount
+
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            self._readers.put_nowait(conn)
+
+    async def fetchall(self, sql: str, params: Iterable[Any] | dict = ()) -> list[Row]:
+        async with self._reader() as conn, conn.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def fetchone(self, sql: str, params: Iterable[Any] | dict = ()) -> Row | None:
+        async with self._reader() as conn, conn.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def fetchval(self, sql: str, params: Iterable[Any] | dict = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else next(iter(row.values()))
+
+    async def backup(self, dest: Path) -> None:
+        """A consistent copy of the database at ``dest`` while the site keeps running."""
+        async with self._reader() as conn:
+            target = await aiosqlite.connect(dest)
+            try:
+                await conn.backup(target)
+            finally:
+                await target.close()

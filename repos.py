@@ -1,0 +1,187 @@
+"""Git repositories: a bare mirror per repo URL, branches, files at a commit, tree export.
+
+Everything goes through the git command line (the one tool that knows every transport and
+credential helper a site may use), run as a subprocess with a time limit so that a
+hanging remote cannot hold up the site.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+GIT_TIMEOUT = 120.0
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class RepoError(Exception):
+    """A git operation failed; the message says what to do."""
+
+
+class RepoNotAllowed(RepoError):
+    pass
+
+
+class RepoUnreachable(RepoError):
+    pass
+
+
+class BranchNotFound(RepoError):
+    pass
+
+
+class FileNotFound(RepoError):
+    pass
+
+
+def is_allowed(url: str, patterns: list[str]) -> bool:
+    """Whether ``url`` matches one of the site's ``repos.allow`` patterns."""
+    return any(fnmatch.fnmatchcase(url, pattern) for pattern in patterns)
+
+
+def check_allowed(url: str, patterns: list[str]) -> None:
+    if not is_allowed(url, patterns):
+        allowed = ", ".join(patterns) or "(none)"
+        raise RepoNotAllowed(
+            f"repo {url} is not allowed on this site; repos must match one of: {allowed}. "
+            "An admin can add a pattern to repos.allow in the settings."
+        )
+
+
+async def _git(
+    *args: str, git_dir: Path | None = None, timeout: float = GIT_TIMEOUT
+) -> tuple[int, bytes, str]:
+    cmd = ["git"]
+    if git_dir is not None:
+        cmd.append(f"--git-dir={git_dir}")
+    cmd.extend(args)
+    env = {
+        **os.environ,
+        "GIT_TERMINAL_PROMPT": "0",  # never wait for a password on stdin
+        "GIT_ASKPASS": "true",
+        "LC_ALL": "C",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RepoUnreachable(
+            f"git {args[0]} took longer than {timeout:.0f}s and was stopped"
+        ) from None
+    return proc.returncode or 0, out, err.decode(errors="replace").strip()
+
+
+class Repos:
+    """Bare mirrors of workspace repos under ``<data_dir>/repos``."""
+
+    def __init__(self, root: Path, timeout: float = GIT_TIMEOUT) -> None:
+        self.root = root
+        self.timeout = timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def mirror_path(self, url: str) -> Path:
+        return self.root / f"{hashlib.sha1(url.encode()).hexdigest()}.git"
+
+    async def fetch(self, url: str) -> Path:
+        """Create or update the mirror of ``url``; returns its git dir."""
+        path = self.mirror_path(url)
+        async with self._locks.setdefault(url, asyncio.Lock()):
+            if not (path / "HEAD").exists():
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".clone-"))
+                code, _, err = await _git(
+                    "clone", "--mirror", "--quiet", "--", url, str(tmp), timeout=self.timeout
+                )
+                if code:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise RepoUnreachable(f"could not clone {url}: {_last_line(err)}")
+                tmp.rename(path)
+            else:
+                code, _, err = await _git(
+                    "fetch", "--prune", "--quiet", "origin", git_dir=path, timeout=self.timeout
+                )
+                if code:
+                    raise RepoUnreachable(f"could not fetch {url}: {_last_line(err)}")
+        return path
+
+    async def branches(self, url: str) -> list[str]:
+        path = await self.fetch(url)
+        code, out, err = await _git(
+            "for-each-ref", "--format=%(refname:short)", "refs/heads", git_dir=path
+        )
+        if code:
+            raise RepoError(f"could not list branches of {url}: {_last_line(err)}")
+        return sorted(out.decode().split())
+
+    async def resolve_branch(self, url: str, branch: str, fetch: bool = True) -> str:
+        """The commit sha at the head of ``branch``."""
+        path = await self.fetch(url) if fetch else self.mirror_path(url)
+        code, out, _ = await _git(
+            "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}", git_dir=path
+        )
+        if code:
+            names = await self.branches(url) if fetch else []
+            known = ", ".join(names[:20]) or "none"
+            raise BranchNotFound(
+                f"branch {branch!r} not found in {url} (branches: {known}). "
+                "Push the branch, or choose one of these."
+            )
+        sha = out.decode().strip()
+        assert _SHA.fullmatch(sha), sha
+        return sha
+
+    async def read_file(self, url: str, sha: str, path: str) -> str:
+        """The text of ``path`` at commit ``sha`` (the mirror must already hold it)."""
+        code, out, _ = await _git("show", f"{sha}:{path}", git_dir=self.mirror_path(url))
+        if code:
+            raise FileNotFound(f"{path} not found in {url} at commit {sha[:7]}")
+        return out.decode(errors="replace")
+
+    async def export_tree(self, url: str, sha: str, dest: Path) -> None:
+        """Write every file of the repo at ``sha`` into the existing directory ``dest``."""
+        with tempfile.TemporaryFile() as archive:
+            proc = await asyncio.create_subprocess_exec(
+                "git",
+                f"--git-dir={self.mirror_path(url)}",
+                "archive",
+                "--format=tar",
+                sha,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=archive,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise RepoError(f"exporting {url} at {sha[:7]} took too long") from None
+            if proc.returncode:
+                raise RepoError(f"could not export {url} at {sha[:7]}: {_last_line(err.decode())}")
+            await asyncio.to_thread(_extract, archive, dest)
+
+
+def _extract(archive, dest: Path) -> None:
+    archive.seek(0)
+    with tarfile.open(fileobj=archive, mode="r:") as tar:
+        tar.extractall(dest, filter="data")
+
+
+def _last_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    return lines[-1] if lines else "git gave no reason"

@@ -1,0 +1,795 @@
+"""The web app: routes, page and API handlers, and the lifespan that runs the scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+import auth
+import pipeline
+from auth import User
+from config import Settings
+from db import Database, Row
+from executor import Executor
+from outputs import Manifest
+from repos import RepoError, Repos, check_allowed
+from runner import Scheduler
+from submit import (
+    SubmitError,
+    iso,
+    job_json,
+    job_request_json,
+    load_project,
+    submit,
+)
+
+log = logging.getLogger("jobsite.server")
+
+ROOT = Path(__file__).parent
+WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# first path segments the site itself uses; a workspace may not take one as its name
+RESERVED_NAMES = {
+    "login", "logout", "admin", "api", "static", "projects", "jobs", "account", "auth",
+    "settings", "metrics", "health", "new", "users", "favicon.ico", "robots.txt",
+}  # fmt: skip
+
+
+class ApiError(Exception):
+    """An error for the person asking: answered as JSON on the API, as a page elsewhere."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+HANDLED_ERRORS = (ApiError, RepoError, SubmitError, HTTPException, pipeline.ProjectValidationError)
+
+
+def slugify(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def secret_key(data_dir: Path) -> str:
+    """The session signing key, made on first start and kept private to the site."""
+    path = data_dir / "secret.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+# -- request helpers --------------------------------------------------------------------
+
+
+def app_state(request: Request) -> Any:
+    return request.app.state
+
+
+async def current_user(request: Request) -> User | None:
+    if "user" in request.state._state:
+        return request.state.user
+    state = app_state(request)
+    user = None
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        user = await auth.authenticate_token(state.db, header[7:].strip())
+        if user is None:
+            raise ApiError(401, "the API token is not valid; create a new one on your account page")
+        request.state.via_token = True
+    elif "user_id" in request.session:
+        user = await auth.load_user(state.db, request.session["user_id"])
+        if user is None:
+            request.session.clear()
+    request.state.user = user
+    return user
+
+
+async def require_user(request: Request) -> User:
+    user = await current_user(request)
+    if user is None:
+        raise ApiError(401, "sign in first")
+    await check_csrf(request)
+    return user
+
+
+def is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+async def check_csrf(request: Request) -> None:
+    """Unsafe requests authenticated by the session cookie must carry the CSRF token."""
+    if request.method in ("GET", "HEAD", "OPTIONS") or getattr(request.state, "via_token", False):
+        return
+    submitted = request.headers.get(auth.CSRF_HEADER)
+    if submitted is None and "form" in request.headers.get("content-type", ""):
+        form = await request.form()
+        submitted = form.get(auth.CSRF_FIELD)
+    if not auth.csrf_ok(request, submitted):
+        raise ApiError(403, "the form has expired or came from another site; reload the page")
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def field(body: dict[str, Any], name: str, kind: type = str, required: bool = True) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"{name} is required")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, f"{name} must be a {kind.__name__}")
+    return value
+
+
+async def get_project(request: Request, slug: str) -> Row:
+    project = await app_state(request).db.fetchone("SELECT * FROM projects WHERE slug = ?", (slug,))
+    if project is None:
+        raise ApiError(404, f"there is no project {slug!r}")
+    await check_can_view(request, project["id"])
+    return project
+
+
+async def get_workspace(request: Request, name: str) -> Row:
+    workspace = await app_state(request).db.fetchone(
+        "SELECT w.*, p.slug AS project_slug, p.name AS project_name FROM workspaces w "
+        "JOIN projects p ON p.id = w.project_id WHERE w.name = ?",
+        (name,),
+    )
+    if workspace is None:
+        raise ApiError(404, f"there is no workspace {name!r}")
+    await check_can_view(request, workspace["project_id"])
+    return workspace
+
+
+async def check_can_view(request: Request, project_id: int) -> None:
+    user = await current_user(request)  # a bad token is refused even where none is needed
+    if app_state(request).settings.public_status:
+        return
+    if user is None:
+        raise ApiError(401, "sign in to see this project")
+    if not user.is_member(project_id):
+        raise ApiError(403, "only members of this project can see it")
+
+
+async def check_role(request: Request, project_id: int, *roles: str) -> User:
+    user = await require_user(request)
+    if not user.has_role(project_id, *roles):
+        raise ApiError(403, f"you need the {' or '.join(roles)} role on this project to do that")
+    return user
+
+
+async def get_job(request: Request, job_id: str) -> Row:
+    job = await app_state(request).db.fetchone(
+        "SELECT j.*, w.name AS workspace, w.project_id FROM jobs j "
+        "JOIN workspaces w ON w.id = j.workspace_id WHERE j.id = ?",
+        (job_id,),
+    )
+    if job is None:
+        raise ApiError(404, f"there is no job {job_id!r}")
+    await check_can_view(request, job["project_id"])
+    return job
+
+
+async def get_job_request(request: Request, request_id: str) -> Row:
+    row = None
+    if request_id.isdigit():
+        row = await app_state(request).db.fetchone(
+            "SELECT r.*, w.name AS workspace, w.project_id FROM job_requests r "
+            "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
+            (int(request_id),),
+        )
+    if row is None:
+        raise ApiError(404, f"there is no job request {request_id!r}")
+    await check_can_view(request, row["project_id"])
+    return row
+
+
+# -- actions shared by the API and the pages ---------------------------------------------
+
+
+async def create_project(request: Request, name: str) -> Row:
+    user = await require_user(request)
+    name = name.strip()
+    slug = slugify(name)
+    if not slug:
+        raise ApiError(400, "a project name needs at least one letter or digit")
+    db: Database = app_state(request).db
+    if await db.fetchone("SELECT 1 FROM projects WHERE slug = ? OR name = ?", (slug, name)):
+        raise ApiError(400, f"a project named {name!r} already exists; choose another name")
+    async with db.transaction() as conn:
+        cur = await conn.execute(
+            "INSERT INTO projects (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)",
+            (slug, name, user.id, time.time()),
+        )
+        for role in auth.ROLES:
+            await conn.execute(
+                "INSERT INTO project_members (project_id, user_id, role) VALUES (?, ?, ?)",
+                (cur.lastrowid, user.id, role),
+            )
+    return await db.fetchone("SELECT * FROM projects WHERE slug = ?", (slug,))
+
+
+async def create_workspace(request: Request, project: Row, form: dict[str, Any]) -> Row:
+    user = await check_role(request, project["id"], "developer")
+    state = app_state(request)
+    settings: Settings = state.settings
+    name = str(form.get("name") or "").strip()
+    repo = str(form.get("repo") or "").strip()
+    branch = str(form.get("branch") or "").strip()
+    database = str(form.get("database") or "").strip()
+    if not WORKSPACE_NAME.fullmatch(name):
+        raise ApiError(
+            400,
+            "a workspace name uses lowercase letters, digits, '-' and '_', starts with a "
+            "letter or digit and is at most 63 characters",
+        )
+    if name in RESERVED_NAMES:
+        raise ApiError(400, f"{name!r} is used by the site itself; choose another name")
+    if await state.db.fetchone("SELECT 1 FROM workspaces WHERE name = ?", (name,)):
+        raise ApiError(400, f"a workspace named {name!r} already exists; choose another name")
+    if not repo:
+        raise ApiError(400, "repo is required")
+    if not branch:
+        raise ApiError(400, "branch is required")
+    if database not in settings.databases:
+        choices = ", ".join(settings.databases)
+        raise ApiError(400, f"database must be one of: {choices}")
+    check_allowed(repo, settings.repos.allow)
+    sha = await state.repos.resolve_branch(repo, branch)
+    await state.repos.read_file(repo, sha, "project.yaml")
+    await state.db.execute(
+        "INSERT INTO workspaces (name, project_id, repo, branch, database, purpose, "
+        "notify_default, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            name,
+            project["id"],
+            repo,
+            branch,
+            database,
+            str(form.get("purpose") or ""),
+            int(bool(form.get("notify_default"))),
+            user.id,
+            time.time(),
+        ),
+    )
+    return await get_workspace(request, name)
+
+
+async def create_job_request(
+    request: Request, workspace: Row, actions: list[str], force: bool, notify: bool
+) -> int:
+    user = await check_role(request, workspace["project_id"], "developer")
+    state = app_state(request)
+    request_id = await submit(
+        state.db,
+        state.settings,
+        state.repos,
+        workspace,
+        user.id,
+        actions,
+        force_run_dependencies=force,
+        notify=notify,
+    )
+    state.scheduler.wake()
+    return request_id
+
+
+async def cancel_jobs(request: Request, job_request: Row, actions: list[str] | None) -> list[str]:
+    await check_role(request, job_request["project_id"], "developer")
+    db: Database = app_state(request).db
+    jobs = await db.fetchall(
+        "SELECT id, action, state FROM jobs WHERE job_request_id = ?", (job_request["id"],)
+    )
+    if actions is not None:
+        unknown = set(actions) - {job["action"] for job in jobs}
+        if unknown:
+            raise ApiError(400, f"this job request has no job for: {', '.join(sorted(unknown))}")
+        jobs = [job for job in jobs if job["action"] in actions]
+    active = [job["id"] for job in jobs if job["state"] in ("pending", "running")]
+    await app_state(request).scheduler.cancel(active)
+    return active
+
+
+async def workspace_actions(request: Request, workspace: Row) -> dict[str, Any]:
+    """The workspace's actions at the branch head with their latest jobs, or the errors."""
+    state = app_state(request)
+    result: dict[str, Any] = {"actions": [], "error": None, "warnings": [], "sha": None}
+    try:
+        sha, project = await load_project(state.repos, workspace["repo"], workspace["branch"])
+    except (RepoError, pipeline.ProjectValidationError) as e:
+        result["error"] = str(e)
+        return result
+    result["sha"] = sha
+    result["warnings"] = list(project.warnings)
+    latest = {
+        row["action"]: row
+        for row in await state.db.fetchall(
+            "SELECT * FROM jobs j WHERE workspace_id = ? AND created_at = "
+            "(SELECT max(created_at) FROM jobs WHERE workspace_id = j.workspace_id "
+            "AND action = j.action)",
+            (workspace["id"],),
+        )
+    }
+    for name, action in project.actions.items():
+        job = latest.get(name)
+        result["actions"].append(
+            {
+                "name": name,
+                "needs": list(action.needs),
+                "run": action.run,
+                "status": job["status_code"] if job else None,
+                "state": job["state"] if job else None,
+                "job_id": job["id"] if job else None,
+            }
+        )
+    return result
+
+
+# -- API -------------------------------------------------------------------------------
+
+
+async def api_health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def api_create_project(request: Request) -> Response:
+    await require_user(request)
+    body = await json_body(request)
+    project = await create_project(request, field(body, "name"))
+    return JSONResponse({"slug": project["slug"], "name": project["name"]}, status_code=201)
+
+
+async def api_add_member(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    await check_role(request, project["id"], "developer")
+    body = await json_body(request)
+    username = field(body, "username")
+    roles = field(body, "roles", list)
+    bad = [r for r in roles if r not in auth.ROLES]
+    if bad:
+        raise ApiError(400, f"unknown roles {bad}; roles are {', '.join(auth.ROLES)}")
+    db: Database = app_state(request).db
+    member = await db.fetchone("SELECT id FROM users WHERE username = ?", (username,))
+    if member is None:
+        raise ApiError(404, f"there is no user {username!r}")
+    async with db.transaction() as conn:
+        await conn.execute(
+            "DELETE FROM project_members WHERE project_id = ? AND user_id = ?",
+            (project["id"], member["id"]),
+        )
+        for role in roles:
+            await conn.execute(
+                "INSERT INTO project_members (project_id, user_id, role) VALUES (?, ?, ?)",
+                (project["id"], member["id"], role),
+            )
+    return JSONResponse({"username": username, "roles": sorted(roles)})
+
+
+async def api_create_workspace(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    body = await json_body(request)
+    for name in ("name", "repo", "branch", "database"):
+        field(body, name)
+    workspace = await create_workspace(request, project, body)
+    return JSONResponse(workspace_json(workspace), status_code=201)
+
+
+def workspace_json(workspace: Row) -> dict[str, Any]:
+    return {
+        "name": workspace["name"],
+        "project": workspace["project_slug"],
+        "repo": workspace["repo"],
+        "branch": workspace["branch"],
+        "database": workspace["database"],
+        "purpose": workspace["purpose"],
+        "archived": bool(workspace["archived"]),
+        "created_at": iso(workspace["created_at"]),
+    }
+
+
+async def api_workspace(request: Request) -> Response:
+    workspace = await get_workspace(request, request.path_params["name"])
+    found = await workspace_actions(request, workspace)
+    return JSONResponse(
+        {
+            **workspace_json(workspace),
+            "sha": found["sha"],
+            "project_yaml_error": found["error"],
+            "actions": [
+                {"name": a["name"], "needs": a["needs"], "status": a["status"]}
+                for a in found["actions"]
+            ],
+        }
+    )
+
+
+async def api_submit(request: Request) -> Response:
+    workspace = await get_workspace(request, request.path_params["name"])
+    await check_role(request, workspace["project_id"], "developer")
+    body = await json_body(request)
+    actions = field(body, "actions", list)
+    if not all(isinstance(a, str) for a in actions):
+        raise ApiError(400, "actions must be a list of action names")
+    force = bool(field(body, "force_run_dependencies", bool, required=False))
+    notify = field(body, "notify", bool, required=False)
+    if notify is None:
+        notify = bool(workspace["notify_default"])
+    request_id = await create_job_request(request, workspace, actions, force, notify)
+    return JSONResponse(await job_request_json(app_state(request).db, request_id), status_code=201)
+
+
+async def api_job_request(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    return JSONResponse(await job_request_json(app_state(request).db, row["id"]))
+
+
+async def api_cancel(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    body = await json_body(request) if await request.body() else {}
+    actions = field(body, "actions", list, required=False)
+    cancelled = await cancel_jobs(request, row, actions)
+    data = await job_request_json(app_state(request).db, row["id"])
+    data["cancelled"] = cancelled
+    if not cancelled:
+        data["message"] = "Nothing to cancel: those jobs have already finished"
+    return JSONResponse(data)
+
+
+async def api_job(request: Request) -> Response:
+    job = await get_job(request, request.path_params["id"])
+    return JSONResponse({**job_json(job), "workspace": job["workspace"]})
+
+
+async def api_job_log(request: Request) -> Response:
+    job = await get_job(request, request.path_params["id"])
+    await check_role(request, job["project_id"], "output_viewer")
+    path = app_state(request).settings.data_dir / "logs" / f"{job['id']}.log"
+    if not path.exists():
+        raise ApiError(404, "this job has no log yet; it is written when the job finishes")
+    return PlainTextResponse(path.read_text(errors="replace"))
+
+
+async def api_outputs(request: Request) -> Response:
+    workspace = await get_workspace(request, request.path_params["name"])
+    await check_role(request, workspace["project_id"], "output_viewer")
+    ws_dir = app_state(request).settings.data_dir / "workspaces" / workspace["name"]
+    return JSONResponse(Manifest.load(ws_dir).data)
+
+
+# -- pages -----------------------------------------------------------------------------
+
+
+async def render(
+    request: Request, name: str, context: dict[str, Any], status: int = 200
+) -> Response:
+    user = await current_user(request)
+    context = {
+        "user": user,
+        "csrf_token": auth.csrf_token(request),
+        "settings": app_state(request).settings,
+        **context,
+    }
+    response = app_state(request).templates.TemplateResponse(
+        request, name, context, status_code=status
+    )
+    response.headers["Vary"] = "HX-Request, Cookie"
+    return response
+
+
+async def login_page(request: Request) -> Response:
+    error = None
+    username = ""
+    if request.method == "POST":
+        await check_csrf(request)
+        form = await request.form()
+        username = str(form.get("username", "")).strip()
+        password = str(form.get("password", ""))
+        limiter: auth.RateLimiter = app_state(request).login_limiter
+        client = request.client.host if request.client else "unknown"
+        if not (limiter.allow(f"user:{username.lower()}") and limiter.allow(f"addr:{client}")):
+            error = "Too many sign-in attempts. Wait a few minutes and try again."
+        else:
+            user = await auth.authenticate_password(app_state(request).db, username, password)
+            if user is None:
+                error = "That username and password do not match."
+            else:
+                limiter.reset(f"user:{username.lower()}")
+                request.session.clear()
+                request.session["user_id"] = user.id
+                target = str(request.query_params.get("next", "/"))
+                if not target.startswith("/") or target.startswith("//"):
+                    target = "/"
+                return RedirectResponse(target, status_code=303)
+    return await render(
+        request,
+        "login.html",
+        {"error": error, "username": username},
+        status=400 if error else 200,
+    )
+
+
+async def logout(request: Request) -> Response:
+    await check_csrf(request)
+    request.session.clear()
+    return RedirectResponse("/", status_code=303)
+
+
+async def home(request: Request) -> Response:
+    user = await current_user(request)
+    db: Database = app_state(request).db
+    if user and not user.is_admin:
+        projects = await db.fetchall(
+            "SELECT DISTINCT p.* FROM projects p JOIN project_members m ON m.project_id = p.id "
+            "WHERE m.user_id = ? ORDER BY p.name",
+            (user.id,),
+        )
+    elif user or app_state(request).settings.public_status:
+        projects = await db.fetchall("SELECT * FROM projects ORDER BY name")
+    else:
+        projects = []
+    recent = []
+    if user:
+        rows = await db.fetchall(
+            "SELECT r.*, w.name AS workspace FROM job_requests r JOIN workspaces w "
+            "ON w.id = r.workspace_id WHERE r.created_by = ? ORDER BY r.id DESC LIMIT 10",
+            (user.id,),
+        )
+        recent = [await job_request_json(db, row["id"]) for row in rows]
+    return await render(request, "home.html", {"projects": projects, "recent": recent})
+
+
+async def project_page(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    db: Database = app_state(request).db
+    error = None
+    form: dict[str, Any] = {}
+    if request.method == "POST":
+        await check_csrf(request)
+        form = dict(await request.form())
+        try:
+            workspace = await create_workspace(request, project, form)
+            return RedirectResponse(f"/{workspace['name']}/", status_code=303)
+        except (ApiError, RepoError) as e:
+            error = str(e)
+    workspaces = await db.fetchall(
+        "SELECT * FROM workspaces WHERE project_id = ? ORDER BY archived, name", (project["id"],)
+    )
+    members = await db.fetchall(
+        "SELECT u.username, group_concat(m.role, ', ') AS roles FROM project_members m "
+        "JOIN users u ON u.id = m.user_id WHERE m.project_id = ? GROUP BY u.id ORDER BY u.username",
+        (project["id"],),
+    )
+    return await render(
+        request,
+        "project.html",
+        {
+            "project": project,
+            "workspaces": workspaces,
+            "members": members,
+            "error": error,
+            "form": form,
+            "databases": app_state(request).settings.databases,
+        },
+        status=400 if error else 200,
+    )
+
+
+async def workspace_page(request: Request) -> Response:
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    error = None
+    if request.method == "POST":
+        await check_csrf(request)
+        form = await request.form()
+        actions = [str(a) for a in form.getlist("actions")]
+        try:
+            request_id = await create_job_request(
+                request,
+                workspace,
+                actions,
+                force=bool(form.get("force_run_dependencies")),
+                notify=bool(form.get("notify")),
+            )
+        except (SubmitError, RepoError, pipeline.ProjectValidationError) as e:
+            error = str(e)
+        else:
+            return RedirectResponse(f"/{workspace['name']}/logs/{request_id}", status_code=303)
+    found = await workspace_actions(request, workspace)
+    user = await current_user(request)
+    context = {
+        "workspace": workspace,
+        "found": found,
+        "error": error,
+        "can_run": bool(user and user.can_run(workspace["project_id"])),
+        "all_done": all(a["state"] in (None, "succeeded", "failed") for a in found["actions"]),
+    }
+    if request.headers.get("hx-request") and request.method == "GET":
+        response = await render(request, "_actions.html", context)
+        if context["all_done"]:
+            response.status_code = 286  # htmx stops polling
+        return response
+    return await render(request, "workspace.html", context, status=400 if error else 200)
+
+
+async def logs_page(request: Request) -> Response:
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    db: Database = app_state(request).db
+    rows = await db.fetchall(
+        "SELECT id FROM job_requests WHERE workspace_id = ? ORDER BY id DESC LIMIT 50",
+        (workspace["id"],),
+    )
+    job_requests = [await job_request_json(db, row["id"]) for row in rows]
+    return await render(
+        request, "logs.html", {"workspace": workspace, "job_requests": job_requests}
+    )
+
+
+async def job_request_page(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    if row["workspace"] != request.path_params["workspace"]:
+        raise ApiError(404, "that job request belongs to another workspace")
+    db: Database = app_state(request).db
+    data = await job_request_json(db, row["id"])
+    user = await current_user(request)
+    context = {
+        "job_request": data,
+        "workspace": await get_workspace(request, row["workspace"]),
+        "can_cancel": bool(user and user.can_run(row["project_id"])),
+    }
+    done = data["status"] in ("succeeded", "failed", "nothing_to_do")
+    if request.headers.get("hx-request"):
+        response = await render(request, "_job_request_jobs.html", context)
+        if done:
+            response.status_code = 286
+        return response
+    return await render(request, "job_request.html", context)
+
+
+async def cancel_page(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    await check_csrf(request)
+    form = await request.form()
+    actions = [str(a) for a in form.getlist("actions")] or None
+    await cancel_jobs(request, row, actions)
+    return RedirectResponse(f"/{row['workspace']}/logs/{row['id']}", status_code=303)
+
+
+async def job_page(request: Request) -> Response:
+    job = await get_job(request, request.path_params["id"])
+    user = await current_user(request)
+    db: Database = app_state(request).db
+    events = await db.fetchall(
+        "SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job["id"],)
+    )
+    can_view_log = bool(user and user.can_view_outputs(job["project_id"]))
+    log_text = None
+    if can_view_log:
+        path = app_state(request).settings.data_dir / "logs" / f"{job['id']}.log"
+        if path.exists():
+            log_text = path.read_text(errors="replace")
+    context = {
+        "job": {**job_json(job), "workspace": job["workspace"]},
+        "events": [{**e, "at": iso(e["at"])} for e in events],
+        "can_view_log": can_view_log,
+        "log_text": log_text,
+    }
+    return await render(request, "job.html", context)
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ApiError):
+        status, message = exc.status, exc.message
+    elif isinstance(exc, RepoError | SubmitError | pipeline.ProjectValidationError):
+        status, message = 400, str(exc)
+    elif isinstance(exc, HTTPException):
+        status, message = exc.status_code, exc.detail
+    else:
+        raise exc
+    if is_api(request):
+        return JSONResponse({"error": message}, status_code=status)
+    if status == 401:
+        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+    return await render(request, "error.html", {"status": status, "message": message}, status)
+
+
+# -- the app ---------------------------------------------------------------------------
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = await Database.open(settings.data_dir / "db.sqlite")
+        repos = Repos(settings.data_dir / "repos", timeout=settings.repos.fetch_timeout)
+        executor = Executor(settings, repos)
+        scheduler = Scheduler(db, settings, executor)
+        app.state.db = db
+        app.state.repos = repos
+        app.state.executor = executor
+        app.state.scheduler = scheduler
+        try:
+            await scheduler.start()
+            yield
+        finally:
+            await scheduler.stop()
+            await db.close()
+
+    templates = Jinja2Templates(directory=str(ROOT / "templates"))
+    templates.env.globals["status_label"] = status_label
+    routes = [
+        Route("/api/v1/health", api_health),
+        Route("/api/v1/projects", api_create_project, methods=["POST"]),
+        Route("/api/v1/projects/{slug}/members", api_add_member, methods=["POST"]),
+        Route("/api/v1/projects/{slug}/workspaces", api_create_workspace, methods=["POST"]),
+        Route("/api/v1/workspaces/{name}", api_workspace),
+        Route("/api/v1/workspaces/{name}/job-requests", api_submit, methods=["POST"]),
+        Route("/api/v1/workspaces/{name}/outputs", api_outputs),
+        Route("/api/v1/job-requests/{id}", api_job_request),
+        Route("/api/v1/job-requests/{id}/cancel", api_cancel, methods=["POST"]),
+        Route("/api/v1/jobs/{id}", api_job),
+        Route("/api/v1/jobs/{id}/log", api_job_log),
+        Mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static"),
+        Route("/", home),
+        Route("/login", login_page, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/projects/{slug}/", project_page, methods=["GET", "POST"]),
+        Route("/jobs/{id}", job_page),
+        Route("/{workspace}/", workspace_page, methods=["GET", "POST"]),
+        Route("/{workspace}/logs", logs_page),
+        Route("/{workspace}/logs/{id}", job_request_page),
+        Route("/{workspace}/logs/{id}/cancel", cancel_page, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(
+                SessionMiddleware,
+                secret_key=secret_key(settings.data_dir),
+                session_cookie="jobsite_session",
+                max_age=int(settings.session_max_age),
+                same_site="lax",
+                https_only=settings.base_url.startswith("https://"),
+            )
+        ],
+        exception_handlers={error: handle_error for error in HANDLED_ERRORS},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.templates = templates
+    app.state.login_limiter = auth.RateLimiter(limit=10, window=300)
+    return app
+
+
+def status_label(code: str | None) -> str:
+    if code is None:
+        return "Not run"
+    return code.replace("_", " ").capitalize()

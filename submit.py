@@ -1,0 +1,224 @@
+"""Turning a submission into a job request and its jobs, in one transaction."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+import pipeline
+from config import Settings
+from db import Database, Row
+from outputs import Manifest
+from repos import Repos
+
+
+class SubmitError(Exception):
+    """The submission cannot be accepted; the message tells the user why and what to do."""
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(8)
+
+
+def image_for(settings: Settings, action: pipeline.Action) -> str:
+    template = settings.images.get(action.image)
+    if template is None:
+        known = ", ".join(sorted(settings.images))
+        raise SubmitError(
+            f"action {action.name} uses image {action.image!r}, which this site does not "
+            f"provide (images here: {known})"
+        )
+    return template.replace("{name}", action.image).replace("{tag}", action.tag)
+
+
+async def load_project(repos: Repos, repo: str, branch: str) -> tuple[str, pipeline.Pipeline]:
+    """The commit at the head of ``branch`` and its parsed project.yaml.
+
+    Raises RepoError or ProjectValidationError, each with a message for the user.
+    """
+    sha = await repos.resolve_branch(repo, branch)
+    text = await repos.read_file(repo, sha, "project.yaml")
+    return sha, pipeline.load_pipeline(text)
+
+
+async def _workspace_state(
+    conn: aiosqlite.Connection, workspace_dir: Path, workspace_id: int
+) -> dict[str, pipeline.ActionState]:
+    cur = await conn.execute(
+        "SELECT action, id, state FROM jobs j WHERE workspace_id = ? AND created_at = "
+        "(SELECT max(created_at) FROM jobs WHERE workspace_id = j.workspace_id "
+        "AND action = j.action)",
+        (workspace_id,),
+    )
+    manifest = Manifest.load(workspace_dir)
+    return {
+        row["action"]: pipeline.ActionState(
+            state=row["state"],
+            job_id=row["id"],
+            outputs_exist=manifest.outputs_exist(workspace_dir, row["action"]),
+        )
+        for row in await cur.fetchall()
+    }
+
+
+async def workspace_state(
+    db: Database, settings: Settings, workspace: Row
+) -> dict[str, pipeline.ActionState]:
+    async with db.transaction() as conn:
+        return await _workspace_state(
+            conn, settings.data_dir / "workspaces" / workspace["name"], workspace["id"]
+        )
+
+
+async def submit(
+    db: Database,
+    settings: Settings,
+    repos: Repos,
+    workspace: Row,
+    user_id: int,
+    actions: list[str],
+    *,
+    force_run_dependencies: bool = False,
+    notify: bool = False,
+) -> int:
+    """Create a job request for ``actions`` in ``workspace``; returns its id."""
+    if workspace["archived"]:
+        raise SubmitError(f"workspace {workspace['name']} is archived; unarchive it to run jobs")
+    if not actions:
+        raise SubmitError("choose at least one action to run")
+    sha, project = await load_project(repos, workspace["repo"], workspace["branch"])
+    workspace_dir = settings.data_dir / "workspaces" / workspace["name"]
+    now = time.time()
+    async with db.transaction() as conn:
+        state = await _workspace_state(conn, workspace_dir, workspace["id"])
+        try:
+            the_plan = pipeline.plan(project, actions, state, force_run_dependencies)
+        except pipeline.UnknownActionError as e:
+            raise SubmitError(str(e)) from None
+        images = {
+            job.action: image_for(settings, project.actions[job.action]) for job in the_plan.jobs
+        }
+        cur = await conn.execute(
+            "INSERT INTO job_requests (workspace_id, created_by, branch, sha, requested_actions, "
+            "force_run_dependencies, notify, status, status_message, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                workspace["id"],
+                user_id,
+                workspace["branch"],
+                sha,
+                json.dumps(actions),
+                int(force_run_dependencies),
+                int(notify),
+                the_plan.status,
+                the_plan.message,
+                now,
+            ),
+        )
+        request_id = cur.lastrowid
+        new_ids: dict[str, str] = {}
+        for offset, job in enumerate(the_plan.jobs):
+            action = project.actions[job.action]
+            job_id = new_job_id()
+            new_ids[job.action] = job_id
+            wait_for = [new_ids[a] for a in job.needs_new] + list(job.needs_existing)
+            created = now + offset * 1e-6  # keeps dependency order among equal timestamps
+            await conn.execute(
+                "INSERT INTO jobs (id, job_request_id, workspace_id, user_id, action, sha, "
+                "run_command, image, args, outputs, needs, wait_for, requires_db, state, "
+                "status_code, status_message, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'created', ?, ?, ?)",
+                (
+                    job_id,
+                    request_id,
+                    workspace["id"],
+                    user_id,
+                    job.action,
+                    sha,
+                    action.run,
+                    images[job.action],
+                    json.dumps(list(action.args)),
+                    json.dumps(action.outputs),
+                    json.dumps(list(action.needs)),
+                    json.dumps(wait_for),
+                    int(action.is_database_action),
+                    "Created",
+                    created,
+                    created,
+                ),
+            )
+            await conn.execute(
+                "INSERT INTO job_events (job_id, status_code, status_message, at) "
+                "VALUES (?, 'created', 'Created', ?)",
+                (job_id, created),
+            )
+    return request_id
+
+
+async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | None:
+    """A job request and its jobs as the API shows them."""
+    row = await db.fetchone(
+        "SELECT r.*, w.name AS workspace FROM job_requests r "
+        "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
+        (request_id,),
+    )
+    if row is None:
+        return None
+    jobs = await db.fetchall(
+        "SELECT * FROM jobs WHERE job_request_id = ? ORDER BY created_at", (request_id,)
+    )
+    status, message = request_status(row, jobs)
+    return {
+        "id": row["id"],
+        "workspace": row["workspace"],
+        "branch": row["branch"],
+        "sha": row["sha"],
+        "requested_actions": json.loads(row["requested_actions"]),
+        "force_run_dependencies": bool(row["force_run_dependencies"]),
+        "created_at": iso(row["created_at"]),
+        "status": status,
+        "status_message": message,
+        "jobs": [job_json(job) for job in jobs],
+    }
+
+
+def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:
+    """A job request's overall status, from its jobs' states."""
+    if request["status"] == "nothing_to_do" or not jobs:
+        return "nothing_to_do", request["status_message"]
+    states = [job["state"] for job in jobs]
+    succeeded = states.count("succeeded")
+    if "running" in states:
+        return "running", f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    if "pending" in states:
+        return "pending", f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    if succeeded == len(jobs):
+        return "succeeded", f"All {len(jobs)} jobs succeeded"
+    return "failed", f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
+
+
+def job_json(job: Row) -> dict[str, Any]:
+    return {
+        "id": job["id"],
+        "job_request_id": job["job_request_id"],
+        "action": job["action"],
+        "run_command": job["run_command"],
+        "state": job["state"],
+        "status_code": job["status_code"],
+        "status_message": job["status_message"],
+        "created_at": iso(job["created_at"]),
+        "started_at": iso(job["started_at"]),
+        "completed_at": iso(job["completed_at"]),
+        "exit_code": job["exit_code"],
+    }
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

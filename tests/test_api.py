@@ -1,0 +1,127 @@
+"""The JSON API, driven as a client would: project -> workspace -> job request -> outputs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+PROJECT_YAML = """\
+version: "4"
+actions:
+  generate:
+    run: python:v2 -c "mkdir -p output && echo 'n,total' > output/counts.csv && echo made it"
+    outputs:
+      moderately_sensitive:
+        counts: output/counts.csv
+"""
+
+
+async def wait_for_request(client, headers, request_id, timeout=60.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        response = await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)
+        data = response.json()
+        if data["status"] in ("succeeded", "failed", "nothing_to_do"):
+            return data
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"job request still {data['status']}: {data}")
+        await asyncio.sleep(0.1)
+
+
+async def setup_workspace(client, headers, repo, name="ws1"):
+    response = await client.post("/api/v1/projects", json={"name": "Study One"}, headers=headers)
+    assert response.status_code == 201, response.text
+    slug = response.json()["slug"]
+    response = await client.post(
+        f"/api/v1/projects/{slug}/workspaces",
+        json={"name": name, "repo": repo.url, "branch": "main", "database": "sample"},
+        headers=headers,
+    )
+    assert response.status_code == 201, response.text
+    return slug
+
+
+async def test_health_needs_no_token(client):
+    response = await client.get("/api/v1/health")
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.usefixtures("docker_cleanup")
+async def test_one_action_runs_end_to_end(client, make_user, make_repo, settings):
+    headers = await make_user("alice")
+    repo = make_repo({"project.yaml": PROJECT_YAML})
+    await setup_workspace(client, headers, repo)
+
+    response = await client.post(
+        "/api/v1/workspaces/ws1/job-requests", json={"actions": ["generate"]}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert [job["action"] for job in created["jobs"]] == ["generate"]
+
+    done = await wait_for_request(client, headers, created["id"])
+    assert done["status"] == "succeeded", done
+    (job,) = done["jobs"]
+    assert job["status_code"] == "succeeded"
+    assert job["exit_code"] == 0
+
+    workspace = settings.data_dir / "workspaces" / "ws1"
+    assert (workspace / "output/counts.csv").read_text() == "n,total\n"
+    log = (workspace / "metadata/generate.log").read_text()
+    assert "made it" in log
+    assert (settings.data_dir / "logs" / f"{job['id']}.log").read_text() == log
+    assert not (settings.data_dir / "jobs" / job["id"]).exists()
+
+    outputs = (await client.get("/api/v1/workspaces/ws1/outputs", headers=headers)).json()
+    assert outputs["files"]["output/counts.csv"]["level"] == "moderately_sensitive"
+    assert outputs["files"]["output/counts.csv"]["visible"] is True
+
+    status = (await client.get("/api/v1/workspaces/ws1", headers=headers)).json()
+    assert status["actions"] == [{"name": "generate", "needs": [], "status": "succeeded"}]
+
+
+async def test_errors_are_json_a_user_can_act_on(client, make_user, make_repo, repos_dir):
+    headers = await make_user("alice")
+    repo = make_repo({"project.yaml": PROJECT_YAML})
+    slug = await setup_workspace(client, headers, repo)
+
+    async def create(**body):
+        body = {"name": "ws2", "repo": repo.url, "branch": "main", "database": "full", **body}
+        return await client.post(
+            f"/api/v1/projects/{slug}/workspaces", json=body, headers=headers
+        )
+
+    cases = [
+        (await client.post("/api/v1/projects/nope/workspaces", json={}, headers=headers),
+         404, "there is no project 'nope'"),
+        (await create(name="ws1"), 400, "a workspace named 'ws1' already exists"),
+        (await create(repo="/elsewhere/repo"), 400, "is not allowed on this site"),
+        (await create(branch="nope"), 400, "branch 'nope' not found"),
+        (await create(database="big"), 400, "database must be one of: full, sample"),
+        (await create(name="admin"), 400, "is used by the site itself"),
+        (await create(name="Bad Name"), 400, "lowercase letters"),
+        (await client.post("/api/v1/workspaces/ws1/job-requests",
+                           json={"actions": ["nope"]}, headers=headers), 400, "nope"),
+        (await client.post("/api/v1/projects", content=b"{", headers=headers),
+         400, "must be JSON"),
+        (await client.post("/api/v1/projects", json={"name": "x"}), 401, "sign in"),
+        (await client.get("/api/v1/job-requests/999", headers=headers),
+         404, "no job request '999'"),
+    ]  # fmt: skip
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
+
+    bare = make_repo({"README.md": "no pipeline here"}, name="bare")
+    response = await create(repo=bare.url, name="ws3")
+    assert response.status_code == 400
+    assert "project.yaml not found" in response.json()["error"]
+
+
+async def test_a_bad_token_is_refused(client):
+    response = await client.get(
+        "/api/v1/workspaces/x", headers={"Authorization": "Bearer jst_wrong"}
+    )
+    assert response.status_code == 401
+    assert "not valid" in response.json()["error"]
