@@ -365,75 +365,69 @@ class Scheduler:
         )
 
     async def _run(self, job_id: str, adopt: str | None = None) -> None:
-        """See a job through. ``adopt`` is the state of a container found after a restart."""
-        spec = await self.job_spec(job_id)
-        started = time.time()
-        cleanup = True
+        """See a job through. ``adopt`` is the state of a container found after a restart.
+
+        The temporary dir and container are removed before the job is marked finished, so
+        whoever sees the final status also sees a clean machine.
+        """
         try:
-            if adopt is None:
-                await self.executor.prepare(spec)
-                if await self._cancelled(job_id):
-                    await self.finish(
-                        job_id, "failed", "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
-                    )
-                    return
-                await self.executor.start(spec)
-                await self.set_status(job_id, "executing")
-            else:
-                started = (
-                    await self.db.fetchval("SELECT started_at FROM jobs WHERE id = ?", (job_id,))
-                    or started
-                )
-            exit = await self.executor.wait(spec, started)
-            await self._add_usage(
-                await self.db.fetchval("SELECT user_id FROM jobs WHERE id = ?", (job_id,)),
-                max(0.0, exit.finished_at - exit.started_at),
-            )
-            if await self._cancelled(job_id):
-                await self.finish(
-                    job_id,
-                    "failed",
-                    "cancelled_by_user",
-                    STATUS_MESSAGES["cancelled_by_user"],
-                    exit_code=exit.exit_code,
-                )
-                return
-            await self.set_status(job_id, "finalizing")
-            context = {"started_at": started}
-            outcome = await self.executor.finalize(spec, exit, context)
-            await self.finish(
-                job_id,
-                outcome.state,
-                outcome.status_code,
-                outcome.status_message,
-                exit_code=outcome.exit_code,
-                image_id=outcome.image_id,
-            )
+            ending = await self._execute(job_id, adopt)
         except asyncio.CancelledError:
-            cleanup = not self._stopping
+            if not self._stopping:  # left for the next process to re-adopt otherwise
+                await self.executor.cleanup(job_id)
             raise
         except DockerUnavailable as e:
             self.docker_ok = False
+            await self.executor.cleanup(job_id)
             await self.set_status(
                 job_id,
                 "waiting_on_docker",
                 f"{STATUS_MESSAGES['waiting_on_docker']}: {e}",
                 state="pending",
             )
+            return
         except JobError as e:
-            await self.finish(job_id, "failed", e.status_code, e.message)
+            ending = ("failed", e.status_code, e.message, {})
         except Exception as e:
             log.error("job %s failed inside jobsite:\n%s", job_id, traceback.format_exc())
-            await self.finish(
-                job_id,
-                "failed",
-                "internal_error",
+            message = (
                 f"Internal error: {type(e).__name__}: {e}. The site admin can find the "
-                "details in the server log.",
+                "details in the server log."
             )
-        finally:
-            if cleanup:
-                await self.executor.cleanup(job_id)
+            ending = ("failed", "internal_error", message, {})
+        await self.executor.cleanup(job_id)
+        state, code, message, fields = ending
+        await self.finish(job_id, state, code, message, **fields)
+
+    async def _execute(
+        self, job_id: str, adopt: str | None
+    ) -> tuple[str, str, str, dict[str, Any]]:
+        """Steps 1 to 5 of a job; returns (state, status code, message, fields to record)."""
+        cancelled = ("failed", "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"])
+        spec = await self.job_spec(job_id)
+        started = time.time()
+        if adopt is None:
+            await self.executor.prepare(spec)
+            if await self._cancelled(job_id):
+                return (*cancelled, {})
+            await self.executor.start(spec)
+            await self.set_status(job_id, "executing")
+        else:
+            started = (
+                await self.db.fetchval("SELECT started_at FROM jobs WHERE id = ?", (job_id,))
+                or started
+            )
+        exit = await self.executor.wait(spec, started)
+        await self._add_usage(
+            await self.db.fetchval("SELECT user_id FROM jobs WHERE id = ?", (job_id,)),
+            max(0.0, exit.finished_at - exit.started_at),
+        )
+        if await self._cancelled(job_id):
+            return (*cancelled, {"exit_code": exit.exit_code})
+        await self.set_status(job_id, "finalizing")
+        outcome = await self.executor.finalize(spec, exit, {"started_at": started})
+        fields = {"exit_code": outcome.exit_code, "image_id": outcome.image_id}
+        return outcome.state, outcome.status_code, outcome.status_message, fields
 
     async def _cancelled(self, job_id: str) -> bool:
         return bool(await self.db.fetchval("SELECT cancelled FROM jobs WHERE id = ?", (job_id,)))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,17 @@ async def require_user(request: Request) -> User:
         raise ApiError(401, "sign in first")
     await check_csrf(request)
     return user
+
+
+def api(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
+    """An API endpoint: whoever the token names is known (or refused) before anything else."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        await current_user(request)
+        return await handler(request)
+
+    return endpoint
 
 
 def is_api(request: Request) -> bool:
@@ -746,17 +758,17 @@ def create_app(settings: Settings) -> Starlette:
     templates = Jinja2Templates(directory=str(ROOT / "templates"))
     templates.env.globals["status_label"] = status_label
     routes = [
-        Route("/api/v1/health", api_health),
-        Route("/api/v1/projects", api_create_project, methods=["POST"]),
-        Route("/api/v1/projects/{slug}/members", api_add_member, methods=["POST"]),
-        Route("/api/v1/projects/{slug}/workspaces", api_create_workspace, methods=["POST"]),
-        Route("/api/v1/workspaces/{name}", api_workspace),
-        Route("/api/v1/workspaces/{name}/job-requests", api_submit, methods=["POST"]),
-        Route("/api/v1/workspaces/{name}/outputs", api_outputs),
-        Route("/api/v1/job-requests/{id}", api_job_request),
-        Route("/api/v1/job-requests/{id}/cancel", api_cancel, methods=["POST"]),
-        Route("/api/v1/jobs/{id}", api_job),
-        Route("/api/v1/jobs/{id}/log", api_job_log),
+        Route("/api/v1/health", api(api_health)),
+        Route("/api/v1/projects", api(api_create_project), methods=["POST"]),
+        Route("/api/v1/projects/{slug}/members", api(api_add_member), methods=["POST"]),
+        Route("/api/v1/projects/{slug}/workspaces", api(api_create_workspace), methods=["POST"]),
+        Route("/api/v1/workspaces/{name}", api(api_workspace)),
+        Route("/api/v1/workspaces/{name}/job-requests", api(api_submit), methods=["POST"]),
+        Route("/api/v1/workspaces/{name}/outputs", api(api_outputs)),
+        Route("/api/v1/job-requests/{id}", api(api_job_request)),
+        Route("/api/v1/job-requests/{id}/cancel", api(api_cancel), methods=["POST"]),
+        Route("/api/v1/jobs/{id}", api(api_job)),
+        Route("/api/v1/jobs/{id}/log", api(api_job_log)),
         Mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static"),
         Route("/", home),
         Route("/login", login_page, methods=["GET", "POST"]),

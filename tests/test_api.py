@@ -88,9 +88,7 @@ async def test_errors_are_json_a_user_can_act_on(client, make_user, make_repo, r
 
     async def create(**body):
         body = {"name": "ws2", "repo": repo.url, "branch": "main", "database": "full", **body}
-        return await client.post(
-            f"/api/v1/projects/{slug}/workspaces", json=body, headers=headers
-        )
+        return await client.post(f"/api/v1/projects/{slug}/workspaces", json=body, headers=headers)
 
     cases = [
         (await client.post("/api/v1/projects/nope/workspaces", json={}, headers=headers),
