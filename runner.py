@@ -1,12 +1,14 @@
-"""The scheduler: which job runs next, on which free slot, and what happens after a restart.
+"""The scheduler: starts queued jobs on free slots, sees each through, and recovers after a
+restart (DESIGN sections 5 and 7).
 
-One asyncio task watches for work. It wakes on an event — a job request arrived, a job
-finished, a job was cancelled — rather than on a polling interval, so a dependent job starts
-as soon as its dependency ends. A slow safety tick remains for things no event announces,
-such as Docker coming back.
-
-The order among runnable jobs is a pure function (``queue_order``) of plain data, so it is
-tested without Docker or a database.
+The queue lives in memory (``scheduling.JobQueue``), rebuilt from SQLite on start; SQLite
+stays the record of every job's state. One asyncio task dispatches: it wakes on an event —
+a job request arrived, a job finished, a job was cancelled, an admin changed something —
+rather than on a polling interval, so a dependent job starts as soon as its dependency
+ends. A slow safety tick remains for what no event announces: Docker or disk space coming
+back. A second task writes the waiting jobs' statuses ("3 jobs ahead of this one"), at most
+once per interval and only the rows whose status changed, so a long queue does not turn
+every event into thousands of writes.
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
+import shutil
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from config import Settings
 from db import Database, Row
 from executor import DockerUnavailable, Executor, JobError, JobSpec
+from scheduling import DependencyFailure, JobQueue, Limits, QueuedJob
 
 log = logging.getLogger("jobsite.runner")
 
-HALF_LIFE = 3600.0  # seconds; usage from an hour ago counts half
 SAFETY_TICK = 5.0
+STATUS_INTERVAL = 0.5  # seconds between two rewrites of waiting jobs' statuses
+STOP_TIMEOUT = 5.0  # the longest stop() waits for job tasks to wind down
 MAX_ATTEMPTS = 2  # a job caught preparing by a restart is retried once
 
 STATUS_MESSAGES = {
@@ -36,49 +39,57 @@ STATUS_MESSAGES = {
     "waiting_on_dependencies": "Waiting on dependencies",
     "waiting_on_workers": "Waiting for a free worker",
     "waiting_on_docker": "Waiting for Docker to be available",
+    "waiting_on_disk": "Waiting for free disk space",
     "preparing": "Preparing the job's files",
     "executing": "Running",
     "finalizing": "Collecting outputs",
     "succeeded": "Completed successfully",
+    "nonzero_exit": "Job exited with an error",
+    "unmatched_patterns": "No outputs found matching the action's patterns",
     "cancelled_by_user": "Cancelled by user",
     "dependency_failed": "A job this one needs did not succeed",
+    "timed_out": "Job ran longer than its time limit",
+    "out_of_memory": "Job ran out of memory",
     "internal_error": "Internal error",
 }
 
-
-def decayed(usage: float, since: float, now: float) -> float:
-    """Usage recorded at ``since``, as it counts at ``now``."""
-    return usage * math.pow(0.5, max(0.0, now - since) / HALF_LIFE)
-
-
-@dataclass(frozen=True)
-class QueuedJob:
-    id: str
-    user_id: int
-    priority: int
-    created_at: float
-    requires_db: bool = False
+PENDING_COLUMNS = (
+    "j.rowid AS seq, j.id, j.user_id, j.job_request_id, j.action, j.wait_for, j.requires_db, "
+    "j.created_at, j.started_at, j.status_code, j.status_message, r.priority, "
+    "w.name AS workspace, u.username"
+)
+PENDING_FROM = (
+    "jobs j JOIN job_requests r ON r.id = j.job_request_id "
+    "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = j.user_id"
+)
 
 
-def queue_order(
-    runnable: Iterable[QueuedJob],
-    running_per_user: dict[int, int],
-    usage_per_user: dict[int, float],
-) -> list[QueuedJob]:
-    """Runnable jobs, the one to start first first.
+def jobs_ahead(count: int) -> str:
+    """'3 jobs ahead of this one'; past 100, rounded down to two significant figures, so a
+    job deep in the queue does not get a new message every time the queue moves by one."""
+    if count >= 100:
+        step = 10 ** (len(str(count)) - 2)
+        return f"more than {count // step * step:,} jobs ahead of this one"
+    return f"{count} job{'' if count == 1 else 's'} ahead of this one"
 
-    Fewest running jobs of the user, then least recent usage, then the request's priority
-    (higher first), then age: a light user's job goes ahead of a heavy user's backlog.
-    """
-    return sorted(
-        runnable,
-        key=lambda j: (
-            running_per_user.get(j.user_id, 0),
-            usage_per_user.get(j.user_id, 0.0),
-            -j.priority,
-            j.created_at,
-        ),
-    )
+
+def human_size(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def log_line(**fields: Any) -> str:
+    """key=value pairs; values with spaces or quotes are JSON-quoted."""
+    parts = []
+    for key, value in fields.items():
+        text = "" if value is None else str(value)
+        if not text or any(c in text for c in ' "=\n'):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 class Scheduler:
@@ -95,34 +106,70 @@ class Scheduler:
         self.settings = settings
         self.executor = executor
         self.on_job_finished = on_job_finished
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
-        self._running: dict[str, asyncio.Task] = {}
-        self._stopping = False
+        self.queue = JobQueue()
         self.docker_ok = True
+        self.paused = False
+        # why runnable jobs cannot start now: (status code, message), or None
+        self.blocked: tuple[str, str] | None = None
+        self._wake = asyncio.Event()
+        self._statuses_stale = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._running: dict[str, asyncio.Task] = {}
+        self._phase: dict[str, str] = {}  # running job -> preparing, executing or finalizing
+        self._cancel_requested: set[str] = set()
+        self._last_seq = 0  # rowid of the newest job loaded into the queue
+        self._stopping = False
 
-    # -- lifecycle ---------------------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(s.max_workers, s.max_jobs_per_user, s.max_db_workers)
+
+    # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.recover()
-        self._loop_task = asyncio.create_task(self._loop(), name="jobsite-scheduler")
+        """Recover what a previous process left, rebuild the queue, start dispatching."""
+        self.paused = (
+            await self.db.fetchval("SELECT value FROM site_state WHERE key = 'paused'")
+        ) == "1"
+        adopt = await self.recover()
+        for row in await self.db.fetchall("SELECT user_id, usage, updated_at FROM user_usage"):
+            self.queue.set_usage(row["user_id"], row["usage"], row["updated_at"])
+        for row in await self.db.fetchall(
+            f"SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} WHERE j.state = 'running'"
+        ):
+            job = self._queued_job(row)
+            self.queue.add_running(job, row["started_at"] or time.time())
+        await self._load_new_jobs()
+        for job_id, container in adopt.items():
+            log.info(log_line(job=job_id, event="re-adopted", container=container))
+            self._phase[job_id] = "executing"
+            self._start_task(job_id, self._run(job_id, adopt=container))
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="jobsite-scheduler"),
+            asyncio.create_task(self._status_loop(), name="jobsite-statuses"),
+        ]
+        self.wake()
 
     async def stop(self) -> None:
-        """Stop scheduling. Running containers are left alone: a restart re-adopts them."""
+        """Stop scheduling, within STOP_TIMEOUT. Containers are left running: the next
+        start re-adopts them."""
         self._stopping = True
-        tasks = list(self._running.values())
-        if self._loop_task:
-            tasks.append(self._loop_task)
+        tasks = [*self._running.values(), *self._tasks]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for task in still:
+                log.warning(log_line(event="stop", task=task.get_name(), note="did not stop"))
         self._running.clear()
+        self._tasks.clear()
 
     def wake(self) -> None:
         """Something changed (new work, a finished or cancelled job): look at the queue."""
         self._wake.set()
 
-    async def _loop(self) -> None:
+    async def _dispatch_loop(self) -> None:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), SAFETY_TICK)
@@ -134,138 +181,163 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler pass failed")
 
-    # -- choosing jobs -------------------------------------------------------------
+    async def _status_loop(self) -> None:
+        while True:
+            await self._statuses_stale.wait()
+            self._statuses_stale.clear()
+            try:
+                await self.write_waiting_statuses()
+            except Exception:
+                log.exception("writing waiting statuses failed")
+            await asyncio.sleep(STATUS_INTERVAL)
 
-    async def paused(self) -> bool:
-        value = await self.db.fetchval("SELECT value FROM site_state WHERE key = 'paused'")
-        return value == "1"
-
-    async def set_paused(self, paused: bool) -> None:
-        await self.db.execute(
-            "INSERT INTO site_state (key, value) VALUES ('paused', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            ("1" if paused else "0",),
-        )
-        self.wake()
+    # -- choosing jobs -------------------------------------------------------------------
 
     async def dispatch(self) -> None:
-        """One scheduling pass: settle dependencies, then start jobs on free slots."""
-        pending = await self.db.fetchall(
-            "SELECT j.id, j.user_id, j.wait_for, j.status_code, j.requires_db, j.created_at, "
-            "r.priority FROM jobs j JOIN job_requests r ON r.id = j.job_request_id "
-            "WHERE j.state = 'pending' ORDER BY j.created_at"
-        )
-        if not pending:
+        """One scheduling pass: take in new jobs, then start jobs while slots are free."""
+        await self._load_new_jobs()
+        self._statuses_stale.set()
+        if self.paused or not self.queue.pending:
             return
-        runnable = await self._settle_dependencies(pending)
-        if not runnable or await self.paused():
+        if len(self.queue.running) >= self.settings.max_workers:
             return
+        self.blocked = await self._blocked()
+        if self.blocked is not None:
+            return
+        now = time.time()
+        while (job := self.queue.pick(now, self.limits)) is not None:
+            self.queue.start(job.id, now)
+            self._phase[job.id] = "preparing"
+            self._start_task(job.id, self._run(job.id))
+
+    async def _blocked(self) -> tuple[str, str] | None:
+        """Why no job may start now (Docker away, disk nearly full), or None."""
         if not self.docker_ok:
             self.docker_ok = await self.executor.docker_available()
             if not self.docker_ok:
-                await self._mark_waiting(runnable, "waiting_on_docker")
-                return
-        running = await self.db.fetchall(
-            "SELECT user_id, requires_db FROM jobs WHERE state = 'running'"
+                return ("waiting_on_docker", STATUS_MESSAGES["waiting_on_docker"])
+        needed = self.settings.min_free_disk
+        if needed:
+            free = shutil.disk_usage(self.settings.data_dir).free
+            if free < needed:
+                return (
+                    "waiting_on_disk",
+                    f"Waiting for free disk space: {human_size(free)} free in the site's data "
+                    f"directory, {human_size(needed)} needed to start a job",
+                )
+        return None
+
+    def _queued_job(self, row: Row) -> QueuedJob:
+        return QueuedJob(
+            id=row["id"],
+            user_id=row["user_id"],
+            request_id=row["job_request_id"],
+            action=row["action"],
+            priority=row["priority"],
+            created_at=row["created_at"],
+            requires_db=bool(row["requires_db"]),
+            workspace=row["workspace"],
+            username=row["username"],
+            status=(row["status_code"], row["status_message"]),
         )
-        running_per_user: dict[int, int] = {}
-        db_running = 0
-        for row in running:
-            running_per_user[row["user_id"]] = running_per_user.get(row["user_id"], 0) + 1
-            db_running += row["requires_db"]
-        usage = await self._usage()
-        queue = queue_order(
-            [
-                QueuedJob(r["id"], r["user_id"], r["priority"], r["created_at"], r["requires_db"])
-                for r in runnable
-            ],
-            running_per_user,
-            usage,
+
+    async def _load_new_jobs(self) -> None:
+        """Add pending jobs created since the last look (jobs' rowids grow with each insert,
+        and inserts are serialised by the one writer)."""
+        rows = await self.db.fetchall(
+            f"SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} "
+            "WHERE j.rowid > ? AND j.state = 'pending' ORDER BY j.rowid",
+            (self._last_seq,),
         )
-        free = self.settings.max_workers - len(self._running)
-        waiting: list[QueuedJob] = []
-        for job in queue:
-            per_user_cap = self.settings.max_jobs_per_user
-            db_cap = self.settings.max_db_workers
-            if (
-                free <= 0
-                or (per_user_cap and running_per_user.get(job.user_id, 0) >= per_user_cap)
-                or (job.requires_db and db_cap is not None and db_running >= db_cap)
+        if not rows:
+            return
+        self._last_seq = rows[-1]["seq"]
+        needs = {row["id"]: json.loads(row["wait_for"]) for row in rows}
+        outside = {d for deps in needs.values() for d in deps if self.queue.get(d) is None}
+        finished = {}
+        if outside:
+            marks = ",".join("?" * len(outside))
+            for found in await self.db.fetchall(
+                f"SELECT id, action, state, status_code FROM jobs WHERE id IN ({marks})",
+                list(outside),
             ):
-                waiting.append(job)
+                finished[found["id"]] = found
+        for row in rows:
+            job = self._queued_job(row)
+            failed = None
+            for dep in needs[job.id]:
+                if self.queue.get(dep) is not None:
+                    job.waiting_on.add(dep)
+                elif (finished.get(dep) or {}).get("state") != "succeeded":
+                    failed = finished.get(dep) or {"id": dep, "action": "?", "status_code": "?"}
+                    break
+            if failed is None:
+                self.queue.add(job)
                 continue
-            free -= 1
-            running_per_user[job.user_id] = running_per_user.get(job.user_id, 0) + 1
-            db_running += job.requires_db
-            await self._launch(job.id)
-        await self._mark_waiting(
-            [{"id": j.id} for j in waiting],
-            "waiting_on_workers",
-            positions=True,
-        )
+            dependency = QueuedJob(failed["id"], 0, action=failed["action"])
+            await self._end_pending(job, "dependency_failed", dependency_message(dependency))
+            finished[job.id] = {"id": job.id, "action": job.action, "state": "failed"}
 
-    async def _settle_dependencies(self, pending: list[Row]) -> list[Row]:
-        """Fail jobs whose dependencies failed; return jobs whose dependencies all succeeded."""
-        waited = {dep for row in pending for dep in json.loads(row["wait_for"])}
-        states: dict[str, str] = {}
-        if waited:
-            marks = ",".join("?" * len(waited))
-            for row in await self.db.fetchall(
-                f"SELECT id, state, action FROM jobs WHERE id IN ({marks})", list(waited)
-            ):
-                states[row["id"]] = row["state"]
-        runnable = []
-        failed_now = False
-        for row in pending:
-            deps = json.loads(row["wait_for"])
-            if any(states.get(dep) == "failed" for dep in deps):
-                await self.finish(
-                    row["id"], "failed", "dependency_failed", STATUS_MESSAGES["dependency_failed"]
-                )
-                states[row["id"]] = "failed"
-                failed_now = True
-            elif all(states.get(dep) == "succeeded" for dep in deps):
-                runnable.append(row)
-            elif row["status_code"] != "waiting_on_dependencies":
-                await self.set_status(row["id"], "waiting_on_dependencies")
-        if failed_now:
-            self.wake()  # dependents of the jobs just failed are settled on the next pass
-        return runnable
+    # -- status ------------------------------------------------------------------------
 
-    async def _mark_waiting(self, jobs: list[Any], code: str, positions: bool = False) -> None:
-        for position, job in enumerate(jobs):
-            job_id = job["id"] if isinstance(job, dict) else job.id
-            message = STATUS_MESSAGES[code]
-            if positions:
-                message = (
-                    f"Waiting for a free worker: {position} job{'s' if position != 1 else ''} "
-                    "ahead of this one"
-                )
-            await self.set_status(job_id, code, message, only_if_changed=True)
-
-    async def _usage(self) -> dict[int, float]:
+    async def write_waiting_statuses(self) -> None:
+        """Tell each waiting job why it waits and where it stands; write only changes."""
         now = time.time()
-        return {
-            row["user_id"]: decayed(row["usage"], row["updated_at"], now)
-            for row in await self.db.fetchall("SELECT user_id, usage, updated_at FROM user_usage")
-        }
-
-    async def _add_usage(self, user_id: int, seconds: float) -> None:
-        now = time.time()
+        changes: list[tuple[QueuedJob, str, str]] = []
+        for position, job in enumerate(self.queue.order(now)):
+            code, message = self._waiting_status(position)
+            if job.status != (code, message):
+                changes.append((job, code, message))
+        for job in self.queue.pending.values():
+            if job.waiting_on:
+                names = sorted({self.queue.get(dep).action for dep in job.waiting_on})
+                message = f"Waiting on dependencies: {', '.join(names)}"
+                if job.status != ("waiting_on_dependencies", message):
+                    changes.append((job, "waiting_on_dependencies", message))
+        if not changes:
+            return
+        still_pending = "EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state = 'pending')"
         async with self.db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT usage, updated_at FROM user_usage WHERE user_id = ?", (user_id,)
+            await conn.executemany(
+                "INSERT INTO job_events (job_id, status_code, status_message, at) "
+                f"SELECT ?, ?, ?, ? WHERE {still_pending}",
+                [
+                    (job.id, code, message, now, job.id)
+                    for job, code, message in changes
+                    if job.status is None or job.status[0] != code
+                ],
             )
-            row = await cur.fetchone()
-            total = seconds + (decayed(row["usage"], row["updated_at"], now) if row else 0.0)
-            await conn.execute(
-                "INSERT INTO user_usage (user_id, usage, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (user_id) DO UPDATE SET usage = excluded.usage, "
-                "updated_at = excluded.updated_at",
-                (user_id, total, now),
+            await conn.executemany(
+                "UPDATE jobs SET status_code = ?, status_message = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'pending'",
+                [(code, message, now, job.id) for job, code, message in changes],
             )
+        for job, code, message in changes:
+            if job.status is None or job.status[0] != code:
+                self._log_status(job, "pending", code, message)
+            job.status = (code, message)
 
-    # -- status --------------------------------------------------------------------
+    def _waiting_status(self, position: int) -> tuple[str, str]:
+        ahead = jobs_ahead(position)
+        if self.paused:
+            return ("waiting_on_workers", f"The queue is paused by a site admin; {ahead}")
+        if self.blocked is not None:
+            return self.blocked
+        return ("waiting_on_workers", f"Waiting for a free worker: {ahead}")
+
+    def _log_status(self, job: QueuedJob | Row, state: str, code: str, message: str) -> None:
+        get = job.get if isinstance(job, dict) else lambda key: getattr(job, key)
+        log.info(
+            log_line(
+                job=get("id"),
+                action=get("action"),
+                workspace=get("workspace"),
+                user=get("username"),
+                state=state,
+                status=code,
+                message=message,
+            )
+        )
 
     async def set_status(
         self,
@@ -274,20 +346,21 @@ class Scheduler:
         message: str | None = None,
         *,
         state: str | None = None,
-        only_if_changed: bool = False,
         **fields: Any,
     ) -> None:
+        """Record a job's new status (and state), with a timeline event when the code
+        changes, and log it."""
         message = STATUS_MESSAGES.get(code, code) if message is None else message
         now = time.time()
         async with self.db.transaction() as conn:
             cur = await conn.execute(
-                "SELECT status_code, status_message FROM jobs WHERE id = ?", (job_id,)
+                "SELECT j.id, j.action, j.state, j.status_code, w.name AS workspace, u.username "
+                "FROM jobs j JOIN workspaces w ON w.id = j.workspace_id "
+                "JOIN users u ON u.id = j.user_id WHERE j.id = ?",
+                (job_id,),
             )
             current = await cur.fetchone()
             if current is None:
-                return
-            changed = (current["status_code"], current["status_message"]) != (code, message)
-            if only_if_changed and not changed:
                 return
             sets = {"status_code": code, "status_message": message, "updated_at": now, **fields}
             if state:
@@ -302,49 +375,146 @@ class Scheduler:
                     "VALUES (?, ?, ?, ?)",
                     (job_id, code, message, now),
                 )
-        log.info("job %s: %s: %s", job_id, code, message)
+        self._log_status(current, state or current["state"], code, message)
 
-    async def finish(self, job_id: str, state: str, code: str, message: str, **fields: Any) -> None:
-        await self.set_status(
-            job_id, code, message, state=state, completed_at=time.time(), **fields
-        )
-        self.wake()
+    async def _end_pending(self, job: QueuedJob, code: str, message: str) -> None:
+        """A pending job ends without running (cancelled, or a dependency failed)."""
+        now = time.time()
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE jobs SET state = 'failed', status_code = ?, status_message = ?, "
+                "cancelled = cancelled OR ?, completed_at = ?, updated_at = ? WHERE id = ?",
+                (code, message, code == "cancelled_by_user", now, now, job.id),
+            )
+            await conn.execute(
+                "INSERT INTO job_events (job_id, status_code, status_message, at) "
+                "VALUES (?, ?, ?, ?)",
+                (job.id, code, message, now),
+            )
+        self._log_status(job, "failed", code, message)
+        await self._after_job(job.id)
+
+    async def _fail_dependents(self, failures: list[DependencyFailure]) -> None:
+        for failure in failures:
+            message = dependency_message(failure.dependency)
+            await self._end_pending(failure.job, "dependency_failed", message)
+
+    async def _after_job(self, job_id: str) -> None:
         if self.on_job_finished is not None:
             try:
                 await self.on_job_finished(job_id)
             except Exception:
                 log.exception("after-job hook failed for job %s", job_id)
 
-    # -- running one job -------------------------------------------------------------
-
-    async def _launch(self, job_id: str) -> None:
+    async def finish(self, job_id: str, state: str, code: str, message: str, **fields: Any) -> None:
+        """A running job ended: record it, free its slot, settle the jobs that need it."""
         await self.set_status(
-            job_id,
-            "preparing",
-            state="running",
-            started_at=time.time(),
-            attempts=(await self.db.fetchval("SELECT attempts FROM jobs WHERE id = ?", (job_id,)))
-            + 1,
+            job_id, code, message, state=state, completed_at=time.time(), **fields
         )
-        self._start_task(job_id, self._run(job_id))
+        failures = self.queue.finish(job_id, time.time(), succeeded=state == "succeeded")
+        self._phase.pop(job_id, None)
+        self._cancel_requested.discard(job_id)
+        self.wake()
+        await self._save_usage(job_id)
+        await self._fail_dependents(failures)
+        await self._after_job(job_id)
+
+    async def _save_usage(self, job_id: str) -> None:
+        user_id = await self.db.fetchval("SELECT user_id FROM jobs WHERE id = ?", (job_id,))
+        usage, at = self.queue.recorded_usage(user_id)
+        await self.db.execute(
+            "INSERT INTO user_usage (user_id, usage, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (user_id) DO UPDATE SET usage = excluded.usage, "
+            "updated_at = excluded.updated_at",
+            (user_id, usage, at),
+        )
+
+    # -- admin controls ----------------------------------------------------------------
+
+    async def set_paused(self, paused: bool) -> None:
+        """Pause or resume starting jobs; running jobs go on either way."""
+        await self.db.execute(
+            "INSERT INTO site_state (key, value) VALUES ('paused', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            ("1" if paused else "0",),
+        )
+        self.paused = paused
+        log.info(log_line(event="queue", paused=paused))
+        self.wake()
+
+    async def set_priority(self, request_id: int, priority: int) -> None:
+        """Raise or lower a job request's priority, for its jobs still waiting too."""
+        await self.db.execute(
+            "UPDATE job_requests SET priority = ? WHERE id = ?", (priority, request_id)
+        )
+        self.queue.set_priority(request_id, priority)
+        log.info(log_line(event="priority", job_request=request_id, priority=priority))
+        self.wake()
+
+    def snapshot(self, limit: int | None = None) -> dict[str, Any]:
+        """The queue as an admin sees it: running jobs, then waiting jobs in order."""
+        now = time.time()
+
+        def describe(job: QueuedJob) -> dict[str, Any]:
+            return {
+                "job_id": job.id,
+                "job_request_id": job.request_id,
+                "action": job.action,
+                "workspace": job.workspace,
+                "user": job.username,
+                "priority": job.priority,
+            }
+
+        ordered = self.queue.order(now)
+        waiting = [
+            job for job in self.queue.pending.values() if job.waiting_on
+        ]  # after the runnable ones: they cannot start yet
+        queued = []
+        for position, job in enumerate([*ordered, *waiting]):
+            if limit is not None and position >= limit:
+                break
+            code, message = job.status or ("created", "")
+            entry = {"position": position, **describe(job), "status_code": code}
+            entry["status_message"] = message
+            entry["waiting_on"] = sorted(job.waiting_on)
+            queued.append(entry)
+        running = [
+            {**describe(job), "phase": self._phase.get(job.id, "executing")}
+            for job in sorted(self.queue.running.values(), key=lambda j: j.started_at or 0)
+        ]
+        return {
+            "paused": self.paused,
+            "blocked": self.blocked[1] if self.blocked else None,
+            "max_workers": self.settings.max_workers,
+            "running": running,
+            "queued": queued,
+            "queued_total": len(self.queue.pending),
+        }
+
+    # -- running one job -------------------------------------------------------------------
 
     def _start_task(self, job_id: str, coro: Awaitable[None]) -> None:
         task = asyncio.create_task(coro, name=f"job-{job_id}")
         self._running[job_id] = task
 
         def done(_: asyncio.Task) -> None:
-            self._running.pop(job_id, None)
+            if self._running.get(job_id) is task:
+                del self._running[job_id]
             self.wake()
 
         task.add_done_callback(done)
 
-    async def job_spec(self, job_id: str) -> JobSpec:
+    async def _job_row(self, job_id: str) -> Row:
         row = await self.db.fetchone(
             "SELECT j.*, w.name AS workspace, w.repo, w.database FROM jobs j "
             "JOIN workspaces w ON w.id = j.workspace_id WHERE j.id = ?",
             (job_id,),
         )
         assert row is not None, job_id
+        return row
+
+    def job_spec(self, row: Row) -> JobSpec:
+        """What the executor needs to run the job in ``row`` (from ``_job_row``)."""
         database = self.settings.databases.get(row["database"])
         return JobSpec(
             id=row["id"],
@@ -379,12 +549,7 @@ class Scheduler:
         except DockerUnavailable as e:
             self.docker_ok = False
             await self.executor.cleanup(job_id)
-            await self.set_status(
-                job_id,
-                "waiting_on_docker",
-                f"{STATUS_MESSAGES['waiting_on_docker']}: {e}",
-                state="pending",
-            )
+            await self._requeue(job_id, f"{STATUS_MESSAGES['waiting_on_docker']}: {e}")
             return
         except JobError as e:
             ending = ("failed", e.status_code, e.message, {})
@@ -399,80 +564,109 @@ class Scheduler:
         state, code, message, fields = ending
         await self.finish(job_id, state, code, message, **fields)
 
+    async def _requeue(self, job_id: str, message: str) -> None:
+        await self.set_status(job_id, "waiting_on_docker", message, state="pending")
+        self._phase.pop(job_id, None)
+        self.queue.requeue(job_id, time.time())
+        job = self.queue.pending[job_id]
+        job.status = ("waiting_on_docker", message)
+        self.wake()
+
     async def _execute(
         self, job_id: str, adopt: str | None
     ) -> tuple[str, str, str, dict[str, Any]]:
         """Steps 1 to 5 of a job; returns (state, status code, message, fields to record)."""
         cancelled = ("failed", "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"])
-        spec = await self.job_spec(job_id)
         started = time.time()
+        row = await self._job_row(job_id)
+        spec = self.job_spec(row)
         if adopt is None:
+            await self.set_status(
+                job_id,
+                "preparing",
+                state="running",
+                started_at=started,
+                attempts=row["attempts"] + 1,
+            )
             await self.executor.prepare(spec)
-            if await self._cancelled(job_id):
+            if job_id in self._cancel_requested:
                 return (*cancelled, {})
             await self.executor.start(spec)
+            self._phase[job_id] = "executing"
+            if job_id in self._cancel_requested:  # cancelled while the container started
+                await self.executor.stop(job_id)
             await self.set_status(job_id, "executing")
         else:
-            started = (
-                await self.db.fetchval("SELECT started_at FROM jobs WHERE id = ?", (job_id,))
-                or started
-            )
+            started = row["started_at"] or started
         exit = await self.executor.wait(spec, started)
-        await self._add_usage(
-            await self.db.fetchval("SELECT user_id FROM jobs WHERE id = ?", (job_id,)),
-            max(0.0, exit.finished_at - exit.started_at),
-        )
-        if await self._cancelled(job_id):
+        if job_id in self._cancel_requested:
             return (*cancelled, {"exit_code": exit.exit_code})
+        self._phase[job_id] = "finalizing"
         await self.set_status(job_id, "finalizing")
         outcome = await self.executor.finalize(spec, exit, {"started_at": started})
         fields = {"exit_code": outcome.exit_code, "image_id": outcome.image_id}
         return outcome.state, outcome.status_code, outcome.status_message, fields
 
-    async def _cancelled(self, job_id: str) -> bool:
-        return bool(await self.db.fetchval("SELECT cancelled FROM jobs WHERE id = ?", (job_id,)))
-
-    async def cancel(self, job_ids: list[str]) -> None:
-        """Cancel jobs: pending ones end now, running ones have their container stopped."""
+    async def cancel(self, job_ids: list[str]) -> list[str]:
+        """Cancel jobs: pending ones end now, running ones have their container stopped.
+        Returns the jobs cancelled; finished jobs, and jobs already collecting their outputs,
+        are left as they are."""
+        cancelled = []
         for job_id in job_ids:
-            row = await self.db.fetchone("SELECT state FROM jobs WHERE id = ?", (job_id,))
-            if row is None or row["state"] in ("succeeded", "failed"):
-                continue
-            await self.db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))
-            if row["state"] == "pending":
-                await self.finish(
-                    job_id, "failed", "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
+            if job_id in self.queue.pending:
+                job, failures = self.queue.remove(job_id)
+                await self._end_pending(
+                    job, "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
                 )
-            elif job_id in self._running:
-                try:
-                    await self.executor.stop(job_id)
-                except DockerUnavailable:
-                    pass
+                await self._fail_dependents(failures)
+                cancelled.append(job_id)
+            elif job_id in self.queue.running and self._phase.get(job_id) != "finalizing":
+                self._cancel_requested.add(job_id)
+                await self.db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))
+                log.info(log_line(job=job_id, event="cancel", note="stopping its container"))
+                if self._phase.get(job_id) == "executing":
+                    try:
+                        await self.executor.stop(job_id)
+                    except DockerUnavailable:
+                        pass
+                cancelled.append(job_id)
         self.wake()
+        return cancelled
 
-    # -- restart recovery ---------------------------------------------------------------
+    # -- restart recovery -------------------------------------------------------------------
 
-    async def recover(self) -> None:
-        """Pick up jobs a previous process left running (DESIGN section 7)."""
+    async def recover(self) -> dict[str, str]:
+        """Settle jobs a previous process left running (DESIGN section 7). Returns the jobs
+        whose containers are to be re-adopted: job id -> container state."""
         running = await self.db.fetchall(
-            "SELECT id, status_code, attempts FROM jobs WHERE state = 'running'"
+            "SELECT id, status_code, attempts, cancelled FROM jobs WHERE state = 'running'"
         )
         if not running:
-            return
+            return {}
         try:
             containers = await self.executor.site_containers()
         except DockerUnavailable:
-            containers = {}
+            containers = None
             self.docker_ok = False
+        adopt = {}
         for row in running:
             job_id = row["id"]
-            status = containers.get(job_id)
-            if status is not None and row["status_code"] in ("executing", "finalizing"):
-                log.info("re-adopting job %s (container %s)", job_id, status)
-                self._start_task(job_id, self._run(job_id, adopt=status))
+            if row["cancelled"]:
+                self._cancel_requested.add(job_id)
+            if containers is None:
+                await self.set_status(
+                    job_id,
+                    "waiting_on_docker",
+                    "The server restarted and Docker is not reachable; the job will start "
+                    "again when it is",
+                    state="pending",
+                )
                 continue
-            if status is not None:
-                await self.executor.cleanup(job_id)
+            container = containers.get(job_id)
+            if container is not None and row["status_code"] in ("executing", "finalizing"):
+                adopt[job_id] = container
+                continue
+            await self.executor.cleanup(job_id)
             if row["attempts"] < MAX_ATTEMPTS:
                 await self.set_status(
                     job_id,
@@ -482,11 +676,19 @@ class Scheduler:
                     started_at=None,
                 )
             else:
-                await self.finish(
+                await self.set_status(
                     job_id,
-                    "failed",
                     "internal_error",
                     "The server restarted while this job was starting, for the second time; "
                     "it was not tried again. Submit it again to retry.",
+                    state="failed",
+                    completed_at=time.time(),
                 )
-        self.wake()
+        return adopt
+
+
+def dependency_message(dependency: QueuedJob) -> str:
+    return (
+        f"Not run: the job for action {dependency.action} (job {dependency.id}), which this "
+        "job needs, did not succeed"
+    )

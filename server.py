@@ -325,8 +325,7 @@ async def cancel_jobs(request: Request, job_request: Row, actions: list[str] | N
             raise ApiError(400, f"this job request has no job for: {', '.join(sorted(unknown))}")
         jobs = [job for job in jobs if job["action"] in actions]
     active = [job["id"] for job in jobs if job["state"] in ("pending", "running")]
-    await app_state(request).scheduler.cancel(active)
-    return active
+    return await app_state(request).scheduler.cancel(active)
 
 
 async def workspace_actions(request: Request, workspace: Row) -> dict[str, Any]:
@@ -493,6 +492,43 @@ async def api_outputs(request: Request) -> Response:
     await check_role(request, workspace["project_id"], "output_viewer")
     ws_dir = app_state(request).settings.data_dir / "workspaces" / workspace["name"]
     return JSONResponse(Manifest.load(ws_dir).data)
+
+
+async def require_admin(request: Request) -> User:
+    user = await require_user(request)
+    if not user.is_admin:
+        raise ApiError(403, "only site admins can control the queue")
+    return user
+
+
+async def api_queue(request: Request) -> Response:
+    await require_admin(request)
+    limit = request.query_params.get("limit", "1000")
+    if not limit.isdigit():
+        raise ApiError(400, "limit must be a whole number of jobs")
+    return JSONResponse(app_state(request).scheduler.snapshot(int(limit)))
+
+
+async def api_queue_pause(request: Request) -> Response:
+    await require_admin(request)
+    await app_state(request).scheduler.set_paused(True)
+    return JSONResponse({"paused": True, "message": "Queue paused: running jobs go on"})
+
+
+async def api_queue_resume(request: Request) -> Response:
+    await require_admin(request)
+    await app_state(request).scheduler.set_paused(False)
+    return JSONResponse({"paused": False, "message": "Queue resumed"})
+
+
+async def api_priority(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    await require_admin(request)
+    priority = field(await json_body(request), "priority", int)
+    if abs(priority) > 1000:
+        raise ApiError(400, "priority must be between -1000 and 1000 (the default is 0)")
+    await app_state(request).scheduler.set_priority(row["id"], priority)
+    return JSONResponse({"id": row["id"], "priority": priority})
 
 
 # -- pages -----------------------------------------------------------------------------
@@ -769,6 +805,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/job-requests/{id}/cancel", api(api_cancel), methods=["POST"]),
         Route("/api/v1/jobs/{id}", api(api_job)),
         Route("/api/v1/jobs/{id}/log", api(api_job_log)),
+        Route("/api/v1/admin/queue", api(api_queue)),
+        Route("/api/v1/admin/queue/pause", api(api_queue_pause), methods=["POST"]),
+        Route("/api/v1/admin/queue/resume", api(api_queue_resume), methods=["POST"]),
+        Route("/api/v1/job-requests/{id}/priority", api(api_priority), methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static"),
         Route("/", home),
         Route("/login", login_page, methods=["GET", "POST"]),
