@@ -283,17 +283,11 @@ class Scheduler:
     async def write_waiting_statuses(self) -> None:
         """Tell each waiting job why it waits and where it stands; write only changes."""
         now = time.time()
-        changes: list[tuple[QueuedJob, str, str]] = []
-        for position, job in enumerate(self.queue.order(now)):
-            code, message = self._waiting_status(position)
-            if job.status != (code, message):
-                changes.append((job, code, message))
-        for job in self.queue.pending.values():
-            if job.waiting_on:
-                names = sorted({self.queue.get(dep).action for dep in job.waiting_on})
-                message = f"Waiting on dependencies: {', '.join(names)}"
-                if job.status != ("waiting_on_dependencies", message):
-                    changes.append((job, "waiting_on_dependencies", message))
+        changes = [
+            (job, code, message)
+            for job, code, message in self.waiting_statuses(now)
+            if job.status != (code, message)
+        ]
         if not changes:
             return
         still_pending = "EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state = 'pending')"
@@ -316,6 +310,20 @@ class Scheduler:
             if job.status is None or job.status[0] != code:
                 self._log_status(job, "pending", code, message)
             job.status = (code, message)
+
+    def waiting_statuses(self, now: float) -> list[tuple[QueuedJob, str, str]]:
+        """Every pending job with the status it should show: runnable ones in the order they
+        would start, then the ones waiting on dependencies."""
+        statuses = [
+            (job, *self._waiting_status(position))
+            for position, job in enumerate(self.queue.order(now))
+        ]
+        for job in self.queue.pending.values():
+            if job.waiting_on:
+                names = sorted({self.queue.get(dep).action for dep in job.waiting_on})
+                message = f"Waiting on dependencies: {', '.join(names)}"
+                statuses.append((job, "waiting_on_dependencies", message))
+        return statuses
 
     def _waiting_status(self, position: int) -> tuple[str, str]:
         ahead = jobs_ahead(position)
@@ -451,7 +459,7 @@ class Scheduler:
         log.info(log_line(event="priority", job_request=request_id, priority=priority))
         self.wake()
 
-    def snapshot(self, limit: int | None = None) -> dict[str, Any]:
+    def snapshot(self, limit: int = 1000) -> dict[str, Any]:
         """The queue as an admin sees it: running jobs, then waiting jobs in order."""
         now = time.time()
 
@@ -465,19 +473,16 @@ class Scheduler:
                 "priority": job.priority,
             }
 
-        ordered = self.queue.order(now)
-        waiting = [
-            job for job in self.queue.pending.values() if job.waiting_on
-        ]  # after the runnable ones: they cannot start yet
-        queued = []
-        for position, job in enumerate([*ordered, *waiting]):
-            if limit is not None and position >= limit:
-                break
-            code, message = job.status or ("created", "")
-            entry = {"position": position, **describe(job), "status_code": code}
-            entry["status_message"] = message
-            entry["waiting_on"] = sorted(job.waiting_on)
-            queued.append(entry)
+        queued = [
+            {
+                "position": position,
+                **describe(job),
+                "status_code": code,
+                "status_message": message,
+                "waiting_on": sorted(job.waiting_on),
+            }
+            for position, (job, code, message) in enumerate(self.waiting_statuses(now)[:limit])
+        ]
         running = [
             {**describe(job), "phase": self._phase.get(job.id, "executing")}
             for job in sorted(self.queue.running.values(), key=lambda j: j.started_at or 0)

@@ -524,9 +524,9 @@ async def api_queue_resume(request: Request) -> Response:
 async def api_priority(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
     await require_admin(request)
-    priority = field(await json_body(request), "priority", int)
-    if abs(priority) > 1000:
-        raise ApiError(400, "priority must be between -1000 and 1000 (the default is 0)")
+    priority = (await json_body(request)).get("priority")
+    if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 1000:
+        raise ApiError(400, "priority must be a whole number from -1000 to 1000 (default 0)")
     await app_state(request).scheduler.set_priority(row["id"], priority)
     return JSONResponse({"id": row["id"], "priority": priority})
 

@@ -1,0 +1,373 @@
+"""The scheduler with real Docker, a real SQLite file and real git repos, driven through
+the API: fair order between users, dependencies, cancellation, the disk guard, and the
+admin's queue controls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+
+import pytest
+
+from tests.test_api import setup_workspace, wait_for_request
+
+FAIR_YAML = """\
+version: "4"
+actions:
+""" + "".join(
+    f"""
+  {name}:
+    run: python:v2 -c "sleep {seconds} && mkdir -p output && echo {name} > output/{name}.csv"
+    outputs:
+      moderately_sensitive:
+        out: output/{name}.csv
+"""
+    for name, seconds in [("h1", 3), ("h2", 0.2), ("h3", 0.2), ("h4", 0.2), ("quick", 0.2)]
+)
+
+pytestmark = pytest.mark.usefixtures("docker_cleanup")
+
+
+async def wait_until(check, timeout=30.0, what="the condition"):
+    """Polls ``check`` (an async function) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def job(client, headers, request_id, action):
+    data = (await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)).json()
+    (found,) = [j for j in data["jobs"] if j["action"] == action]
+    return found
+
+
+async def submit(client, headers, actions, workspace="ws1"):
+    response = await client.post(
+        f"/api/v1/workspaces/{workspace}/job-requests", json={"actions": actions}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+async def add_request(app, workspace, username, jobs):
+    """A job request whose jobs wait on each other, written as submit.py writes one.
+
+    ``jobs`` is a list of (action, shell command, actions it needs). The planner decides
+    these links in real use; writing them here keeps these tests about the scheduler.
+    """
+    db = app.state.db
+    ws = await db.fetchone("SELECT * FROM workspaces WHERE name = ?", (workspace,))
+    user_id = await db.fetchval("SELECT id FROM users WHERE username = ?", (username,))
+    now = time.time()
+    ids = {}
+    async with db.transaction() as conn:
+        cur = await conn.execute(
+            "INSERT INTO job_requests (workspace_id, created_by, branch, sha, requested_actions, "
+            "created_at) VALUES (?, ?, 'main', 'HEAD', ?, ?)",
+            (ws["id"], user_id, json.dumps([a for a, _, _ in jobs]), now),
+        )
+        request_id = cur.lastrowid
+        sha = await app.state.repos.resolve_branch(ws["repo"], "main")
+        for offset, (action, command, needs) in enumerate(jobs):
+            ids[action] = secrets.token_hex(8)
+            await conn.execute(
+                "INSERT INTO jobs (id, job_request_id, workspace_id, user_id, action, sha, "
+                "run_command, image, args, outputs, needs, wait_for, state, status_code, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
+                "'created', ?, ?)",
+                (
+                    ids[action],
+                    request_id,
+                    ws["id"],
+                    user_id,
+                    action,
+                    sha,
+                    f"python:v2 -c {command!r}",
+                    "ghcr.io/opensafely-core/python:v2",
+                    json.dumps(["-c", command]),
+                    json.dumps({"moderately_sensitive": {"out": f"output/{action}.csv"}}),
+                    json.dumps(list(needs)),
+                    json.dumps([ids[n] for n in needs]),
+                    now + offset * 1e-6,
+                    now,
+                ),
+            )
+    app.state.scheduler.wake()
+    return request_id, ids
+
+
+def writes(action, text=None, sleep=0):
+    text = text or action
+    return f"sleep {sleep} && mkdir -p output && echo {text} > output/{action}.csv"
+
+
+async def test_a_light_users_job_overtakes_a_heavy_users_backlog(
+    app, client, make_user, make_repo, settings
+):
+    settings.max_workers = 1
+    heavy = await make_user("heavy")
+    light = await make_user("light")
+    repo = make_repo({"project.yaml": FAIR_YAML})
+    slug = await setup_workspace(client, heavy, repo)
+    response = await client.post(
+        f"/api/v1/projects/{slug}/members",
+        json={"username": "light", "roles": ["developer"]},
+        headers=heavy,
+    )
+    assert response.status_code == 200, response.text
+
+    heavy_requests = [await submit(client, heavy, [a]) for a in ("h1", "h2", "h3", "h4")]
+    await wait_until(
+        lambda: _status_is(client, heavy, heavy_requests[0], "h1", "executing"),
+        what="h1 to run",
+    )
+    light_request = await submit(client, light, ["quick"])
+
+    async def h4_sees_its_place():
+        found = await job(client, heavy, heavy_requests[3], "h4")
+        return found["status_message"] == "Waiting for a free worker: 3 jobs ahead of this one"
+
+    await wait_until(h4_sees_its_place, what="h4's place in the queue")
+    quick = await job(client, light, light_request, "quick")
+    assert quick["status_message"] == "Waiting for a free worker: 0 jobs ahead of this one"
+
+    done = [await wait_for_request(client, heavy, r) for r in [*heavy_requests, light_request]]
+    assert all(d["status"] == "succeeded" for d in done), done
+    starts = {d["jobs"][0]["action"]: d["jobs"][0]["started_at"] for d in done}
+    assert sorted(starts, key=starts.get) == ["h1", "quick", "h2", "h3", "h4"]
+
+
+async def _status_is(client, headers, request_id, action, code):
+    return (await job(client, headers, request_id, action))["status_code"] == code
+
+
+async def test_a_dependent_job_starts_when_its_dependency_succeeds_and_reads_its_outputs(
+    app, client, make_user, make_repo, settings
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    copy = "mkdir -p output && cat output/generate.csv > output/analyse.csv"
+    request_id, _ = await add_request(
+        app,
+        "ws1",
+        "alice",
+        [("generate", writes("generate", "made", sleep=1), ()), ("analyse", copy, ["generate"])],
+    )
+
+    async def analyse_waits():
+        found = await job(client, headers, request_id, "analyse")
+        return found["status_message"] == "Waiting on dependencies: generate"
+
+    await wait_until(analyse_waits, what="analyse to say what it waits on")
+    done = await wait_for_request(client, headers, request_id)
+    assert done["status"] == "succeeded", done
+    generate, analyse = done["jobs"]
+    assert analyse["started_at"] >= generate["completed_at"]
+    workspace = settings.data_dir / "workspaces" / "ws1"
+    assert (workspace / "output/analyse.csv").read_text() == "made\n"
+
+
+async def test_a_failed_dependency_fails_its_dependents_and_says_which(
+    app, client, make_user, make_repo
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    request_id, ids = await add_request(
+        app,
+        "ws1",
+        "alice",
+        [
+            ("generate", "echo broken && exit 3", ()),
+            ("analyse", writes("analyse"), ["generate"]),
+            ("report", writes("report"), ["analyse"]),
+        ],
+    )
+    done = await wait_for_request(client, headers, request_id)
+    codes = {j["action"]: (j["status_code"], j["status_message"]) for j in done["jobs"]}
+    assert codes["generate"][0] == "nonzero_exit"
+    assert codes["analyse"] == (
+        "dependency_failed",
+        f"Not run: the job for action generate (job {ids['generate']}), which this job "
+        "needs, did not succeed",
+    )
+    assert codes["report"][0] == "dependency_failed"
+    assert f"action analyse (job {ids['analyse']})" in codes["report"][1]
+    assert all(j["started_at"] is None for j in done["jobs"][1:])
+
+
+async def test_cancelling_a_running_action_stops_its_container_and_fails_its_dependents(
+    app, client, make_user, make_repo, settings, docker_client
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    request_id, ids = await add_request(
+        app,
+        "ws1",
+        "alice",
+        [
+            ("generate", writes("generate", sleep=60), ()),
+            ("analyse", writes("analyse"), ["generate"]),
+        ],
+    )
+    await wait_until(
+        lambda: _status_is(client, headers, request_id, "generate", "executing"),
+        what="generate to run",
+    )
+    started = time.monotonic()
+    response = await client.post(
+        f"/api/v1/job-requests/{request_id}/cancel", json={"actions": ["generate"]}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["cancelled"] == [ids["generate"]]
+
+    done = await wait_for_request(client, headers, request_id)
+    assert time.monotonic() - started < 15
+    codes = {j["action"]: (j["status_code"], j["status_message"]) for j in done["jobs"]}
+    assert codes["generate"] == ("cancelled_by_user", "Cancelled by user")
+    assert codes["analyse"][0] == "dependency_failed"
+    assert "action generate" in codes["analyse"][1]
+    assert not docker_client.containers.list(
+        all=True, filters={"label": f"jobsite={settings.site_id}"}
+    )
+    workspace = settings.data_dir / "workspaces" / "ws1"
+    assert not (workspace / "output").exists()
+    assert not (settings.data_dir / "jobs" / ids["generate"]).exists()
+
+
+async def test_cancelling_a_whole_request_ends_its_pending_jobs_at_once(
+    app, client, make_user, make_repo
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    request_id, ids = await add_request(
+        app,
+        "ws1",
+        "alice",
+        [
+            ("generate", writes("generate", sleep=60), ()),
+            ("analyse", writes("analyse"), ["generate"]),
+        ],
+    )
+    await wait_until(
+        lambda: _status_is(client, headers, request_id, "generate", "executing"),
+        what="generate to run",
+    )
+    response = await client.post(f"/api/v1/job-requests/{request_id}/cancel", headers=headers)
+    assert sorted(response.json()["cancelled"]) == sorted(ids.values())
+    analyse = await job(client, headers, request_id, "analyse")
+    assert (analyse["state"], analyse["status_code"]) == ("failed", "cancelled_by_user")
+    done = await wait_for_request(client, headers, request_id)
+    assert [j["status_code"] for j in done["jobs"]] == ["cancelled_by_user"] * 2
+
+
+async def test_cancelling_a_finished_job_changes_nothing_and_says_so(
+    app, client, make_user, make_repo
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    request_id = await submit(client, headers, ["quick"])
+    before = await wait_for_request(client, headers, request_id)
+    response = await client.post(f"/api/v1/job-requests/{request_id}/cancel", headers=headers)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["cancelled"] == []
+    assert data["message"] == "Nothing to cancel: those jobs have already finished"
+    assert data["jobs"] == before["jobs"]
+
+
+async def test_jobs_wait_for_disk_space_and_start_when_it_returns(
+    app, client, make_user, make_repo, settings
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    settings.min_free_disk = 2**60
+    request_id = await submit(client, headers, ["quick"])
+
+    async def waiting_on_disk():
+        found = await job(client, headers, request_id, "quick")
+        return found if found["status_code"] == "waiting_on_disk" else None
+
+    found = await wait_until(waiting_on_disk, what="the job to wait for disk space")
+    assert re.fullmatch(
+        r"Waiting for free disk space: [\d.]+ [KMGT]?B free in the site's data directory, "
+        r"1048576\.0 TB needed to start a job",
+        found["status_message"],
+    ), found["status_message"]
+    await asyncio.sleep(0.5)
+    assert (await job(client, headers, request_id, "quick"))["state"] == "pending"
+
+    settings.min_free_disk = 1024  # space came back; the safety tick notices
+    done = await wait_for_request(client, headers, request_id, timeout=30)
+    assert done["status"] == "succeeded"
+
+
+async def test_an_admin_pauses_the_queue_sees_it_in_order_and_raises_a_priority(
+    app, client, make_user, make_repo, settings
+):
+    settings.max_workers = 1
+    admin = await make_user("root", admin=True)
+    alice = await make_user("alice")
+    await setup_workspace(client, alice, make_repo({"project.yaml": FAIR_YAML}))
+
+    for path in ("/api/v1/admin/queue/pause", "/api/v1/admin/queue/resume"):
+        response = await client.post(path, headers=alice)
+        assert response.status_code == 403
+        assert response.json()["error"] == "only site admins can control the queue"
+
+    response = await client.post("/api/v1/admin/queue/pause", headers=admin)
+    assert response.json()["paused"] is True
+    first = await submit(client, alice, ["h2"])
+    second = await submit(client, alice, ["h3"])
+
+    response = await client.post(
+        f"/api/v1/job-requests/{second}/priority", json={"priority": 5}, headers=alice
+    )
+    assert response.status_code == 403
+    response = await client.post(
+        f"/api/v1/job-requests/{second}/priority", json={"priority": "high"}, headers=admin
+    )
+    assert response.status_code == 400
+    assert (
+        response.json()["error"] == "priority must be a whole number from -1000 to 1000 (default 0)"
+    )
+    response = await client.post(
+        f"/api/v1/job-requests/{second}/priority", json={"priority": 5}, headers=admin
+    )
+    assert response.json() == {"id": second, "priority": 5}
+
+    async def queue_lists_both():
+        data = (await client.get("/api/v1/admin/queue", headers=admin)).json()
+        return data if [q["action"] for q in data["queued"]] == ["h3", "h2"] else None
+
+    queue = await wait_until(queue_lists_both, what="the queue to list both jobs")
+    assert queue["paused"] is True
+    assert queue["running"] == []
+    assert queue["queued"][1]["status_message"] == (
+        "The queue is paused by a site admin; 1 job ahead of this one"
+    )
+    assert (await client.get("/api/v1/admin/queue", headers=alice)).status_code == 403
+
+    response = await client.post("/api/v1/admin/queue/resume", headers=admin)
+    assert response.json()["paused"] is False
+    done = [await wait_for_request(client, alice, r) for r in (first, second)]
+    assert done[1]["jobs"][0]["started_at"] < done[0]["jobs"][0]["started_at"]
+
+
+async def test_the_scheduler_stops_promptly_while_a_job_runs(app, client, make_user, make_repo):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    request_id = await submit(client, headers, ["h1"])
+    await wait_until(
+        lambda: _status_is(client, headers, request_id, "h1", "executing"), what="h1 to run"
+    )
+    started = time.monotonic()
+    await app.state.scheduler.stop()
+    assert time.monotonic() - started < 1.0
