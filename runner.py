@@ -280,8 +280,9 @@ class Scheduler:
 
     # -- status ------------------------------------------------------------------------
 
-    async def write_waiting_statuses(self) -> None:
-        """Tell each waiting job why it waits and where it stands; write only changes."""
+    async def write_waiting_statuses(self) -> int:
+        """Tell each waiting job why it waits and where it stands; write only changes.
+        Returns the number of jobs whose status changed."""
         now = time.time()
         changes = [
             (job, code, message)
@@ -289,7 +290,7 @@ class Scheduler:
             if job.status != (code, message)
         ]
         if not changes:
-            return
+            return 0
         still_pending = "EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state = 'pending')"
         async with self.db.transaction() as conn:
             await conn.executemany(
@@ -310,6 +311,7 @@ class Scheduler:
             if job.status is None or job.status[0] != code:
                 self._log_status(job, "pending", code, message)
             job.status = (code, message)
+        return len(changes)
 
     def waiting_statuses(self, now: float) -> list[tuple[QueuedJob, str, str]]:
         """Every pending job with the status it should show: runnable ones in the order they
@@ -565,8 +567,12 @@ class Scheduler:
                 "details in the server log."
             )
             ending = ("failed", "internal_error", message, {})
-        await self.executor.cleanup(job_id)
         state, code, message, fields = ending
+        if state == "succeeded":
+            # its outputs are in the workspace: dependents start while the container goes
+            self.queue.release_dependents(job_id)
+            self.wake()
+        await self.executor.cleanup(job_id)
         await self.finish(job_id, state, code, message, **fields)
 
     async def _requeue(self, job_id: str, message: str) -> None:

@@ -77,24 +77,20 @@ def queue_order(
     Each start counts as one more running job for its user, so users take turns: a light
     user's job goes ahead of a heavy user's backlog, and two busy users alternate.
     """
-    per_user: dict[int, list[QueuedJob]] = {}
+    # A merge of each user's jobs, taking turns, is one sort by (the user's running jobs +
+    # the job's place among the user's jobs, the user's usage, the job's own order).
+    per_user: dict[int, list[tuple[int, float, str, QueuedJob]]] = {}
     for job in runnable:
-        per_user.setdefault(job.user_id, []).append(job)
-    heads = []
+        entry = (-job.priority, job.created_at, job.id, job)
+        per_user.setdefault(job.user_id, []).append(entry)
+    ranked = []
     for user_id, jobs in per_user.items():
-        jobs.sort(key=QueuedJob.order_key, reverse=True)  # the next job at the end
+        jobs.sort()  # job ids are unique, so jobs themselves are never compared
         running = running_per_user.get(user_id, 0)
         usage = usage_per_user.get(user_id, 0.0)
-        heads.append((running, usage, jobs[-1].order_key(), user_id))
-    heapq.heapify(heads)
-    ordered = []
-    while heads:
-        running, usage, _, user_id = heapq.heappop(heads)
-        jobs = per_user[user_id]
-        ordered.append(jobs.pop())
-        if jobs:
-            heapq.heappush(heads, (running + 1, usage, jobs[-1].order_key(), user_id))
-    return ordered
+        ranked.extend((running + place, usage, *entry) for place, entry in enumerate(jobs))
+    ranked.sort()
+    return [entry[-1] for entry in ranked]
 
 
 class JobQueue:
@@ -183,15 +179,20 @@ class JobQueue:
         self._usage[job.user_id] = (decayed(recorded, at, now) + slot_time, now)
         self._count_running(job, -1)
         if succeeded:
-            for dependent_id in self._dependents.pop(job_id, ()):
-                dependent = self.pending.get(dependent_id)
-                if dependent is None:
-                    continue
-                dependent.waiting_on.discard(job_id)
-                if not dependent.waiting_on:
-                    self._push(dependent)
+            self.release_dependents(job_id)
             return []
         return self._fail_dependents(job)
+
+    def release_dependents(self, job_id: str) -> None:
+        """The job's outputs are in place: the jobs that need it may start (it may still
+        hold its slot while its container is removed)."""
+        for dependent_id in self._dependents.pop(job_id, ()):
+            dependent = self.pending.get(dependent_id)
+            if dependent is None:
+                continue
+            dependent.waiting_on.discard(job_id)
+            if not dependent.waiting_on:
+                self._push(dependent)
 
     def requeue(self, job_id: str, now: float) -> None:
         """A running job goes back to waiting (Docker went away before it could start)."""
