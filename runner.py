@@ -418,9 +418,8 @@ class Scheduler:
 
     async def finish(self, job_id: str, state: str, code: str, message: str, **fields: Any) -> None:
         """A running job ended: record it, free its slot, settle the jobs that need it."""
-        await self.set_status(
-            job_id, code, message, state=state, completed_at=time.time(), **fields
-        )
+        fields.setdefault("completed_at", time.time())
+        await self.set_status(job_id, code, message, state=state, **fields)
         failures = self.queue.finish(job_id, time.time(), succeeded=state == "succeeded")
         self._phase.pop(job_id, None)
         self._cancel_requested.discard(job_id)
@@ -568,6 +567,7 @@ class Scheduler:
             )
             ending = ("failed", "internal_error", message, {})
         state, code, message, fields = ending
+        fields["completed_at"] = time.time()  # the outputs are in place: the job is done
         if state == "succeeded":
             # its outputs are in the workspace: dependents start while the container goes
             self.queue.release_dependents(job_id)
