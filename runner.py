@@ -54,7 +54,7 @@ STATUS_MESSAGES = {
 }
 
 PENDING_COLUMNS = (
-    "j.rowid AS seq, j.id, j.user_id, j.job_request_id, j.action, j.wait_for, j.requires_db, "
+    "j.id, j.user_id, j.job_request_id, j.action, j.wait_for, j.requires_db, "
     "j.created_at, j.started_at, j.status_code, j.status_message, r.priority, "
     "w.name AS workspace, u.username"
 )
@@ -117,7 +117,7 @@ class Scheduler:
         self._running: dict[str, asyncio.Task] = {}
         self._phase: dict[str, str] = {}  # running job -> preparing, executing or finalizing
         self._cancel_requested: set[str] = set()
-        self._last_seq = 0  # rowid of the newest job loaded into the queue
+        self._last_request = 0  # id of the newest job request whose jobs are in the queue
         self._stopping = False
 
     @property
@@ -200,6 +200,7 @@ class Scheduler:
         if self.paused or not self.queue.pending:
             return
         if len(self.queue.running) >= self.settings.max_workers:
+            self.blocked = None  # the jobs wait for workers, whatever else is wrong
             return
         self.blocked = await self._blocked()
         if self.blocked is not None:
@@ -242,16 +243,19 @@ class Scheduler:
         )
 
     async def _load_new_jobs(self) -> None:
-        """Add pending jobs created since the last look (jobs' rowids grow with each insert,
-        and inserts are serialised by the one writer)."""
+        """Add the pending jobs of job requests made since the last look. A request and its
+        jobs are written in one transaction, and request ids grow in the order those
+        transactions commit (the one writer serialises them), so none is missed."""
         rows = await self.db.fetchall(
             f"SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} "
-            "WHERE j.rowid > ? AND j.state = 'pending' ORDER BY j.rowid",
-            (self._last_seq,),
+            "WHERE j.job_request_id > ? AND j.state = 'pending' "
+            "ORDER BY j.job_request_id, j.created_at",
+            (self._last_request,),
         )
         if not rows:
             return
-        self._last_seq = rows[-1]["seq"]
+        first_load = self._last_request == 0
+        self._last_request = rows[-1]["job_request_id"]
         needs = {row["id"]: json.loads(row["wait_for"]) for row in rows}
         outside = {d for deps in needs.values() for d in deps if self.queue.get(d) is None}
         finished = {}
@@ -273,6 +277,8 @@ class Scheduler:
                     break
             if failed is None:
                 self.queue.add(job)
+                if not first_load:
+                    self._log_status(job, "pending", *job.status)
                 continue
             dependency = QueuedJob(failed["id"], 0, action=failed["action"])
             await self._end_pending(job, "dependency_failed", dependency_message(dependency))
@@ -317,7 +323,7 @@ class Scheduler:
         """Every pending job with the status it should show: runnable ones in the order they
         would start, then the ones waiting on dependencies."""
         statuses = [
-            (job, *self._waiting_status(position))
+            (job, *self._waiting_status(job, position))
             for position, job in enumerate(self.queue.order(now))
         ]
         for job in self.queue.pending.values():
@@ -327,12 +333,26 @@ class Scheduler:
                 statuses.append((job, "waiting_on_dependencies", message))
         return statuses
 
-    def _waiting_status(self, position: int) -> tuple[str, str]:
+    def _waiting_status(self, job: QueuedJob, position: int) -> tuple[str, str]:
         ahead = jobs_ahead(position)
         if self.paused:
             return ("waiting_on_workers", f"The queue is paused by a site admin; {ahead}")
         if self.blocked is not None:
             return self.blocked
+        cap = self.settings.max_jobs_per_user
+        if cap is not None and self.queue.running_count(job.user_id) >= cap:
+            return (
+                "waiting_on_workers",
+                f"Waiting: {job.username} has {cap} job{'' if cap == 1 else 's'} running, the "
+                f"most one user may run at once; {ahead}",
+            )
+        db_cap = self.settings.max_db_workers
+        if job.requires_db and db_cap is not None and self.queue.db_running >= db_cap:
+            return (
+                "waiting_on_workers",
+                f"Waiting: {db_cap} database jobs are running, the most the site runs at "
+                f"once; {ahead}",
+            )
         return ("waiting_on_workers", f"Waiting for a free worker: {ahead}")
 
     def _log_status(self, job: QueuedJob | Row, state: str, code: str, message: str) -> None:
@@ -420,16 +440,17 @@ class Scheduler:
         """A running job ended: record it, free its slot, settle the jobs that need it."""
         fields.setdefault("completed_at", time.time())
         await self.set_status(job_id, code, message, state=state, **fields)
+        job = self.queue.running.get(job_id)
         failures = self.queue.finish(job_id, time.time(), succeeded=state == "succeeded")
         self._phase.pop(job_id, None)
         self._cancel_requested.discard(job_id)
         self.wake()
-        await self._save_usage(job_id)
+        if job is not None:
+            await self._save_usage(job.user_id)
         await self._fail_dependents(failures)
         await self._after_job(job_id)
 
-    async def _save_usage(self, job_id: str) -> None:
-        user_id = await self.db.fetchval("SELECT user_id FROM jobs WHERE id = ?", (job_id,))
+    async def _save_usage(self, user_id: int) -> None:
         usage, at = self.queue.recorded_usage(user_id)
         await self.db.execute(
             "INSERT INTO user_usage (user_id, usage, updated_at) VALUES (?, ?, ?) "
@@ -550,11 +571,11 @@ class Scheduler:
             ending = await self._execute(job_id, adopt)
         except asyncio.CancelledError:
             if not self._stopping:  # left for the next process to re-adopt otherwise
-                await self.executor.cleanup(job_id)
+                await self._cleanup(job_id)
             raise
         except DockerUnavailable as e:
             self.docker_ok = False
-            await self.executor.cleanup(job_id)
+            await self._cleanup(job_id)
             await self._requeue(job_id, f"{STATUS_MESSAGES['waiting_on_docker']}: {e}")
             return
         except JobError as e:
@@ -572,8 +593,15 @@ class Scheduler:
             # its outputs are in the workspace: dependents start while the container goes
             self.queue.release_dependents(job_id)
             self.wake()
-        await self.executor.cleanup(job_id)
+        await self._cleanup(job_id)
         await self.finish(job_id, state, code, message, **fields)
+
+    async def _cleanup(self, job_id: str) -> None:
+        """Step 6, which must not stop the job from being marked finished."""
+        try:
+            await self.executor.cleanup(job_id)
+        except Exception:
+            log.exception("cleaning up after job %s failed", job_id)
 
     async def _requeue(self, job_id: str, message: str) -> None:
         await self.set_status(job_id, "waiting_on_docker", message, state="pending")
@@ -609,6 +637,8 @@ class Scheduler:
             await self.set_status(job_id, "executing")
         else:
             started = row["started_at"] or started
+            if job_id in self._cancel_requested:  # cancelled just before the restart
+                await self.executor.stop(job_id)
         exit = await self.executor.wait(spec, started)
         if job_id in self._cancel_requested:
             return (*cancelled, {"exit_code": exit.exit_code})

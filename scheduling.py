@@ -125,6 +125,10 @@ class JobQueue:
     def running_count(self, user_id: int) -> int:
         return self._running_per_user.get(user_id, 0)
 
+    @property
+    def db_running(self) -> int:
+        return self._db_running
+
     # -- usage -----------------------------------------------------------------------
 
     def set_usage(self, user_id: int, usage: float, at: float) -> None:
@@ -173,11 +177,7 @@ class JobQueue:
         job = self.running.get(job_id)
         if job is None:
             return []
-        assert job.started_at is not None
-        recorded, at = self._usage.get(job.user_id, (0.0, now))
-        slot_time = max(0.0, now - job.started_at)
-        self._usage[job.user_id] = (decayed(recorded, at, now) + slot_time, now)
-        self._count_running(job, -1)
+        self._free_slot(job, now)
         if succeeded:
             self.release_dependents(job_id)
             return []
@@ -197,7 +197,7 @@ class JobQueue:
     def requeue(self, job_id: str, now: float) -> None:
         """A running job goes back to waiting (Docker went away before it could start)."""
         job = self.running[job_id]
-        self.finish(job_id, now, succeeded=True)  # its slot time still counts
+        self._free_slot(job, now)
         job.started_at = None
         job.status = None
         self.add(job)
@@ -276,6 +276,14 @@ class JobQueue:
                 return job
             heapq.heappop(heap)
         return None
+
+    def _free_slot(self, job: QueuedJob, now: float) -> None:
+        """The job leaves its slot; the time it held the slot counts as its user's usage."""
+        assert job.started_at is not None
+        recorded, at = self._usage.get(job.user_id, (0.0, now))
+        slot_time = max(0.0, now - job.started_at)
+        self._usage[job.user_id] = (decayed(recorded, at, now) + slot_time, now)
+        self._count_running(job, -1)
 
     def _count_running(self, job: QueuedJob, step: int) -> None:
         user = job.user_id

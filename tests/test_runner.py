@@ -371,3 +371,25 @@ async def test_the_scheduler_stops_promptly_while_a_job_runs(app, client, make_u
     started = time.monotonic()
     await app.state.scheduler.stop()
     assert time.monotonic() - started < 1.0
+
+
+async def test_a_user_at_the_per_user_cap_is_told_why_their_job_waits(
+    app, client, make_user, make_repo, settings
+):
+    settings.max_jobs_per_user = 1
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    first = await submit(client, headers, ["h1"])
+    second = await submit(client, headers, ["h2"])
+
+    async def told_why():
+        found = await job(client, headers, second, "h2")
+        return found["status_message"] == (
+            "Waiting: alice has 1 job running, the most one user may run at once; "
+            "0 jobs ahead of this one"
+        )
+
+    await wait_until(told_why, what="h2 to say why it waits")
+    assert (await job(client, headers, first, "h1"))["status_code"] in ("preparing", "executing")
+    done = await wait_for_request(client, headers, second)
+    assert done["status"] == "succeeded"

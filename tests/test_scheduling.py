@@ -324,3 +324,16 @@ def test_a_waiting_job_is_told_how_many_jobs_are_ahead():
     assert jobs_ahead(99) == "99 jobs ahead of this one"
     assert jobs_ahead(123) == "more than 120 jobs ahead of this one"
     assert jobs_ahead(4567) == "more than 4,500 jobs ahead of this one"
+
+
+def test_a_job_sent_back_to_the_queue_keeps_its_dependents_waiting():
+    queue = JobQueue()
+    queue.add(QueuedJob("generate", 1))
+    queue.add(QueuedJob("analyse", 1, waiting_on={"generate"}))
+    queue.start("generate", 0.0)
+
+    queue.requeue("generate", 5.0)  # Docker went away before it could start
+
+    assert queue.pending["analyse"].waiting_on == {"generate"}
+    assert queue.pick(5.0, Limits(2)).id == "generate"
+    assert queue.usage(1, 5.0) == pytest.approx(5.0)
