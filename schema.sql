@@ -119,6 +119,7 @@ CREATE TABLE user_usage (
 -- emails waiting to be sent, retried with backoff
 CREATE TABLE outbox (
     id INTEGER PRIMARY KEY,
+    job_id TEXT REFERENCES jobs(id),         -- the job an email is about: one email per job
     to_addr TEXT NOT NULL,
     subject TEXT NOT NULL,
     body TEXT NOT NULL,
@@ -128,6 +129,8 @@ CREATE TABLE outbox (
     sent_at REAL,
     created_at REAL NOT NULL
 );
+CREATE UNIQUE INDEX outbox_job ON outbox (job_id) WHERE job_id IS NOT NULL;
+CREATE INDEX outbox_unsent ON outbox (next_attempt_at) WHERE sent_at IS NULL;
 
 -- small site-wide switches, such as the paused queue
 CREATE TABLE site_state (
