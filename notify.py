@@ -26,7 +26,7 @@ from submit import iso
 
 log = logging.getLogger("jobsite.notify")
 
-MAX_ATTEMPTS = 12
+MAX_ATTEMPTS = 30  # 30 s, 1 m, 2 m ... then hourly: about a day of retries
 RETRY_DELAY = 30.0  # seconds before the first retry; doubled each time
 MAX_RETRY_DELAY = 3600.0
 

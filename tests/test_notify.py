@@ -262,6 +262,27 @@ async def test_a_failed_send_is_retried_until_the_server_is_up(
     assert row["last_error"] is None
 
 
+async def test_sending_gives_up_after_the_last_attempt_and_admins_see_why(
+    db, smtp_port, tmp_path, caplog, monkeypatch
+):
+    monkeypatch.setattr(notify, "MAX_ATTEMPTS", 2)
+    site = await Site.make(db)
+    job_id = await site.add_job()
+    settings = site_settings(tmp_path, smtp_port)
+    async with running(notify.Notifier(db, settings, retry_delay=0.05)) as notifier:
+        await notifier.job_finished(job_id)
+        for _ in range(100):
+            if "gave up sending email" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # time for a third attempt, were one made
+    (email_,) = (await notify.outbox_json(db, settings))["emails"]
+    assert email_["status"] == "gave_up"
+    assert email_["attempts"] == 2
+    assert "Connect" in email_["last_error"] or "refused" in email_["last_error"]
+    assert "gave up sending email 1 to alice@example.org after 2 attempts" in caplog.text
+
+
 async def test_emails_waiting_in_the_outbox_are_sent_after_a_restart(
     db, smtp, mailbox, smtp_port, tmp_path
 ):

@@ -85,7 +85,9 @@ def test_backup_is_consistent_while_the_site_writes(config, data_dir, tmp_path, 
     writer = Writer(data_dir / "db.sqlite")
     writer.start()
     try:
+        deadline = time.monotonic() + 30
         while writer.written < 50:
+            assert writer.is_alive() and time.monotonic() < deadline, "the writer stopped"
             time.sleep(0.01)
         before = writer.written
         dest = tmp_path / "copy.sqlite"
