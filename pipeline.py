@@ -151,7 +151,7 @@ def load_pipeline(text: str) -> Pipeline:
 # --- YAML -------------------------------------------------------------------------------
 
 
-class _Loader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader):  # type: ignore[misc]
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when built
     """PyYAML's safe loader with YAML 1.2 core schema scalars and duplicate keys refused."""
 
     yaml_implicit_resolvers: dict = {}
@@ -459,7 +459,9 @@ class _ActionChecker:
             )
         for key in ("run", "outputs"):
             if key not in spec:
-                self.error(f"Action `{name}` must have a `{key}`.")
+                self.error(
+                    f"Action `{name}` has no `{key}`: every action needs `run` and `outputs`."
+                )
         parts = self._check_run(spec.get("run")) if "run" in spec else None
         needs = self._check_needs(spec.get("needs"))
         outputs = self._check_outputs(spec.get("outputs")) if "outputs" in spec else None
@@ -635,6 +637,9 @@ class _ActionChecker:
             return None
         try:
             json.dumps(config)
+        except RecursionError:
+            self.error(f"`config` of action `{name}` is nested too deeply.")
+            return None
         except (TypeError, ValueError) as exc:
             self.error(f"`config` of action `{name}` cannot be passed as JSON: {exc}.")
             return None
