@@ -53,7 +53,7 @@ _RULE_VERSIONS = {
 # `dev` is for local testing and `-pre` for pre-releases; `latest` is refused from version 5.
 _TAG = re.compile(r"v[\d.]+(-pre)?|dev|latest")
 _COHORTEXTRACTOR_GENERATE_COHORT = re.compile(r"cohortextractor:\S+ generate_cohort")
-_EHRQL_GENERATE_DATASET = re.compile(r"(ehrql|databuilder):\S+ generate[-_]dataset")
+_EHRQL_GENERATE = re.compile(r"(ehrql|databuilder):\S+ (generate[-_](dataset|measures))")
 
 # Commands given database access, by image; "*" means every command of that image.
 _DATABASE_COMMANDS: dict[str, tuple[str, ...] | str] = {
@@ -665,18 +665,22 @@ class _ActionChecker:
                     f"directory (or it must pass `--output-dir`), but they are in "
                     f"{len(directories)}: {', '.join(d + '/' for d in directories) or 'none'}."
                 )
-        if _EHRQL_GENERATE_DATASET.match(run):
-            if outputs.get(MODERATELY_SENSITIVE) or outputs.get(MINIMALLY_SENSITIVE):
+        if ehrql := _EHRQL_GENERATE.match(run):
+            command = ehrql.group(2).replace("_", "-")
+            checked_levels = [HIGHLY_SENSITIVE]
+            if command == "generate-measures":
+                checked_levels.append(MODERATELY_SENSITIVE)
+            elif outputs.get(MODERATELY_SENSITIVE) or outputs.get(MINIMALLY_SENSITIVE):
                 self.error(
-                    f"Action `{name}` uses `generate-dataset`, so all its outputs must be "
+                    f"Action `{name}` uses `{command}`, so all its outputs must be "
                     f"`{HIGHLY_SENSITIVE}`."
                 )
             spec = _output_argument(parts)
-            patterns = list(outputs.get(HIGHLY_SENSITIVE, {}).values())
+            patterns = [p for level in checked_levels for p in outputs.get(level, {}).values()]
             if not spec:
                 self.error(
-                    f"Action `{name}` uses `generate-dataset` but has no `--output` argument "
-                    "saying where to write the dataset."
+                    f"Action `{name}` uses `{command}` but has no `--output` argument saying "
+                    "where to write its results."
                 )
             elif not _patterns_match_output_argument(spec, patterns):
                 self.error(

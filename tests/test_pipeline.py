@@ -373,7 +373,7 @@ def test_output_path_used_twice_by_one_action():
 
 
 def test_action_must_be_a_mapping():
-    assert one_error(project(a="python:v2 a.py")).startswith("Action `a` must be a mapping")  # type: ignore[arg-type]
+    assert one_error(project(a="python:v2 a.py")).startswith("Action `a` must be a mapping")
 
 
 def test_action_must_have_run_and_outputs():
@@ -602,6 +602,19 @@ def test_generate_dataset_outputs_must_match_the_output_argument(output, pattern
         assert load_pipeline(text)
     else:
         assert "must match its `--output` argument" in one_error(text)
+
+
+def test_generate_measures_outputs_may_be_moderately_sensitive_and_must_match():
+    run = "ehrql:v1 generate-measures m.py --output output/measures/:csv"
+    good = {"moderately_sensitive": {"m": "output/measures/measure_*.csv"}}
+    assert load_pipeline(project(a=action(run, outputs=good)))
+    bad = {"moderately_sensitive": {"m": "output/elsewhere/*.csv"}}
+    assert one_error(project(a=action(run, outputs=bad))) == (
+        "The outputs of action `a` must match its `--output` argument: expected "
+        "output/measures/*.csv, got output/elsewhere/*.csv."
+    )
+    no_output = action("ehrql:v1 generate-measures m.py", outputs=good)
+    assert "uses `generate-measures` but has no `--output`" in one_error(project(a=no_output))
 
 
 def test_generate_cohort_outputs_at_one_level_in_one_directory():
