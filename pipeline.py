@@ -333,11 +333,12 @@ class _Validator:
         built: dict[str, Action] = {}
         for name, spec in specs.items():
             action = _ActionChecker(self, name, spec, known).check()
-            if action is not None and name != RUN_ALL:
+            if action is not None:
                 built[name] = action
         self._check_duplicate_runs(specs)
         if self.applies("unique_output_paths"):
-            self._check_unique_outputs(built.values())
+            self._check_unique_outputs(built.values())  # an ignored `run_all` counts here too
+        built.pop(RUN_ALL, None)
         self._check_cycles(built)
         return built
 
@@ -705,7 +706,8 @@ def _pattern_problems(pattern: str, level: str) -> list[str]:
             f"{suffix} files cannot be {MODERATELY_SENSITIVE} outputs (allowed: "
             f"{', '.join(sorted(MODERATELY_SENSITIVE_FILE_TYPES))})"
         )
-    if posixpath.normpath(pattern) != pattern:
+    # normpath keeps a leading "..", which would point outside the workspace.
+    if posixpath.normpath(pattern) != pattern or ".." in pattern.split("/"):
         problems.append("it is not in standard form (no double slashes, '.' or '..' parts)")
     if pattern == "metadata" or pattern.startswith("metadata/"):
         problems.append("it must not be in the metadata directory")

@@ -204,6 +204,13 @@ def test_run_all_action_before_version_5_is_ignored_with_a_warning():
     assert any("`run_all` is ignored" in w for w in pipeline.warnings)
 
 
+def test_ignored_run_all_action_is_still_validated_as_the_reference_does():
+    shared = {"highly_sensitive": {"x": "output/a.csv"}}
+    text = project(4, run_all=action("python:v2 x.py", outputs=shared), a=action(outputs=shared))
+    assert one_error(text).startswith("Output path output/a.csv is not unique")
+    assert "must start with an image" in one_error(project(4, run_all=action("x.py")))
+
+
 # --- YAML errors ------------------------------------------------------------------------
 
 
@@ -538,6 +545,7 @@ def test_privacy_level_must_map_names_to_strings():
         ("moderately_sensitive", "output/a.rds", ".rds files cannot be moderately_sensitive"),
         ("highly_sensitive", "output//a.csv", "not in standard form"),
         ("highly_sensitive", "output/../a.csv", "not in standard form"),
+        ("highly_sensitive", "../a.csv", "not in standard form"),
         ("highly_sensitive", "./a.csv", "not in standard form"),
         ("highly_sensitive", "metadata/a.csv", "metadata directory"),
         ("highly_sensitive", "/tmp/a.csv", "absolute path"),
