@@ -98,7 +98,7 @@ class Action:
 
     def output_patterns(self) -> list[tuple[str, str]]:
         """Every output pattern with its privacy level, in file order."""
-        return [(level, p) for level, named in self.outputs.items() for p in named.values()]
+        return _patterns(self.outputs)
 
 
 @dataclass(frozen=True)
@@ -466,7 +466,7 @@ class _ActionChecker:
         parts = self._check_run(spec.get("run")) if "run" in spec else None
         needs = self._check_needs(spec.get("needs"))
         outputs = self._check_outputs(spec.get("outputs")) if "outputs" in spec else None
-        config = self._check_config(spec.get("config"))
+        config_json = self._check_config(spec.get("config"))
         dummy_data_file = spec.get("dummy_data_file")
         if dummy_data_file is not None and not isinstance(dummy_data_file, str):
             self.error(f"`dummy_data_file` of action `{name}` must be a string (a file path).")
@@ -476,9 +476,10 @@ class _ActionChecker:
         if not self.ok or parts is None or outputs is None:
             return None
         image, _, tag = parts[0].partition(":")
+        config = spec.get("config")
         args = tuple(parts[1:])
         if config:
-            args += ("--config", json.dumps(config))
+            args += ("--config", config_json)
         return Action(
             name=name,
             run=run,
@@ -621,7 +622,8 @@ class _ActionChecker:
                     checked[level][output_name] = pattern
         return checked
 
-    def _check_config(self, config: Any) -> dict | None:
+    def _check_config(self, config: Any) -> str | None:
+        """The config as JSON, to pass to the action; None when absent or invalid."""
         name = self.name
         if config is None:
             return None
@@ -637,14 +639,13 @@ class _ActionChecker:
             )
             return None
         try:
-            json.dumps(config)
+            return json.dumps(config)
         except RecursionError:
             self.error(f"`config` of action `{name}` is nested too deeply.")
             return None
         except (TypeError, ValueError) as exc:
             self.error(f"`config` of action `{name}` cannot be passed as JSON: {exc}.")
             return None
-        return config
 
     def _check_command_outputs(
         self, run: str, parts: list[str], outputs: dict[str, dict[str, str]]
@@ -779,11 +780,12 @@ def _too_many_values(value: Any) -> bool:
 
 
 def _patterns(outputs: dict[str, dict[str, str]]) -> list[tuple[str, str]]:
+    """(privacy level, pattern) pairs of an action's outputs, in file order."""
     return [(level, p) for level, named in outputs.items() for p in named.values()]
 
 
 def _action_list(names: list[str]) -> str:
-    """`a` and `b`, or `a` twice: the actions sharing an output path."""
+    """The actions sharing an output path: "actions `a`, `b`" or "action `a` 2 times"."""
     if len(set(names)) == 1:
         return f"action `{names[0]}` {len(names)} times"
     return "actions " + ", ".join(f"`{name}`" for name in names)
