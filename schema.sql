@@ -98,6 +98,7 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_request ON jobs (job_request_id);
 CREATE INDEX jobs_workspace_action ON jobs (workspace_id, action, created_at);
 CREATE INDEX jobs_active ON jobs (state) WHERE state IN ('pending', 'running');
+CREATE INDEX jobs_completed ON jobs (completed_at);  -- /metrics reads jobs finished since its last scrape
 
 -- every status a job passed through, for the timeline on the job page
 CREATE TABLE job_events (

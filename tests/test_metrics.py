@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import metrics
 from server import create_app
 from tests.jobrows import Site
 
@@ -121,6 +123,33 @@ async def test_metrics_have_job_duration_and_wait_histograms(app):
     assert bucket(wait, "900.0") == 4
     assert found[f"{wait}_count", ()] == 4
     assert found[f"{wait}_sum", ()] == pytest.approx(425)
+
+
+async def test_jobs_finishing_between_scrapes_are_each_counted_once(app, monkeypatch):
+    monkeypatch.setattr(metrics, "SETTLE", 0.2)
+    await app.state.scheduler.set_paused(True)
+    site = await Site.make(app.state.db)
+    now = time.time()
+    await site.add_job("old", created_at=now - 5000, wait=10, duration=100)
+    await site.add_job("just_now", created_at=now - 20, wait=10, duration=10)  # unsettled
+    first = await scrape(app)
+    assert first["jobsite_jobs", (("state", "succeeded"),)] == 2
+    assert first["jobsite_job_duration_seconds_count", ()] == 2
+
+    await asyncio.sleep(0.3)  # "just_now" settles; two more jobs finish, one long ago
+    await site.add_job("late_row", created_at=now - 9000, wait=5, duration=20)
+    await site.add_job(
+        "failed_now", state="failed", status_code="nonzero_exit", created_at=time.time() - 3,
+        wait=1, duration=2,
+    )  # fmt: skip
+    for _ in range(2):
+        found = await scrape(app)
+        assert found["jobsite_jobs", (("state", "succeeded"),)] == 3
+        assert found["jobsite_jobs", (("state", "failed"),)] == 1
+        assert found["jobsite_jobs_finished_total", (("status_code", "nonzero_exit"),)] == 1
+        assert found["jobsite_job_duration_seconds_count", ()] == 4
+        assert found["jobsite_job_duration_seconds_sum", ()] == pytest.approx(132, abs=0.01)
+        assert found["jobsite_job_wait_seconds_sum", ()] == pytest.approx(26, abs=0.01)
 
 
 async def test_metrics_survive_a_restart(settings):
