@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -206,3 +207,16 @@ async def test_metrics_are_refused_to_other_hosts_without_an_admins_token(app, m
         response = await client.get("/metrics", headers=admin)
     assert response.status_code == 200
     assert ("jobsite_running_jobs", ()) in parse(response.text)
+
+
+def test_sqlite_puts_a_value_in_the_same_bucket_as_python():
+    histogram = metrics.Histogram(metrics.DURATION_BUCKETS)
+    values = [0, 0.5, 10, 10.000001, 59.99, 60, 3600, 86400, 86400.5, 1e9]
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        for value in values:
+            (bucket,) = conn.execute(
+                f"SELECT {histogram.bucket_sql('v')} FROM (SELECT ? AS v)", (value,)
+            ).fetchone()
+            before = list(histogram.counts)
+            histogram.add(value)
+            assert histogram.counts[bucket] == before[bucket] + 1, value
