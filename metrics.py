@@ -7,7 +7,7 @@ collector that yields what the last read found.
 A finished job never changes again, so the figures over finished jobs (counts, durations,
 waits) are tallied once per job: each scrape reads only the jobs that finished since the
 last one, through the index on ``completed_at``, and keeps jobs that finished in the last
-``SETTLE`` seconds out of the tally until their transaction has surely committed. Should
+``SETTLE`` seconds out of the tally until their row has surely been written. Should
 the number of finished rows stop matching the tally (a row written late, or deleted), the
 tally is made again from the whole table. The first scrape after a start reads every job
 once; later ones read the new and the active jobs and count an index. Pending and running
@@ -44,7 +44,9 @@ STATES = ("pending", "running", "succeeded", "failed")
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 WAIT_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 24 * 3600)
 DOCKER_CHECK_TIMEOUT = 5.0
-SETTLE = 60.0  # seconds after which a finished job's row is surely committed
+# seconds after which a finished job's row is surely written: completed_at is taken when the
+# outputs land, and written after the container and temporary dir are removed
+SETTLE = 600.0
 
 # generate_latest writes the classic text format, version 0.0.4
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
