@@ -59,6 +59,9 @@ def job_email(job: Row, base_url: str) -> tuple[str, str]:
         took = "did not start"
     else:
         took = elapsed((job["completed_at"] or time.time()) - job["started_at"])
+    finished = time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(job["completed_at"] or time.time())
+    )
     body = (
         f"The job for action {job['action']} in workspace {job['workspace']} has finished.\n"
         "\n"
@@ -67,6 +70,7 @@ def job_email(job: Row, base_url: str) -> tuple[str, str]:
         f"Status:     {word} ({job['status_code']})\n"
         f"Message:    {job['status_message']}\n"
         f"Elapsed:    {took}\n"
+        f"Finished:   {finished}\n"
         "\n"
         "The job's timeline and log:\n"
         f"{base_url}/jobs/{job['id']}\n"
@@ -114,7 +118,7 @@ class Notifier:
         if not job["email"]:
             log.info(
                 "job %s finished; %s asked to be notified but has no email address, so no "
-                "email was sent",
+                "email was sent (an email address on their account would have it sent)",
                 job_id,
                 job["username"],
             )

@@ -177,6 +177,7 @@ def test_a_job_cancelled_before_it_started_says_so():
     subject, body = notify.job_email(job, "http://localhost:8000")
     assert subject == "Cancelled: [ws1] generate"
     assert "Elapsed:    did not start" in body
+    assert "Finished:   1970-01-01 00:01:40 UTC" in body
     assert "http://localhost:8000/jobs/j1\n" in body
 
 
