@@ -370,6 +370,35 @@ async def test_cancelling_a_notify_request_emails_the_requester(
     assert "Message:    Cancelled by user" in text(message)
 
 
+async def test_a_mail_server_that_is_down_does_not_touch_the_job(
+    data_dir, repos_dir, make_repo, smtp_port
+):
+    settings = site_settings(data_dir, smtp_port, repos={"allow": [f"{repos_dir}/*"]})
+    repo = make_repo({"project.yaml": PROJECT_YAML})
+    async with site(settings) as (app, client):  # nothing listens on smtp_port
+        headers = await user_headers(app, "alice", "alice@example.org")
+        await setup_workspace(client, headers, repo)
+        await app.state.scheduler.set_paused(True)
+        response = await client.post(
+            "/api/v1/workspaces/ws1/job-requests",
+            json={"actions": ["generate"], "notify": True},
+            headers=headers,
+        )
+        request_id = response.json()["id"]
+        response = await client.post(f"/api/v1/job-requests/{request_id}/cancel", headers=headers)
+        assert response.status_code == 200, response.text
+        for _ in range(100):
+            row = await app.state.db.fetchone("SELECT attempts, last_error FROM outbox")
+            if row and row["attempts"]:
+                break
+            await asyncio.sleep(0.05)
+        job = (await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)).json()
+    assert row["last_error"], "the send should have failed"
+    (cancelled,) = job["jobs"]
+    assert (cancelled["state"], cancelled["status_code"]) == ("failed", "cancelled_by_user")
+    assert cancelled["status_message"] == "Cancelled by user"
+
+
 async def test_without_smtp_emails_wait_in_the_outbox_only_admins_see(
     data_dir, repos_dir, make_repo
 ):
