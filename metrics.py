@@ -98,11 +98,14 @@ class Tally:
     def __init__(self) -> None:
         self.by_state: Counter[str] = Counter()
         self.by_status_code: Counter[str] = Counter()
+        self.queued = 0  # pending jobs whose dependencies are met
         self.duration = Histogram(DURATION_BUCKETS)
         self.wait = Histogram(WAIT_BUCKETS)
 
     def add(self, job: Row) -> None:
         self.by_state[job["state"]] += 1
+        if job["state"] == "pending" and job["status_code"] != "waiting_on_dependencies":
+            self.queued += 1
         if job["completed_at"] is not None:
             self.by_status_code[job["status_code"]] += 1
         if job["started_at"] is not None:
@@ -204,10 +207,6 @@ class SiteMetrics(Collector):
         )
         for code, count in sorted(tally.by_status_code.items()):
             finished.add_metric([code], count)
-        queued = await self.db.fetchval(
-            "SELECT count(*) FROM jobs WHERE state = 'pending' "
-            "AND status_code != 'waiting_on_dependencies'"
-        )
         unsent = await self.db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
         disk = await asyncio.to_thread(shutil.disk_usage, self.settings.data_dir)
         return [
@@ -216,7 +215,7 @@ class SiteMetrics(Collector):
             GaugeMetricFamily(
                 "jobsite_queue_length",
                 "Pending jobs whose dependencies are met, waiting for a worker or for Docker",
-                value=queued,
+                value=tally.queued,
             ),
             GaugeMetricFamily(
                 "jobsite_running_jobs", "Jobs running now", value=tally.by_state["running"]
