@@ -19,7 +19,16 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Frame,
+    Page,
+    Request,
+    Response,
+    sync_playwright,
+)
 
 import auth
 from config import Settings, load_settings
@@ -128,11 +137,20 @@ def browser() -> Iterator[Browser]:
 
 @dataclass
 class PageProblems:
-    """What went wrong in the pages of one browser context, as a user's browser saw it."""
+    """What went wrong in the pages of one browser context, as a user's browser saw it:
+    console errors, uncaught exceptions, failed requests and 5xx answers.
+
+    Two things are not problems: a request cut short because its page navigated away (an
+    HTMX poll in flight when the user follows a link), and the console's "Failed to load
+    resource" for a page answered with a 4xx status (a page explaining an error, such as a
+    refused sign-in); a 4xx for anything else a page loads still counts.
+    """
 
     problems: list[str] = field(default_factory=list)
+    console_errors: list[tuple[str, str]] = field(default_factory=list)
+    error_pages: set[str] = field(default_factory=set)
     navigations: dict[Page, int] = field(default_factory=dict)
-    started_at: dict[Any, int] = field(default_factory=dict)
+    started_at: dict[Request, int] = field(default_factory=dict)
 
     def watch(self, context: BrowserContext) -> None:
         context.on("page", self.watch_page)
@@ -142,37 +160,47 @@ class PageProblems:
 
     def watch_page(self, page: Page) -> None:
         self.navigations[page] = 0
-        page.on("console", lambda msg: self.console(page, msg))
+        page.on("console", lambda message: self.console(page, message))
         page.on("pageerror", lambda error: self.problems.append(f"{page.url}: {error}"))
         page.on("framenavigated", lambda frame: self.navigated(page, frame))
 
-    def console(self, page: Page, message: Any) -> None:
+    def console(self, page: Page, message: ConsoleMessage) -> None:
         if message.type == "error":
             source = message.location.get("url") or page.url
-            self.problems.append(f"console error on {page.url}: {message.text} ({source})")
+            text = f"console error on {page.url}: {message.text}"
+            self.console_errors.append(
+                (source, text if source == page.url else f"{text} ({source})")
+            )
 
-    def navigated(self, page: Page, frame: Any) -> None:
+    def navigated(self, page: Page, frame: Frame) -> None:
         if frame == page.main_frame:
             self.navigations[page] += 1
 
-    def request_started(self, request: Any) -> None:
+    def request_started(self, request: Request) -> None:
         self.started_at[request] = self.navigations.get(request.frame.page, 0)
 
-    def request_failed(self, request: Any) -> None:
-        page = request.frame.page
-        aborted_by_navigation = request.failure == "net::ERR_ABORTED" and self.navigations.get(
-            page, 0
-        ) != self.started_at.get(request)
-        if not aborted_by_navigation:
+    def request_failed(self, request: Request) -> None:
+        navigated_since = self.navigations.get(request.frame.page) != self.started_at.get(request)
+        if not (request.failure == "net::ERR_ABORTED" and navigated_since):
             self.problems.append(
                 f"request failed: {request.method} {request.url}: {request.failure}"
             )
 
-    def response(self, response: Any) -> None:
+    def response(self, response: Response) -> None:
         if response.status >= 500:
             self.problems.append(
                 f"HTTP {response.status} for {response.request.method} {response.url}"
             )
+        elif response.status >= 400 and response.request.is_navigation_request():
+            self.error_pages.add(response.url)
+
+    def report(self) -> list[str]:
+        failed_loads = [
+            message
+            for source, message in self.console_errors
+            if not (source in self.error_pages and "Failed to load resource" in message)
+        ]
+        return [*self.problems, *failed_loads]
 
 
 @pytest.fixture
@@ -184,7 +212,7 @@ def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
     watcher.watch(context)
     page = context.new_page()
     yield page
-    problems = list(watcher.problems)
+    problems = watcher.report()
     context.close()
     assert not problems, "the pages had problems:\n" + "\n".join(problems)
 

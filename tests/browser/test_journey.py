@@ -157,7 +157,9 @@ def test_a_researcher_runs_a_pipeline_and_watches_it(
 
     watcher = page.context.new_page()
     watcher.goto(workspace_url)
-    expect(pill(watcher, "generate")).to_have_attribute("data-status", "executing", timeout=20_000)
+    expect(pill(watcher, "generate")).to_have_attribute(
+        "data-status", re.compile("|".join(RUNNING)), timeout=20_000
+    )
     screenshot(watcher, "workspace-running")
 
     for action in ("generate", "summarise"):
@@ -200,3 +202,39 @@ def test_a_researcher_runs_a_pipeline_and_watches_it(
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("link", name="Sign in")).to_be_visible()
     expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
+
+
+def test_a_wrong_password_is_explained_and_signs_no_one_in(
+    page: Page, live_server: LiveServer
+) -> None:
+    live_server.add_user("alice")
+    page.goto("/login")
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("not-the-password")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("do not match")
+    expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
+    expect(page.get_by_label("Username")).to_have_value("alice")
+
+
+def test_a_visitor_sees_a_workspace_but_cannot_run_it(
+    page: Page, live_server: LiveServer, make_repo: Any
+) -> None:
+    repo = make_repo({"project.yaml": PROJECT_YAML})
+    live_server.add_user("alice")
+    response = live_server.api("POST", "/api/v1/projects", json={"name": "Heart Study"})
+    project = response.json()["slug"]
+    response = live_server.api(
+        "POST",
+        f"/api/v1/projects/{project}/workspaces",
+        json={"name": "heart-main", "repo": repo.url, "branch": "main", "database": "sample"},
+    )
+    assert response.status_code == 201, response.text
+
+    page.goto("/heart-main/")
+    expect(page.get_by_role("heading", level=1)).to_have_text("heart-main")
+    for action in ("prepare", "generate", "summarise", "long"):
+        expect(pill(page, action)).to_have_attribute("data-status", "not_run")
+    expect(page.get_by_role("checkbox", name=re.compile("^Run "))).to_have_count(0)
+    expect(page.get_by_role("button", name="Submit")).to_have_count(0)
+    expect(page.get_by_role("link", name="Sign in")).to_be_visible()
