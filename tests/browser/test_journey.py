@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 from playwright.sync_api import Locator, Page, expect
@@ -151,6 +152,7 @@ def test_a_researcher_runs_a_pipeline_and_watches_it(
     submit(page, "prepare")
     page.goto(workspace_url)
     submit(page, "generate", "summarise")
+    job_request_path = urlparse(page.url).path
     page.evaluate(RECORD_PILLS)
     navigations: list[str] = []
     page.on("framenavigated", lambda frame: navigations.append(frame.url))
@@ -180,7 +182,7 @@ def test_a_researcher_runs_a_pipeline_and_watches_it(
     expect(page.locator('.pill[data-status="succeeded"]')).to_have_count(2)
     screenshot(page, "logs")
 
-    page.goto(workspace_url)
+    page.locator(f'a[href="{job_request_path}"]').first.click()
     action_row(page, "summarise").locator('a[href^="/jobs/"]').first.click()
     expect(page.get_by_role("heading", level=1)).to_have_text("summarise")
     expect(page.locator("pre.log")).to_contain_text("summarised 3 rows")
