@@ -31,7 +31,7 @@ from playwright.sync_api import (
 )
 
 import auth
-from config import Settings, load_settings
+from config import Settings
 from server import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,19 +46,6 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 PASSWORD = "correct-horse-battery"
-
-
-@pytest.fixture
-def settings(data_dir: Path, repos_dir: Path) -> Settings:
-    """One worker, so that a job queued behind another is visibly pending in the pages."""
-    return load_settings(
-        environ={},
-        data_dir=str(data_dir),
-        repos={"allow": [f"{repos_dir}/*"]},
-        max_workers=1,
-        job_memory="256M",
-        job_cpus=1,
-    )
 
 
 @dataclass
