@@ -146,6 +146,8 @@ def test_a_researcher_runs_a_pipeline_and_watches_it(
     expect(summarise.get_by_text("generate", exact=True)).to_be_visible()
     for action in ("prepare", "generate", "summarise", "long"):
         expect(pill(page, action)).to_have_attribute("data-status", "not_run")
+    for option in ("Run all", "Force run dependencies", "Notify me"):
+        expect(page.get_by_role("checkbox", name=option, exact=True)).not_to_be_checked()
 
     # generate needs prepare, which has never run: the request runs prepare first, so
     # generate and summarise (which needs generate) are seen pending, running, succeeded.
