@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,7 @@ def live_server(settings: Settings, docker_cleanup: None) -> Iterator[LiveServer
         for _ in range(300):
             if server.started or not thread.is_alive():
                 break
-            threading.Event().wait(0.05)
+            time.sleep(0.05)
         if not server.started:
             raise RuntimeError("the live server did not start; see the log above")
         yield LiveServer(f"http://127.0.0.1:{port}", app, loops[0])

@@ -15,12 +15,13 @@ from tests.browser.conftest import PASSWORD, LiveServer, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
-# Short sleeps keep each job running for longer than one poll of the pages (2 s).
+# Short sleeps: generate and summarise run for longer than one poll of the pages (2 s),
+# and prepare holds them pending while the page that shows them loads.
 PROJECT_YAML = """\
 version: "5"
 actions:
   prepare:
-    run: python:v2 -c "sleep 4; mkdir -p output; seq 3 > output/raw.csv"
+    run: python:v2 -c "sleep 2; mkdir -p output; seq 3 > output/raw.csv"
     outputs:
       moderately_sensitive:
         raw: output/raw.csv
