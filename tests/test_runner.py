@@ -428,3 +428,52 @@ async def test_jobs_wait_while_docker_is_away_and_start_when_it_returns(
     monkeypatch.undo()  # Docker is back; the safety tick notices
     done = await wait_for_request(client, headers, request_id, timeout=30)
     assert done["status"] == "succeeded", done
+
+
+CHAIN_YAML = """\
+version: "4"
+actions:
+  generate:
+    run: python:v2 -c "sleep 1 && mkdir -p output && echo made > output/generate.csv"
+    outputs:
+      moderately_sensitive:
+        out: output/generate.csv
+  analyse:
+    run: python:v2 -c "mkdir -p output && cat output/generate.csv > output/analyse.csv"
+    needs: [generate]
+    outputs:
+      moderately_sensitive:
+        out: output/analyse.csv
+"""
+
+
+async def test_a_planned_dependency_runs_first_and_a_cancelled_one_fails_its_dependent(
+    app, client, make_user, make_repo, settings
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": CHAIN_YAML}))
+    request_id = await submit(client, headers, ["analyse"])
+    done = await wait_for_request(client, headers, request_id)
+    assert [(j["action"], j["status_code"]) for j in done["jobs"]] == [
+        ("generate", "succeeded"),
+        ("analyse", "succeeded"),
+    ]
+    assert (settings.data_dir / "workspaces/ws1/output/analyse.csv").read_text() == "made\n"
+
+    response = await client.post(
+        "/api/v1/workspaces/ws1/job-requests",
+        json={"actions": ["analyse"], "force_run_dependencies": True},
+        headers=headers,
+    )
+    request_id = response.json()["id"]
+    await wait_until(
+        lambda: _status_is(client, headers, request_id, "generate", "executing"),
+        what="generate to run",
+    )
+    response = await client.post(
+        f"/api/v1/job-requests/{request_id}/cancel", json={"actions": ["generate"]}, headers=headers
+    )
+    done = await wait_for_request(client, headers, request_id)
+    codes = {j["action"]: j["status_code"] for j in done["jobs"]}
+    assert codes == {"generate": "cancelled_by_user", "analyse": "dependency_failed"}
+    assert (settings.data_dir / "workspaces/ws1/output/analyse.csv").read_text() == "made\n"
