@@ -211,18 +211,22 @@ class DockerEvents:
 
 def time_steps(executor: Executor, stamps: dict[tuple[str, str], float]) -> None:
     """Note when the executor finishes collecting a job's outputs and is asked to start one."""
-    finalize, start = executor.finalize, executor.start
+    finalize, prepare, start = executor.finalize, executor.prepare, executor.start
 
     async def timed_finalize(spec, *args):
         outcome = await finalize(spec, *args)
         stamps["finalize", spec.id] = time.time()
         return outcome
 
+    async def timed_prepare(spec):
+        stamps["prepare", spec.id] = time.time()
+        return await prepare(spec)
+
     async def timed_start(spec):
         stamps["start", spec.id] = time.time()
         return await start(spec)
 
-    executor.finalize, executor.start = timed_finalize, timed_start
+    executor.finalize, executor.prepare, executor.start = timed_finalize, timed_prepare, timed_start
 
 
 def bare_docker_run(events: DockerEvents, label: str, n: int) -> tuple[float, float]:
@@ -307,7 +311,8 @@ async def bench_dependency_start(chains: int) -> None:
                         steps.append(
                             (
                                 stamps["finalize", ids["a"]] - died,
-                                stamps["start", ids["b"]] - stamps["finalize", ids["a"]],
+                                stamps["prepare", ids["b"]] - stamps["finalize", ids["a"]],
+                                stamps["start", ids["b"]] - stamps["prepare", ids["b"]],
                                 events.at("start", ids["b"]) - stamps["start", ids["b"]],
                             )
                         )
@@ -320,16 +325,17 @@ async def bench_dependency_start(chains: int) -> None:
     create = statistics.median(to_create)
     print(f"dependency exits -> dependent's container starts, median of {chains}: {ms(delay)}")
     print(f"  min {ms(min(delays))}, max {ms(max(delays))}")
-    print(f"  of which: exit -> dependent's container created (jobsite's part): {ms(create)}")
+    print(f"  of which: exit -> dependent's container created: {ms(create)}")
     print(f"            created -> started (Docker's part): {ms(delay - create)}")
-    finalized, scheduled, started = (statistics.median(step) for step in zip(*steps, strict=True))
+    finalized, scheduled, prepared, started = (
+        statistics.median(step) for step in zip(*steps, strict=True)
+    )
     print("  step by step (medians):")
     print(
         f"    exit -> outputs collected (executor: wait, inspect, logs, outputs): {ms(finalized)}"
     )
-    print(
-        f"    outputs collected -> dependent's start called (scheduler + prepare): {ms(scheduled)}"
-    )
+    print(f"    outputs collected -> dependent's prepare called (scheduler): {ms(scheduled)}")
+    print(f"    prepare (git archive + inputs) -> start called: {ms(prepared)}")
     print(f"    start called -> container started (Docker SDK create + start): {ms(started)}")
     print(f"bare `docker run` of {IMAGE}, invoked -> started, median: {ms(baseline)}")
     print(f"  of which created -> started: {ms(bare_create_to_start)}")
