@@ -257,32 +257,45 @@ class Scheduler:
         first_load = self._last_request == 0
         self._last_request = rows[-1]["job_request_id"]
         needs = {row["id"]: json.loads(row["wait_for"]) for row in rows}
-        outside = {d for deps in needs.values() for d in deps if self.queue.get(d) is None}
-        finished = {}
-        if outside:
-            marks = ",".join("?" * len(outside))
-            for found in await self.db.fetchall(
-                f"SELECT id, action, state, status_code FROM jobs WHERE id IN ({marks})",
-                list(outside),
-            ):
-                finished[found["id"]] = found
+        ended = await self._ended_jobs({d for deps in needs.values() for d in deps})
+        # no await from here until every job is placed: the queue must not change meanwhile
+        failures: list[tuple[QueuedJob, Row]] = []
         for row in rows:
             job = self._queued_job(row)
             failed = None
             for dep in needs[job.id]:
                 if self.queue.get(dep) is not None:
                     job.waiting_on.add(dep)
-                elif (finished.get(dep) or {}).get("state") != "succeeded":
-                    failed = finished.get(dep) or {"id": dep, "action": "?", "status_code": "?"}
+                elif ended.get(dep, {}).get("state") != "succeeded":
+                    failed = ended.get(dep) or {"id": dep, "action": "(unknown)"}
                     break
             if failed is None:
                 self.queue.add(job)
                 if not first_load:
                     self._log_status(job, "pending", *job.status)
-                continue
-            dependency = QueuedJob(failed["id"], 0, action=failed["action"])
-            await self._end_pending(job, "dependency_failed", dependency_message(dependency))
-            finished[job.id] = {"id": job.id, "action": job.action, "state": "failed"}
+            else:
+                failures.append((job, failed))
+                ended[job.id] = {"id": job.id, "action": job.action, "state": "failed"}
+        for job, dependency in failures:
+            message = dependency_message(dependency["action"], dependency["id"])
+            await self._end_pending(job, "dependency_failed", message)
+
+    async def _ended_jobs(self, job_ids: set[str]) -> dict[str, Row]:
+        """The jobs among ``job_ids`` that are no longer in the queue, with their states.
+        A job leaves the queue only after its final state is written, so asking again for
+        any that left while the database answered finds them all."""
+        ended: dict[str, Row] = {}
+        while True:
+            asked = [j for j in job_ids if self.queue.get(j) is None and j not in ended]
+            if not asked:
+                return ended
+            marks = ",".join("?" * len(asked))
+            rows = await self.db.fetchall(
+                f"SELECT id, action, state FROM jobs WHERE id IN ({marks})", asked
+            )
+            ended.update((row["id"], row) for row in rows)
+            if len(rows) < len(asked):  # some named jobs do not exist at all
+                return ended
 
     # -- status ------------------------------------------------------------------------
 
@@ -426,7 +439,7 @@ class Scheduler:
 
     async def _fail_dependents(self, failures: list[DependencyFailure]) -> None:
         for failure in failures:
-            message = dependency_message(failure.dependency)
+            message = dependency_message(failure.dependency.action, failure.dependency.id)
             await self._end_pending(failure.job, "dependency_failed", message)
 
     async def _after_job(self, job_id: str) -> None:
@@ -728,8 +741,8 @@ class Scheduler:
         return adopt
 
 
-def dependency_message(dependency: QueuedJob) -> str:
+def dependency_message(action: str, job_id: str) -> str:
     return (
-        f"Not run: the job for action {dependency.action} (job {dependency.id}), which this "
-        "job needs, did not succeed"
+        f"Not run: the job for action {action} (job {job_id}), which this job needs, did not "
+        "succeed"
     )

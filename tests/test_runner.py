@@ -59,17 +59,18 @@ async def submit(client, headers, actions, workspace="ws1"):
     return response.json()["id"]
 
 
-async def add_request(app, workspace, username, jobs):
+async def add_request(app, workspace, username, jobs, existing=None):
     """A job request whose jobs wait on each other, written as submit.py writes one.
 
-    ``jobs`` is a list of (action, shell command, actions it needs). The planner decides
-    these links in real use; writing them here keeps these tests about the scheduler.
+    ``jobs`` is a list of (action, shell command, actions it needs); a needed action found
+    in ``existing`` (action -> job id) waits on that earlier job. The planner decides these
+    links in real use; writing them here keeps these tests about the scheduler.
     """
     db = app.state.db
     ws = await db.fetchone("SELECT * FROM workspaces WHERE name = ?", (workspace,))
     user_id = await db.fetchval("SELECT id FROM users WHERE username = ?", (username,))
     now = time.time()
-    ids = {}
+    ids = dict(existing or {})
     async with db.transaction() as conn:
         cur = await conn.execute(
             "INSERT INTO job_requests (workspace_id, created_by, branch, sha, requested_actions, "
@@ -103,7 +104,7 @@ async def add_request(app, workspace, username, jobs):
                 ),
             )
     app.state.scheduler.wake()
-    return request_id, ids
+    return request_id, {action: ids[action] for action, _, _ in jobs}
 
 
 def writes(action, text=None, sleep=0):
@@ -477,3 +478,20 @@ async def test_a_planned_dependency_runs_first_and_a_cancelled_one_fails_its_dep
     codes = {j["action"]: j["status_code"] for j in done["jobs"]}
     assert codes == {"generate": "cancelled_by_user", "analyse": "dependency_failed"}
     assert (settings.data_dir / "workspaces/ws1/output/analyse.csv").read_text() == "made\n"
+
+
+async def test_a_job_needing_an_already_failed_job_fails_when_it_is_queued(
+    app, client, make_user, make_repo
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    first, ids = await add_request(app, "ws1", "alice", [("generate", "exit 1", ())])
+    assert (await wait_for_request(client, headers, first))["status"] == "failed"
+
+    second, _ = await add_request(
+        app, "ws1", "alice", [("analyse", writes("analyse"), ["generate"])], existing=ids
+    )
+    done = await wait_for_request(client, headers, second, timeout=5)
+    (analyse,) = done["jobs"]
+    assert (analyse["status_code"], analyse["started_at"]) == ("dependency_failed", None)
+    assert f"action generate (job {ids['generate']})" in analyse["status_message"]
