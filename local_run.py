@@ -218,7 +218,7 @@ class LocalRun:
             outcome = Outcome("failed", e.status_code, e.message)
         except DockerUnavailable as e:
             outcome = Outcome("failed", "internal_error", f"{e}. Start Docker and run again.")
-        except asyncio.CancelledError:
+        except BaseException:  # Ctrl-C, or anything unforeseen: leave no container behind
             await asyncio.shield(self._stop(job.id))
             raise
         # the container and temporary files go while the next job starts
@@ -269,6 +269,8 @@ class LocalRun:
         failed = [r.action for r in results.values() if not r.succeeded]
         if failed:
             say(f"\n{len(failed)} of {len(results)} actions did not succeed: {', '.join(failed)}")
+        elif len(results) == 1:
+            say("\nThe action succeeded.")
         else:
             say(f"\nAll {len(results)} actions succeeded.")
 
