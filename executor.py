@@ -272,17 +272,25 @@ class Executor:
                 )
 
             try:
-                container = create()
-            except docker.errors.ImageNotFound:
-                self._pull(job.image)
-                container = create()
+                try:
+                    container = create()
+                except docker.errors.ImageNotFound:
+                    self._pull(job.image)
+                    container = create()
+                except docker.errors.APIError as e:
+                    if e.status_code != 409:
+                        raise
+                    # a container of an earlier attempt at this job (a restart while preparing)
+                    self._remove_container(job.id)
+                    container = create()
+                api.start(container["Id"])
             except docker.errors.APIError as e:
-                if e.status_code != 409:
-                    raise
-                # a container of an earlier attempt at this job (a restart while preparing)
-                self._remove_container(job.id)
-                container = create()
-            api.start(container["Id"])
+                raise JobError(
+                    "internal_error",
+                    f"Docker could not start the job's container: {e.explanation or e}. "
+                    "If this is about a limit, check the settings job_memory and job_cpus "
+                    "(--memory and --cpus of jobsite run).",
+                ) from e
             return container["Id"]
 
     def _pull(self, image: str) -> None:

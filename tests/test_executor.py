@@ -493,3 +493,11 @@ def test_capped_log_under_the_cap_is_whole(tmp_path):
     with CappedLog(path, 100) as log:
         log.write(b"short\n")
     assert path.read_text() == "short\n"
+
+
+async def test_a_limit_docker_refuses_is_a_clear_failure(settings, study, make_executor):
+    executor = make_executor(job_cpus=4096)
+    outcome = await run(executor, spec(study, "true"))
+    assert outcome.status_code == "internal_error"
+    assert outcome.status_message.startswith("Docker could not start the job's container: ")
+    assert "CPU" in outcome.status_message
