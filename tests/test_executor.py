@@ -286,7 +286,18 @@ async def test_failed_jobs_leave_the_workspace_byte_identical(
     assert "output/a.txt" in outcome.status_message
     assert snapshot(workspace(settings)) == before
 
-    for job in (failing, unmatched):
+    cancelled = spec(study, "mkdir output; echo bad > output/a.csv; sleep 30", outputs)
+    await executor.prepare(cancelled)
+    started = time.time()
+    await executor.start(cancelled)
+    await asyncio.sleep(0.5)
+    await executor.stop(cancelled.id)
+    outcome = await executor.finalize(cancelled, await executor.wait(cancelled, started), {})
+    await executor.cleanup(cancelled.id)
+    assert outcome.state == "failed"
+    assert snapshot(workspace(settings)) == before
+
+    for job in (failing, unmatched, cancelled):
         assert not executor.job_dir(job.id).exists()
         with pytest.raises(docker.errors.NotFound):
             docker_client.containers.get(f"jobsite-{job.id}")
@@ -501,3 +512,31 @@ async def test_a_limit_docker_refuses_is_a_clear_failure(settings, study, make_e
     assert outcome.status_code == "internal_error"
     assert outcome.status_message.startswith("Docker could not start the job's container: ")
     assert "CPU" in outcome.status_message
+
+
+async def test_a_new_process_adopts_a_finished_container(settings, study, make_executor):
+    """After a restart the scheduler waits on the container it finds, with a new Executor."""
+    job = spec(
+        study,
+        "mkdir output; echo adopted > output/a.csv; echo done",
+        {"moderately_sensitive": {"a": "output/a.csv"}},
+    )
+    first = make_executor()
+    await first.prepare(job)
+    started = time.time()
+    await first.start(job)
+    first.close()
+
+    second = make_executor()
+    outcome = await run_adopted(second, job, started)
+    assert outcome.status_code == "succeeded", outcome
+    assert (workspace(settings) / "output/a.csv").read_text() == "adopted\n"
+    assert " done\n" in second.log_path(job.id).read_text()
+
+
+async def run_adopted(executor: Executor, job: JobSpec, started: float) -> Outcome:
+    try:
+        assert await executor.container_state(job.id) in ("running", "exited")
+        return await executor.finalize(job, await executor.wait(job, started), {})
+    finally:
+        await executor.cleanup(job.id)
