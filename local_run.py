@@ -90,18 +90,8 @@ class LocalRun:
         project = self._load_pipeline()
         if project is None:
             return 1
-        manifest = Manifest.load(self.project_dir)
-        state = {
-            name: pipeline.ActionState(
-                "succeeded",
-                manifest.data["actions"][name]["job"],
-                manifest.outputs_exist(self.project_dir, name),
-            )
-            for name in project.actions
-            if name in manifest.data["actions"]
-        }
         try:
-            plan = pipeline.plan(project, requested, state, force)
+            plan = pipeline.plan(project, requested, self._workspace_state(project), force)
         except pipeline.UnknownActionError as e:
             self.out(f"Error: {e.args[0] if e.args else e}")
             return 2
@@ -117,13 +107,34 @@ class LocalRun:
                 "(and check `docker info` works), then run again."
             )
             return 1
+        results = await self._run_plan(project, plan, images, continue_on_error)
+        self._print_summary(results)
+        return 0 if all(result.succeeded for result in results.values()) else 1
 
+    def _workspace_state(self, project: pipeline.Pipeline) -> dict[str, pipeline.ActionState]:
+        """What the site would read from its database: each action's last successful job."""
+        manifest = Manifest.load(self.project_dir)
+        recorded = manifest.data["actions"]
+        return {
+            name: pipeline.ActionState(
+                "succeeded", recorded[name]["job"], manifest.outputs_exist(self.project_dir, name)
+            )
+            for name in project.actions
+            if name in recorded
+        }
+
+    async def _run_plan(
+        self,
+        project: pipeline.Pipeline,
+        plan: pipeline.Plan,
+        images: dict[str, str],
+        continue_on_error: bool,
+    ) -> dict[str, Result]:
+        """The planned jobs one after another, needs first (the plan's order)."""
         sha = _checkout_commit(self.project_dir)
         files = checkout_files(self.project_dir, project)
-        self.out(
-            f"Running {len(plan.jobs)} action{'s' * (len(plan.jobs) != 1)}: "
-            f"{', '.join(job.action for job in plan.jobs)}"
-        )
+        names = [job.action for job in plan.jobs]
+        self.out(f"Running {len(names)} action{'s' * (len(names) != 1)}: {', '.join(names)}")
         results: dict[str, Result] = {}
         stopped = False
         for planned in plan.jobs:
@@ -154,13 +165,9 @@ class LocalRun:
                 source_files=files,
                 workspace_dir=self.project_dir,
             )
-            result = await self._run_job(job)
-            results[action.name] = result
-            if not result.succeeded and not continue_on_error:
-                stopped = True
-
-        self._print_summary(results)
-        return 0 if all(result.succeeded for result in results.values()) else 1
+            results[action.name] = await self._run_job(job)
+            stopped = not results[action.name].succeeded and not continue_on_error
+        return results
 
     def _load_pipeline(self) -> pipeline.Pipeline | None:
         path = self.project_dir / "project.yaml"

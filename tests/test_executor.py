@@ -67,7 +67,7 @@ def spec(study, command: str, outputs=None, *, action="generate", **fields) -> J
         sha=sha,
         action=action,
         run_command=f"python:v2 -c {command!r}",
-        image=IMAGE,
+        image=fields.pop("image", IMAGE),
         args=["-c", command],
         outputs=outputs or {},
         needs=fields.pop("needs", []),
@@ -540,3 +540,14 @@ async def run_adopted(executor: Executor, job: JobSpec, started: float) -> Outco
         return await executor.finalize(job, await executor.wait(job, started), {})
     finally:
         await executor.cleanup(job.id)
+
+
+async def test_a_missing_image_is_not_pulled_when_pulling_is_off(settings, study, make_executor):
+    executor = make_executor(allow_pull=False)
+    job = spec(study, "true", image="ghcr.io/opensafely-core/python:not-on-this-machine")
+    outcome = await run(executor, job)
+    assert outcome.status_code == "internal_error"
+    assert outcome.status_message == (
+        "Image ghcr.io/opensafely-core/python:not-on-this-machine is not on this machine and "
+        "pulling is turned off (allow_pull: false). An admin must load the image."
+    )
