@@ -335,8 +335,9 @@ class Executor:
             stream = self._api().logs(
                 self.container_name(job_id), stream=True, follow=True, timestamps=True
             )
-            for chunk in stream:
-                log.write(chunk)
+            with contextlib.closing(stream):
+                for chunk in stream:
+                    log.write(chunk)
 
     def _kill(self, job_id: str) -> None:
         with self._docker_calls():
@@ -529,7 +530,7 @@ def copy_files(source: Path, files: tuple[str, ...], dest: Path) -> None:
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), target)
         elif stat.S_ISREG(mode):
-            shutil.copyfile(src, target)
+            shutil.copy(src, target)  # with its mode, so scripts stay executable
 
 
 class CappedLog:

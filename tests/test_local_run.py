@@ -17,7 +17,7 @@ CHAIN = """\
 version: "5"
 actions:
   generate:
-    run: python:v2 -c "mkdir -p output && echo 'n,total' > output/counts.csv && echo generated"
+    run: python:v2 -c "mkdir -p output && echo 'n,total' > output/counts.csv && analysis/tool.sh"
     outputs:
       moderately_sensitive:
         counts: output/counts.csv
@@ -39,6 +39,8 @@ def checkout(tmp_path):
         (root / "analysis").mkdir(parents=True)
         (root / "project.yaml").write_text(project_yaml)
         (root / "analysis/extra.txt").write_text("from the working tree\n")
+        (root / "analysis/tool.sh").write_text("echo from a script\n")
+        (root / "analysis/tool.sh").chmod(0o755)
         return root
 
     return make
@@ -78,7 +80,7 @@ def test_a_chain_runs_and_its_outputs_land_in_the_checkout(checkout, jobsite_run
         "Running 2 actions: generate, analyse",
         "generate: preparing",
         "generate: executing (python:v2 -c \"mkdir -p output && echo 'n,total' > "
-        'output/counts.csv && echo generated")',
+        'output/counts.csv && analysis/tool.sh")',
         "generate: finalizing",
         out.splitlines()[4],
     ]
@@ -87,7 +89,7 @@ def test_a_chain_runs_and_its_outputs_land_in_the_checkout(checkout, jobsite_run
     assert "  output/report.csv  (highly_sensitive)" in out
     assert out.rstrip().endswith("All 2 actions succeeded.")
     log = (root / "metadata/generate.log").read_text()
-    assert " generated\n" in log and "status:          succeeded" in log
+    assert " from a script\n" in log and "status:          succeeded" in log
     assert sorted(manifest(root)["files"]) == ["output/counts.csv", "output/report.csv"]
 
 
@@ -118,7 +120,7 @@ def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
     assert jobsite_run("generate", "--project-dir", str(root))[0] == 0
     before = (root / "output/counts.csv").read_bytes()
     (root / "project.yaml").write_text(
-        CHAIN.replace('echo generated"', 'echo broken; exit 4"') + "  other:\n"
+        CHAIN.replace('analysis/tool.sh"', 'echo broken; exit 4"') + "  other:\n"
         '    run: python:v2 -c "mkdir -p output && echo 1 > output/other.csv"\n'
         "    outputs:\n"
         "      moderately_sensitive:\n"
@@ -190,7 +192,7 @@ def test_no_project_yaml_says_where_to_run(tmp_path, jobsite_run):
 
 
 def test_timeout_limits_each_job(checkout, jobsite_run):
-    root = checkout(CHAIN.replace("echo generated", "sleep 30"))
+    root = checkout(CHAIN.replace("analysis/tool.sh", "sleep 30"))
     status, out = jobsite_run("generate", "--timeout", "1s", "--project-dir", str(root))
     assert status == 1
     assert "generate: timed_out: Job ran longer than its time limit of 1.0s" in out
