@@ -683,7 +683,7 @@ def _summary(job: JobSpec, exit: ContainerExit, outcome: Outcome) -> str:
         "",
         "---- jobsite summary ----",
         f"job id:          {job.id}",
-        f"job request id:  {job.job_request_id}",
+        f"job request id:  {job.job_request_id or 'none (jobsite run)'}",
         f"workspace:       {job.workspace}",
         f"action:          {job.action}",
         f"commit:          {job.sha}",

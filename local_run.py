@@ -151,7 +151,7 @@ class LocalRun:
                 continue
             job = JobSpec(
                 id=secrets.token_hex(8),
-                job_request_id=0,
+                job_request_id=0,  # no job request: a local run
                 workspace=self.project_dir.name,
                 repo=str(self.project_dir),
                 sha=sha,
