@@ -113,6 +113,7 @@ class Executor:
         self._client_lock = threading.Lock()
         # one manifest update at a time per workspace: jobs of one workspace may end together
         self._workspace_locks: dict[Path, threading.Lock] = {}
+        self._created: dict[str, str] = {}  # job id -> container made by create(), not started
 
     # -- paths -----------------------------------------------------------------
 
@@ -229,11 +230,31 @@ class Executor:
 
     # -- step 3: run -----------------------------------------------------------
 
+    async def create(self, job: JobSpec) -> str:
+        """Create the job's container without starting it; returns its id.
+
+        Optional: ``start`` creates the container when this was not called. A local run
+        creates the next job's container while the current one runs, which takes a round
+        trip and the engine's setup off the time between two jobs.
+        """
+        container_id = await asyncio.to_thread(self._create, job)
+        self._created[job.id] = container_id
+        return container_id
+
     async def start(self, job: JobSpec) -> str:
-        """Create and start the container; returns its id."""
+        """Create (unless ``create`` did) and start the container; returns its id."""
         return await asyncio.to_thread(self._start, job)
 
     def _start(self, job: JobSpec) -> str:
+        container_id = self._created.pop(job.id, None) or self._create(job)
+        with self._docker_calls():
+            try:
+                self._api().start(container_id)
+            except docker.errors.APIError as e:
+                raise _not_started(e) from e
+        return container_id
+
+    def _create(self, job: JobSpec) -> str:
         s = self.settings
         with self._docker_calls():
             api = self._api()
@@ -272,26 +293,17 @@ class Executor:
                 )
 
             try:
-                try:
-                    container = create()
-                except docker.errors.ImageNotFound:
-                    self._pull(job.image)
-                    container = create()
-                except docker.errors.APIError as e:
-                    if e.status_code != 409:
-                        raise
-                    # a container of an earlier attempt at this job (a restart while preparing)
-                    self._remove_container(job.id)
-                    container = create()
-                api.start(container["Id"])
+                container = create()
+            except docker.errors.ImageNotFound:
+                self._pull(job.image)
+                container = create()
             except docker.errors.APIError as e:
-                raise JobError(
-                    "internal_error",
-                    f"Docker could not start the job's container: {e.explanation or e}. "
-                    "If this is about a limit, check the settings job_memory and job_cpus "
-                    "(--memory and --cpus of jobsite run).",
-                ) from e
-            return container["Id"]
+                if e.status_code != 409:
+                    raise _not_started(e) from e
+                # a container of an earlier attempt at this job (a restart while preparing)
+                self._remove_container(job.id)
+                container = create()
+        return container["Id"]
 
     def _pull(self, image: str) -> None:
         if not self.settings.allow_pull:
@@ -492,6 +504,7 @@ class Executor:
         """Remove the container and the temporary dir, whatever happened."""
 
         def clean() -> None:
+            self._created.pop(job_id, None)
             try:
                 self._remove_container(job_id)
             except DockerUnavailable:
@@ -666,6 +679,15 @@ def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 
     threading.Thread(target=run, name=f"jobsite-{fn.__name__}", daemon=True).start()
     return future
+
+
+def _not_started(e: docker.errors.APIError) -> JobError:
+    return JobError(
+        "internal_error",
+        f"Docker could not start the job's container: {e.explanation or e}. If this is about "
+        "a limit, check the settings job_memory and job_cpus (--memory and --cpus of "
+        "jobsite run).",
+    )
 
 
 def _os_error_message(e: OSError, doing: str) -> str:

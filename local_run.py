@@ -78,13 +78,26 @@ class LocalRun:
         self.out = out
         self.executor = Executor(settings)
         self.cleanups: list[asyncio.Task] = []
+        self.ahead: asyncio.Future[None] | None = None  # creating the next job's container
+        self.ran_jobs = False
 
     async def run(self, requested: list[str], force: bool, continue_on_error: bool) -> int:
         try:
             return await self._run(requested, force, continue_on_error)
         finally:
             await asyncio.gather(*self.cleanups, return_exceptions=True)
+            await asyncio.shield(self._remove_leftovers())
             self.executor.close()
+
+    async def _remove_leftovers(self) -> None:
+        """After Ctrl-C or an error: no container of this run stays behind."""
+        if not self.ran_jobs:
+            return
+        if self.ahead is not None:
+            await asyncio.gather(self.ahead, return_exceptions=True)
+        with contextlib.suppress(DockerUnavailable):
+            for job_id in await self.executor.site_containers():
+                await self.executor.cleanup(job_id)
 
     async def _run(self, requested: list[str], force: bool, continue_on_error: bool) -> int:
         project = self._load_pipeline()
@@ -133,23 +146,11 @@ class LocalRun:
         """The planned jobs one after another, needs first (the plan's order)."""
         sha = _checkout_commit(self.project_dir)
         files = checkout_files(self.project_dir, project)
+        self.ran_jobs = True
         names = [job.action for job in plan.jobs]
         self.out(f"Running {len(names)} action{'s' * (len(names) != 1)}: {', '.join(names)}")
-        results: dict[str, Result] = {}
-        stopped = False
-        for planned in plan.jobs:
-            action = project.actions[planned.action]
-            failed_needs = [n for n in planned.needs_new if not results[n].succeeded]
-            if failed_needs:
-                message = f"Not run: it needs {', '.join(failed_needs)}, which did not succeed"
-                results[action.name] = Result(action.name, "dependency_failed", message)
-                self.out(f"{action.name}: dependency_failed: {message}")
-                continue
-            if stopped:
-                message = "Not run: an earlier action failed (use --continue-on-error to go on)"
-                results[action.name] = Result(action.name, "not_run", message)
-                continue
-            job = JobSpec(
+        jobs = [
+            JobSpec(
                 id=secrets.token_hex(8),
                 job_request_id=0,  # no job request: a local run
                 workspace=self.project_dir.name,
@@ -165,8 +166,27 @@ class LocalRun:
                 source_files=files,
                 workspace_dir=self.project_dir,
             )
-            results[action.name] = await self._run_job(job)
-            stopped = not results[action.name].succeeded and not continue_on_error
+            for action in (project.actions[planned.action] for planned in plan.jobs)
+        ]
+        results: dict[str, Result] = {}
+        stopped = False
+        for planned, job, next_job in zip(plan.jobs, jobs, [*jobs[1:], None], strict=True):
+            if self.ahead is not None:
+                await self.ahead
+            failed_needs = [n for n in planned.needs_new if not results[n].succeeded]
+            if failed_needs or stopped:
+                if failed_needs:
+                    code = "dependency_failed"
+                    message = f"Not run: it needs {', '.join(failed_needs)}, which did not succeed"
+                    self.out(f"{job.action}: {code}: {message}")
+                else:
+                    code = "not_run"
+                    message = "Not run: an earlier action failed (use --continue-on-error to go on)"
+                results[job.action] = Result(job.action, code, message)
+                self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
+                continue
+            results[job.action] = await self._run_job(job, next_job)
+            stopped = not results[job.action].succeeded and not continue_on_error
         return results
 
     def _load_pipeline(self) -> pipeline.Pipeline | None:
@@ -208,8 +228,12 @@ class LocalRun:
             return None
         return images
 
-    async def _run_job(self, job: JobSpec) -> Result:
-        """One job through prepare, run and finalize, saying each step as it begins."""
+    async def _run_job(self, job: JobSpec, next_job: JobSpec | None) -> Result:
+        """One job through prepare, run and finalize, saying each step as it begins.
+
+        While it runs, the next job's container is created, so that it can start as soon
+        as this job's outputs are in place.
+        """
         began = time.monotonic()
         say = self.out
         try:
@@ -218,6 +242,8 @@ class LocalRun:
             started = time.time()
             await self.executor.start(job)
             say(f"{job.action}: executing ({job.run_command})")
+            if next_job is not None:
+                self.ahead = asyncio.ensure_future(self._create_ahead(next_job))
             exit = await self.executor.wait(job, started)
             say(f"{job.action}: finalizing")
             outcome = await self.executor.finalize(job, exit, {})
@@ -245,6 +271,10 @@ class LocalRun:
         else:
             say(f"{job.action}: {result.status_code}: {result.message}")
         return result
+
+    async def _create_ahead(self, job: JobSpec) -> None:
+        with contextlib.suppress(Exception):  # start() tries again, and says what went wrong
+            await self.executor.create(job)
 
     async def _stop(self, job_id: str) -> None:
         with contextlib.suppress(DockerUnavailable):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 from pathlib import Path
@@ -213,3 +214,19 @@ def test_docker_down_is_said_plainly(checkout, jobsite_run, monkeypatch, tmp_pat
     assert status == 1
     assert "Error: Docker is not running" in out
     gc.collect()
+
+
+async def test_stopping_a_run_leaves_no_container_behind(checkout, settings, docker_client):
+    root = checkout(CHAIN.replace("analysis/tool.sh", "sleep 30"))
+    printed: list[str] = []
+    run = local_run.LocalRun(root, settings, printed.append)
+    task = asyncio.create_task(run.run(["analyse"], False, False))
+    while "generate: executing" not in " ".join(printed):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # meanwhile the container of analyse is created ahead
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    mine = docker_client.containers.list(all=True, filters={"label": f"jobsite={settings.site_id}"})
+    assert mine == []
+    assert not (root / "output").exists()
