@@ -41,9 +41,9 @@ class Result:
     action: str
     status_code: str
     message: str
-    job_id: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    log: str | None = None  # where the job's log is, in the checkout
 
     @property
     def succeeded(self) -> bool:
@@ -256,15 +256,16 @@ class LocalRun:
             raise
         # the container and temporary files go while the next job starts
         self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
-        if outcome.state != "succeeded":
-            await asyncio.to_thread(self._keep_failed_log, job)
+        logged = outcome.state == "succeeded"
+        if not logged:
+            logged = await asyncio.to_thread(self._keep_failed_log, job)
         result = Result(
             job.action,
             outcome.status_code,
             outcome.status_message,
-            job.id,
             outcome.outputs,
             time.monotonic() - began,
+            f"metadata/{job.action}.log" if logged else None,
         )
         if result.succeeded:
             say(f"{job.action}: succeeded in {result.seconds:.1f}s")
@@ -281,16 +282,18 @@ class LocalRun:
             await self.executor.stop(job_id)
         await self.executor.cleanup(job_id)
 
-    def _keep_failed_log(self, job: JobSpec) -> None:
-        """A failed job changes no outputs, but its log is where a developer looks next."""
+    def _keep_failed_log(self, job: JobSpec) -> bool:
+        """A failed job changes no outputs, but its log (if it got as far as having one) goes
+        where a developer looks next."""
         log = self.executor.log_path(job.id)
         if not log.exists():
-            return
+            return False
         target = self.project_dir / "metadata" / f"{job.action}.log"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{job.id}.tmp")
         shutil.copyfile(log, tmp)
         os.replace(tmp, target)
+        return True
 
     def _print_summary(self, results: dict[str, Result]) -> None:
         say = self.out
@@ -299,8 +302,8 @@ class LocalRun:
             say(f"{result.action}: {result.status_code}")
             if not result.succeeded:
                 say(f"  {result.message}")
-            if result.job_id is not None:
-                say(f"  log: metadata/{result.action}.log")
+            if result.log is not None:
+                say(f"  log: {result.log}")
             for path, level in sorted(result.outputs.items()):
                 say(f"  {path}  ({level})")
         failed = [r.action for r in results.values() if not r.succeeded]

@@ -130,6 +130,7 @@ def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
     status, out = jobsite_run("generate", "analyse", "other", "--project-dir", str(root))
     assert status == 1
     assert "generate: nonzero_exit: Job exited with an error (exit code 4): broken" in out
+    assert "  log: metadata/generate.log\n" in out
     assert "analyse: dependency_failed: Not run: it needs generate" in out
     assert "other: not_run" in out
     assert "3 of 3 actions did not succeed: generate, analyse, other" in out
