@@ -231,3 +231,20 @@ async def test_stopping_a_run_leaves_no_container_behind(checkout, settings, doc
     mine = docker_client.containers.list(all=True, filters={"label": f"jobsite={settings.site_id}"})
     assert mine == []
     assert not (root / "output").exists()
+
+
+def test_config_reaches_the_action_as_arguments(checkout, jobsite_run):
+    root = checkout(
+        'version: "5"\n'
+        "actions:\n"
+        "  configured:\n"
+        "    run: python:v2 -c 'mkdir -p output; echo \"$1 $2\" > output/args.txt' arg0\n"
+        "    config:\n"
+        "      weeks: 4\n"
+        "    outputs:\n"
+        "      moderately_sensitive:\n"
+        "        args: output/args.txt\n"
+    )
+    status, out = jobsite_run("configured", "--project-dir", str(root))
+    assert status == 0, out
+    assert (root / "output/args.txt").read_text() == '--config {"weeks": 4}\n'
