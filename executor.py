@@ -114,6 +114,8 @@ class Executor:
         # one manifest update at a time per workspace: jobs of one workspace may end together
         self._workspace_locks: dict[Path, threading.Lock] = {}
         self._created: dict[str, str] = {}  # job id -> container made by create(), not started
+        # job id -> when its inputs were in place: files newer than that are the job's own
+        self._prepared_at: dict[str, float] = {}
 
     # -- paths -----------------------------------------------------------------
 
@@ -205,6 +207,7 @@ class Executor:
             if os.getuid() == 0:
                 uid, gid = (int(x) for x in self.settings.job_user.split(":"))
                 await asyncio.to_thread(_chown_tree, workdir, uid, gid)
+            self._prepared_at[job.id] = time.time()
         except RepoError as e:
             raise JobError("internal_error", f"Could not prepare the job's files: {e}") from e
         except OSError as e:
@@ -459,7 +462,12 @@ class Executor:
         """Copy matched files into the workspace, staged first so that a failure part way
         (a full disk, say) leaves the workspace as it was."""
         workdir = self.job_dir(job.id)
-        matched = match_outputs(workdir, job.outputs, self.settings.max_output_size)
+        matched = match_outputs(
+            workdir,
+            job.outputs,
+            self.settings.max_output_size,
+            made_since=self._prepared_at.get(job.id),
+        )
         ws = self._workspace(job)
         with self._workspace_lock(ws):
             manifest = Manifest.load(ws)
@@ -505,6 +513,7 @@ class Executor:
 
         def clean() -> None:
             self._created.pop(job_id, None)
+            self._prepared_at.pop(job_id, None)
             try:
                 self._remove_container(job_id)
             except DockerUnavailable:

@@ -52,9 +52,15 @@ def _walk(root: Path) -> dict[str, os.stat_result]:
 
 
 def match_outputs(
-    workdir: Path, outputs: dict[str, dict[str, str]], max_size: int
+    workdir: Path,
+    outputs: dict[str, dict[str, str]],
+    max_size: int,
+    made_since: float | None = None,
 ) -> dict[str, str]:
     """Relative path -> privacy level of every file matching the action's output patterns.
+
+    ``made_since`` is when the job's inputs were in place: a pattern that matches nothing
+    is shown with the files written since then (the job's own) that look close to it.
 
     Raises OutputError for a pattern matching nothing (``unmatched_patterns``), and for a
     match that is not a regular file, lies behind a linked directory, or is larger than
@@ -74,7 +80,11 @@ def match_outputs(
                 _check_output(path, entries[path], max_size)
                 matched[path] = level
     if unmatched:
-        made = sorted(p for p in entries if not p.startswith("metadata/"))
+        made = sorted(
+            path
+            for path, st in entries.items()
+            if not path.startswith("metadata/") and (made_since is None or st.st_mtime > made_since)
+        )
         lines = []
         for pattern in unmatched:
             close = _close_files(pattern, made)

@@ -158,3 +158,12 @@ def test_a_manifest_from_opensafely_run_is_not_ours(tmp_path):
     }
     make(tmp_path, {"metadata/manifest.json": json.dumps(theirs)})
     assert Manifest.load(tmp_path).data == {"actions": {}, "files": {}}
+
+
+def test_close_files_are_the_ones_the_job_made(tmp_path):
+    make(tmp_path, {"output/input.csv": "from a needed action", "output/count.csv": "1"})
+    os.utime(tmp_path / "output/input.csv", (1000, 1000))  # copied in before the job ran
+    with pytest.raises(OutputError) as caught:
+        match_outputs(tmp_path, {"highly_sensitive": {"c": "output/counts.csv"}}, LIMIT, 2000)
+    assert "output/count.csv" in caught.value.message
+    assert "input.csv" not in caught.value.message
