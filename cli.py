@@ -14,7 +14,15 @@ from typing import Any
 import auth
 import ops
 import pipeline
-from config import Settings, SettingsError, load_settings
+from config import (
+    Duration,
+    Settings,
+    SettingsError,
+    Size,
+    load_settings,
+    parse_duration,
+    parse_size,
+)
 from db import Database, DatabaseVersionError
 
 
@@ -28,6 +36,31 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("serve", help="start the site")
+
+    run = commands.add_parser(
+        "run",
+        help="run a local checkout's pipeline in Docker (like `opensafely run`)",
+        description="Run actions of the project.yaml in --project-dir, each in Docker as the "
+        "site would, writing their outputs into the checkout (output/...) and their logs "
+        "into metadata/<action>.log. Needed actions without outputs from a successful run "
+        "run first.",
+    )
+    run.add_argument("actions", nargs="*", metavar="ACTION", help="actions to run, or run_all")
+    run.add_argument("--project-dir", default=".", type=Path, help="default: this folder")
+    run.add_argument(
+        "-f",
+        "--force-run-dependencies",
+        action="store_true",
+        help="run the needed actions again even when their outputs exist",
+    )
+    run.add_argument(
+        "--continue-on-error",
+        action="store_true",
+        help="when an action fails, still run the actions that do not need it",
+    )
+    run.add_argument("--timeout", type=_duration, help="time limit of each job, e.g. 30m, 2h")
+    run.add_argument("--memory", type=_size, help="memory limit of each job, e.g. 4G")
+    run.add_argument("--cpus", type=float, help="CPUs each job may use, e.g. 2")
 
     check = commands.add_parser("check", help="check a project.yaml")
     check.add_argument("--project-dir", default=".", type=Path)
@@ -76,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": serve,
+        "run": run_project,
         "check": check_project,
         "user": user_add,
         "token": token_create,
@@ -135,6 +169,34 @@ async def _first_admin(db: Database, settings: Settings) -> int:
         flush=True,
     )
     return 0
+
+
+def _duration(value: str) -> Duration:
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _size(value: str) -> Size:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def run_project(args: argparse.Namespace) -> int:
+    import local_run
+
+    limits = {"job_timeout": args.timeout, "job_memory": args.memory, "job_cpus": args.cpus}
+    return local_run.main(
+        args.project_dir,
+        args.actions,
+        config=args.config,
+        force_run_dependencies=args.force_run_dependencies,
+        continue_on_error=args.continue_on_error,
+        overrides={key: value for key, value in limits.items() if value is not None},
+    )
 
 
 def check_project(args: argparse.Namespace) -> int:

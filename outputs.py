@@ -52,53 +52,84 @@ def _walk(root: Path) -> dict[str, os.stat_result]:
 
 
 def match_outputs(
-    workdir: Path, outputs: dict[str, dict[str, str]], max_size: int
+    workdir: Path,
+    outputs: dict[str, dict[str, str]],
+    max_size: int,
+    made_since: float | None = None,
 ) -> dict[str, str]:
     """Relative path -> privacy level of every file matching the action's output patterns.
 
-    A pattern matching nothing, a match that is not a regular file, or a file larger than
-    ``max_size`` raises OutputError.
+    ``made_since`` is when the job's inputs were in place: a pattern that matches nothing
+    is shown with the files written since then (the job's own) that look close to it.
+
+    Raises OutputError for a pattern matching nothing (``unmatched_patterns``), and for a
+    match that is not a regular file, lies behind a linked directory, or is larger than
+    ``max_size``: collecting outputs never follows a link.
     """
     entries = _walk(workdir)
+    links = sorted(path for path, st in entries.items() if stat.S_ISLNK(st.st_mode))
     matched: dict[str, str] = {}
     unmatched: list[str] = []
     for level, patterns in outputs.items():
         for pattern in patterns.values():
+            _refuse_linked_dirs(pattern, links)
             hits = [path for path in entries if pattern_matches(pattern, path)]
             if not hits:
                 unmatched.append(pattern)
             for path in hits:
-                mode = entries[path].st_mode
-                if stat.S_ISLNK(mode):
-                    raise OutputError(
-                        "internal_error",
-                        f"output {path} is a symbolic link; outputs must be regular files "
-                        "written inside the workspace",
-                    )
-                if not stat.S_ISREG(mode):
-                    raise OutputError(
-                        "internal_error",
-                        f"output {path} is not a regular file (a fifo, socket or device)",
-                    )
-                if entries[path].st_size > max_size:
-                    raise OutputError(
-                        "internal_error",
-                        f"output {path} is {entries[path].st_size} bytes, larger than the "
-                        f"site's limit of {max_size} bytes",
-                    )
+                _check_output(path, entries[path], max_size)
                 matched[path] = level
     if unmatched:
-        made = sorted(p for p in entries if not p.startswith("metadata/"))
+        made = sorted(
+            path
+            for path, st in entries.items()
+            if not path.startswith("metadata/") and (made_since is None or st.st_mtime > made_since)
+        )
         lines = []
         for pattern in unmatched:
             close = _close_files(pattern, made)
-            hint = f" (files made that look close: {', '.join(close)})" if close else ""
+            hint = f" (files the job made that look close: {', '.join(close)})" if close else ""
             lines.append(f"{pattern}{hint}")
         raise OutputError(
             "unmatched_patterns",
             "No outputs found matching patterns: " + "; ".join(lines),
         )
     return matched
+
+
+def _refuse_linked_dirs(pattern: str, links: list[str]) -> None:
+    """A link standing where a directory of the pattern should be is refused, not followed."""
+    parts = pattern.split("/")
+    for depth in range(1, len(parts)):
+        prefix = "/".join(parts[:depth])
+        for link in links:
+            if pattern_matches(prefix, link):
+                raise OutputError(
+                    "internal_error",
+                    f"{link} is a symbolic link, where output pattern {pattern} expects a "
+                    "directory. jobsite does not follow links: write outputs as regular "
+                    "files in real directories inside the workspace.",
+                )
+
+
+def _check_output(path: str, st: os.stat_result, max_size: int) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputError(
+            "internal_error",
+            f"Output {path} is a symbolic link; jobsite does not follow links. Write outputs "
+            "as regular files inside the workspace.",
+        )
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a fifo" if stat.S_ISFIFO(st.st_mode) else "a device, socket or other special file"
+        raise OutputError(
+            "internal_error", f"Output {path} is {kind}, not a regular file; it was not copied."
+        )
+    if st.st_size > max_size:
+        raise OutputError(
+            "internal_error",
+            f"Output {path} is {st.st_size} bytes, larger than the site's limit of "
+            f"{max_size} bytes for one output file",
+        )
 
 
 def _close_files(pattern: str, files: list[str]) -> list[str]:
@@ -108,16 +139,20 @@ def _close_files(pattern: str, files: list[str]) -> list[str]:
     return sorted(set(close) | set(same_dir[:3]))[:5]
 
 
-def check_visibility(path: Path, level: str) -> tuple[bool, str | None]:
-    """Whether an output viewer may see this file in the browser, and if not, why not."""
+def check_visibility(path: Path, level: str, suffix: str | None = None) -> tuple[bool, str | None]:
+    """Whether an output viewer may see this file in the browser, and if not, why not.
+
+    ``suffix`` is the output's file type when ``path`` is a temporary name for it.
+    """
+    suffix = (path.suffix if suffix is None else suffix).lower()
     if level == "highly_sensitive":
         return False, "highly_sensitive outputs are never shown"
-    if path.suffix.lower() not in VIEWABLE_TYPES:
-        return False, f"files of type {path.suffix or '(none)'} are not shown"
+    if suffix not in VIEWABLE_TYPES:
+        return False, f"files of type {suffix or '(none)'} are not shown"
     size = path.stat().st_size
     if size > MAX_VIEWABLE_SIZE:
         return False, f"larger than {MAX_VIEWABLE_SIZE // 1024**2} MB"
-    if path.suffix.lower() == ".csv":
+    if suffix == ".csv":
         with path.open(newline="", errors="replace") as f:
             reader = csv.reader(f)
             header = next(reader, [])
@@ -137,11 +172,16 @@ class Manifest:
 
     @classmethod
     def load(cls, workspace_dir: Path) -> Manifest:
+        """The workspace's manifest; empty when there is none, or when the file is not one of
+        ours (a checkout last run with ``opensafely run`` has a manifest of its own)."""
         path = workspace_dir / MANIFEST
         try:
-            return cls(json.loads(path.read_text()))
-        except FileNotFoundError:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
             return cls()
+        if not _is_ours(data):
+            return cls()
+        return cls(data)
 
     def action_files(self, action: str) -> list[str]:
         return list(self.data["actions"].get(action, {}).get("files", []))
@@ -163,9 +203,17 @@ class Manifest:
         }
         self.data["files"].update(files)
 
-    def save(self, workspace_dir: Path) -> None:
-        path = workspace_dir / MANIFEST
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+    def dumps(self) -> str:
+        return json.dumps(self.data, indent=2, sort_keys=True)
+
+
+def _is_ours(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("actions"), dict)
+        and isinstance(data.get("files"), dict)
+        and all(
+            isinstance(entry, dict) and isinstance(entry.get("files"), list)
+            for entry in data["actions"].values()
+        )
+    )

@@ -1,0 +1,250 @@
+"""`jobsite run` on a local checkout, as a developer types it, in real Docker."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+from pathlib import Path
+
+import pytest
+
+import cli
+import local_run
+
+pytestmark = pytest.mark.usefixtures("docker_cleanup")
+
+CHAIN = """\
+version: "5"
+actions:
+  generate:
+    run: python:v2 -c "mkdir -p output && echo 'n,total' > output/counts.csv && analysis/tool.sh"
+    outputs:
+      moderately_sensitive:
+        counts: output/counts.csv
+  analyse:
+    run: python:v2 -c "cat output/counts.csv analysis/extra.txt > output/report.csv"
+    needs: [generate]
+    outputs:
+      highly_sensitive:
+        report: output/report.csv
+"""
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A study checkout: project.yaml and a file of analysis code, not committed anywhere."""
+
+    def make(project_yaml: str = CHAIN) -> Path:
+        root = tmp_path / "study"
+        (root / "analysis").mkdir(parents=True)
+        (root / "project.yaml").write_text(project_yaml)
+        (root / "analysis/extra.txt").write_text("from the working tree\n")
+        (root / "analysis/tool.sh").write_text("echo from a script\n")
+        (root / "analysis/tool.sh").chmod(0o755)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def jobsite_run(settings, monkeypatch, capsys):
+    """Runs `jobsite run ARGS` and returns (exit status, what it printed). Its containers
+    carry the test site's label, so the docker_cleanup fixture finds any left behind."""
+    real_main = local_run.main
+
+    def main(*args, **kwargs):
+        kwargs["overrides"] = {"site_id": settings.site_id, **kwargs["overrides"]}
+        return real_main(*args, **kwargs)
+
+    monkeypatch.setattr(local_run, "main", main)
+    monkeypatch.setenv("JOBSITE_CONFIG", "")
+
+    def run(*args: str) -> tuple[int, str]:
+        status = cli.main(["run", *args])
+        return status, capsys.readouterr().out
+
+    return run
+
+
+def manifest(root: Path) -> dict:
+    return json.loads((root / "metadata/manifest.json").read_text())
+
+
+def test_a_chain_runs_and_its_outputs_land_in_the_checkout(checkout, jobsite_run):
+    root = checkout()
+    status, out = jobsite_run("analyse", "--project-dir", str(root))
+    assert status == 0, out
+    assert (root / "output/counts.csv").read_text() == "n,total\n"
+    assert (root / "output/report.csv").read_text() == "n,total\nfrom the working tree\n"
+    assert out.splitlines()[:5] == [
+        "Running 2 actions: generate, analyse",
+        "generate: preparing",
+        "generate: executing (python:v2 -c \"mkdir -p output && echo 'n,total' > "
+        'output/counts.csv && analysis/tool.sh")',
+        "generate: finalizing",
+        out.splitlines()[4],
+    ]
+    assert out.splitlines()[4].startswith("generate: succeeded in ")
+    assert "analyse: succeeded\n  log: metadata/analyse.log\n" in out
+    assert "  output/report.csv  (highly_sensitive)" in out
+    assert out.rstrip().endswith("All 2 actions succeeded.")
+    log = (root / "metadata/generate.log").read_text()
+    assert " from a script\n" in log and "status:          succeeded" in log
+    assert sorted(manifest(root)["files"]) == ["output/counts.csv", "output/report.csv"]
+
+
+def test_needed_actions_with_outputs_are_not_run_again(checkout, jobsite_run):
+    root = checkout()
+    assert jobsite_run("analyse", "--project-dir", str(root))[0] == 0
+    first_job = manifest(root)["actions"]["generate"]["job"]
+
+    status, out = jobsite_run("analyse", "--project-dir", str(root))
+    assert status == 0
+    assert out.startswith("Running 1 action: analyse\n")
+    assert manifest(root)["actions"]["generate"]["job"] == first_job
+
+    (root / "output/counts.csv").unlink()
+    status, out = jobsite_run("analyse", "--project-dir", str(root))
+    assert out.startswith("Running 2 actions: generate, analyse\n")
+
+    status, out = jobsite_run("analyse", "-f", "--project-dir", str(root))
+    assert out.startswith("Running 2 actions: generate, analyse\n")
+
+    status, out = jobsite_run("run_all", "--project-dir", str(root))
+    assert status == 0
+    assert out.strip() == "All actions have already completed successfully"
+
+
+def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
+    root = checkout()
+    assert jobsite_run("generate", "--project-dir", str(root))[0] == 0
+    before = (root / "output/counts.csv").read_bytes()
+    (root / "project.yaml").write_text(
+        CHAIN.replace('analysis/tool.sh"', 'echo broken; exit 4"') + "  other:\n"
+        '    run: python:v2 -c "mkdir -p output && echo 1 > output/other.csv"\n'
+        "    outputs:\n"
+        "      moderately_sensitive:\n"
+        "        other: output/other.csv\n"
+    )
+    status, out = jobsite_run("generate", "analyse", "other", "--project-dir", str(root))
+    assert status == 1
+    assert "generate: nonzero_exit: Job exited with an error (exit code 4): broken" in out
+    assert "  log: metadata/generate.log\n" in out
+    assert "analyse: dependency_failed: Not run: it needs generate" in out
+    assert "other: not_run" in out
+    assert "3 of 3 actions did not succeed: generate, analyse, other" in out
+    assert not (root / "output/other.csv").exists()
+    assert (root / "output/counts.csv").read_bytes() == before
+    # the failed job's log is where a developer looks for it
+    assert "broken" in (root / "metadata/generate.log").read_text()
+
+    status, out = jobsite_run(
+        "generate", "analyse", "other", "--continue-on-error", "--project-dir", str(root)
+    )
+    assert status == 1
+    assert "other: succeeded in" in out
+    assert (root / "output/other.csv").read_text() == "1\n"
+
+
+def test_outputs_of_earlier_runs_are_not_inputs_unless_needed(checkout, jobsite_run):
+    root = checkout(
+        'version: "5"\n'
+        "actions:\n"
+        "  check:\n"
+        '    run: python:v2 -c "ls output > listing.txt 2>&1; mkdir -p out2; '
+        'cp listing.txt out2/listing.txt"\n'
+        "    outputs:\n"
+        "      moderately_sensitive:\n"
+        "        listing: out2/listing.txt\n"
+        "  stale:\n"
+        '    run: python:v2 -c "true"\n'
+        "    outputs:\n"
+        "      moderately_sensitive:\n"
+        "        old: output/*.csv\n"
+    )
+    (root / "output").mkdir()
+    (root / "output/old.csv").write_text("from an earlier run\n")
+    assert jobsite_run("check", "--project-dir", str(root))[0] == 0
+    assert "old.csv" not in (root / "out2/listing.txt").read_text()
+
+
+def test_an_unknown_image_stops_before_anything_runs(checkout, jobsite_run):
+    root = checkout(CHAIN.replace('run: python:v2 -c "cat', 'run: nosuchimage:v1 -c "cat'))
+    status, out = jobsite_run("analyse", "--project-dir", str(root))
+    assert status == 1
+    assert "Error: action analyse uses image 'nosuchimage', which jobsite does not know." in out
+    assert "Nothing was run." in out
+    assert not (root / "output").exists()
+    assert not (root / "metadata").exists()
+
+
+def test_an_invalid_project_lists_its_errors(checkout, jobsite_run):
+    root = checkout("version: '4'\nactions:\n  a:\n    run: python:v2\n")
+    status, out = jobsite_run("a", "--project-dir", str(root))
+    assert status == 1
+    assert out.startswith(f"Error: {root / 'project.yaml'} is not valid:\n  - ")
+    assert not (root / "metadata").exists()
+
+
+def test_no_project_yaml_says_where_to_run(tmp_path, jobsite_run):
+    status, out = jobsite_run("a", "--project-dir", str(tmp_path))
+    assert status == 1
+    assert "cannot read" in out and "give --project-dir" in out
+
+
+def test_timeout_limits_each_job(checkout, jobsite_run):
+    root = checkout(CHAIN.replace("analysis/tool.sh", "sleep 30"))
+    status, out = jobsite_run("generate", "--timeout", "1s", "--project-dir", str(root))
+    assert status == 1
+    assert "generate: timed_out: Job ran longer than its time limit of 1.0s" in out
+
+
+def test_bad_limits_are_refused_by_the_command(checkout, jobsite_run, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "generate", "--memory", "lots"])
+    assert "'lots' is not a size such as 512M or 4G" in capsys.readouterr().err
+
+
+# docker-py leaves the socket of a failed connection unclosed
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_docker_down_is_said_plainly(checkout, jobsite_run, monkeypatch, tmp_path):
+    root = checkout()
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    status, out = jobsite_run("generate", "--project-dir", str(root))
+    assert status == 1
+    assert "Error: Docker is not running" in out
+    gc.collect()
+
+
+async def test_stopping_a_run_leaves_no_container_behind(checkout, settings, docker_client):
+    root = checkout(CHAIN.replace("analysis/tool.sh", "sleep 30"))
+    printed: list[str] = []
+    run = local_run.LocalRun(root, settings, printed.append)
+    task = asyncio.create_task(run.run(["analyse"], False, False))
+    while "generate: executing" not in " ".join(printed):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # meanwhile the container of analyse is created ahead
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    mine = docker_client.containers.list(all=True, filters={"label": f"jobsite={settings.site_id}"})
+    assert mine == []
+    assert not (root / "output").exists()
+
+
+def test_config_reaches_the_action_as_arguments(checkout, jobsite_run):
+    root = checkout(
+        'version: "5"\n'
+        "actions:\n"
+        "  configured:\n"
+        "    run: python:v2 -c 'mkdir -p output; echo \"$1 $2\" > output/args.txt' arg0\n"
+        "    config:\n"
+        "      weeks: 4\n"
+        "    outputs:\n"
+        "      moderately_sensitive:\n"
+        "        args: output/args.txt\n"
+    )
+    status, out = jobsite_run("configured", "--project-dir", str(root))
+    assert status == 0, out
+    assert (root / "output/args.txt").read_text() == '--config {"weeks": 4}\n'
