@@ -1,16 +1,26 @@
-"""Who is asking, and what they may do: passwords, API tokens, sessions, roles, CSRF."""
+"""Who is asking, and what they may do: passwords, API tokens, sessions, roles, CSRF,
+and signing in with GitHub."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import json
 import secrets
 import time
+import urllib.parse
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
+from cryptography.fernet import Fernet, InvalidToken
+from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import config
 from db import Database
 
 ROLES = ("developer", "collaborator", "output_viewer")
@@ -20,6 +30,16 @@ CSRF_HEADER = "x-csrf-token"
 
 # scrypt cost: n=2**14, r=8 -> 16 MiB and ~50 ms per hash, as OWASP suggests for scrypt
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+MIN_PASSWORD_LENGTH = 10
+
+
+def password_problem(password: str, username: str) -> str | None:
+    """Why a new password will not do, or None when it is fine."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"a password needs at least {MIN_PASSWORD_LENGTH} characters"
+    if password.lower() == username.lower():
+        return "a password must not be the username"
+    return None
 
 
 def hash_password(password: str) -> str:
@@ -161,13 +181,29 @@ async def create_user(
     )
 
 
+async def set_password(db: Database, user_id: int, password: str) -> None:
+    await db.execute(
+        "UPDATE users SET password_hash = ? WHERE id = ?", (hash_password(password), user_id)
+    )
+
+
 async def create_token(db: Database, user_id: int, name: str) -> str:
+    """A new API token; only its hash is kept, so this is the one time it can be shown."""
     token = new_token()
     await db.execute(
         "INSERT INTO api_tokens (user_id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
         (user_id, name, hash_token(token), time.time()),
     )
     return token
+
+
+async def revoke_token(db: Database, user_id: int, token_id: int) -> bool:
+    """Delete one of the user's tokens; False when they have no such token."""
+    async with db.transaction() as conn:
+        cur = await conn.execute(
+            "DELETE FROM api_tokens WHERE id = ? AND user_id = ?", (token_id, user_id)
+        )
+        return cur.rowcount > 0
 
 
 def csrf_token(request: Request) -> str:
@@ -182,6 +218,89 @@ def csrf_token(request: Request) -> str:
 def csrf_ok(request: Request, submitted: str | None) -> bool:
     expected = request.session.get(CSRF_FIELD)
     return bool(expected and submitted and hmac.compare_digest(expected, submitted))
+
+
+CSRF_REFUSED = "the form has expired or came from another site; reload the page and try again"
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+class CSRFMiddleware:
+    """Refuses every unsafe request that relies on the session cookie unless it comes from
+    this site: its Origin (when sent) must be the site's, and it must carry the session's
+    CSRF token, in the X-CSRF-Token header (htmx, fetch) or the csrf_token form field.
+
+    Requests that carry an API token are let through: a browser never adds an
+    Authorization header to a cross-site request by itself. So are requests from a
+    session nobody signed in to, which act for no one (the handler asks them to sign in),
+    except to the sign-in pages, so another site cannot sign a visitor in as someone else.
+    Checking here, below the session middleware and above the routes, covers every
+    route, including ones added later, so no handler can forget.
+    """
+
+    def __init__(self, app: ASGIApp, base_url: str, sign_in_paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.site_origin = _origin(base_url)
+        self.sign_in_paths = sign_in_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in _SAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        signed_in = "user_id" in scope["session"] or scope["path"] in self.sign_in_paths
+        if headers.get("authorization", "").lower().startswith("bearer ") or not signed_in:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        origin = headers.get("origin")
+        own_origin = _origin(str(request.base_url))
+        if origin is not None and origin not in (self.site_origin, own_origin):
+            await self._refuse(scope, receive, send)
+            return
+        submitted = headers.get(CSRF_HEADER)
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if submitted is None and content_type in _FORM_TYPES:
+            body = await request.body()
+            async with request.form() as form:
+                value = form.get(CSRF_FIELD)
+                submitted = value if isinstance(value, str) else None
+            receive = _replay(body, receive)
+        if not csrf_ok(request, submitted):
+            await self._refuse(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].startswith("/api/"):
+            response = JSONResponse({"error": CSRF_REFUSED}, status_code=403)
+        else:
+            response = HTMLResponse(
+                "<!doctype html><title>Not allowed · jobsite</title>"
+                f'<main><h1>Not allowed</h1><p role="alert">The {CSRF_REFUSED}.</p>'
+                '<p><a href="/">Back to your projects</a></p></main>',
+                status_code=403,
+            )
+        await response(scope, receive, send)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive channel that hands the already-read body to the app once more."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class RateLimiter:
@@ -203,3 +322,140 @@ class RateLimiter:
 
     def reset(self, key: str) -> None:
         self._hits.pop(key, None)
+
+
+# -- GitHub ---------------------------------------------------------------------------
+
+
+class GitHubError(Exception):
+    """Signing in with GitHub, or asking it something, went wrong; the message says how."""
+
+
+@dataclass
+class GitHubUser:
+    id: int
+    login: str
+    name: str
+    email: str | None
+
+
+class GitHub:
+    """The OAuth web flow and the few API calls the site needs, against github.com or a
+    GitHub Enterprise server (``github.base_url`` / ``github.api_url``)."""
+
+    SCOPE = "user:email"
+    TIMEOUT = 15.0
+    MAX_REPO_PAGES = 10
+
+    def __init__(self, settings: config.GitHub) -> None:
+        self.settings = settings
+        self.base_url = settings.base_url.rstrip("/")
+        self.api_url = settings.api_url.rstrip("/")
+
+    def authorize_url(self, redirect_uri: str, state: str) -> str:
+        query = urllib.parse.urlencode(
+            {
+                "client_id": self.settings.client_id,
+                "redirect_uri": redirect_uri,
+                "scope": self.SCOPE,
+                "state": state,
+                "allow_signup": "false",
+            }
+        )
+        return f"{self.base_url}/login/oauth/authorize?{query}"
+
+    async def exchange_code(self, code: str, redirect_uri: str) -> str:
+        """The access token GitHub grants for the code it sent back."""
+        data = await self._call(
+            "POST",
+            f"{self.base_url}/login/oauth/access_token",
+            data={
+                "client_id": self.settings.client_id,
+                "client_secret": self.settings.client_secret,
+                "code": code,
+                "redirect_uri": redirect_uri,
+            },
+        )
+        if not isinstance(data, dict) or not data.get("access_token"):
+            why = (
+                data.get("error_description") or data.get("error")
+                if isinstance(data, dict)
+                else None
+            )
+            raise GitHubError(f"GitHub did not grant access ({why or 'no token in its answer'})")
+        return str(data["access_token"])
+
+    async def user(self, token: str) -> GitHubUser:
+        data = await self._call("GET", f"{self.api_url}/user", token=token)
+        email = data.get("email")
+        if not email:
+            emails = await self._call("GET", f"{self.api_url}/user/emails", token=token)
+            verified = [e for e in emails if e.get("verified")]
+            primary = [e for e in verified if e.get("primary")]
+            email = (primary or verified or [{}])[0].get("email")
+        return GitHubUser(
+            id=int(data["id"]), login=str(data["login"]), name=data.get("name") or "", email=email
+        )
+
+    async def repos(self, token: str) -> list[dict[str, Any]]:
+        """The repositories the user can read, most recently pushed first."""
+        url: str | None = f"{self.api_url}/user/repos?per_page=100&sort=pushed"
+        found: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(timeout=self.TIMEOUT) as client:
+            for _ in range(self.MAX_REPO_PAGES):
+                if url is None:
+                    break
+                response = await self._send(client, "GET", url, token=token)
+                found += [
+                    {
+                        "full_name": repo["full_name"],
+                        "url": repo["html_url"],
+                        "private": bool(repo.get("private")),
+                        "default_branch": repo.get("default_branch"),
+                    }
+                    for repo in response.json()
+                ]
+                url = response.links.get("next", {}).get("url")
+        return found
+
+    async def _call(self, method: str, url: str, token: str | None = None, **kwargs: Any) -> Any:
+        async with httpx.AsyncClient(timeout=self.TIMEOUT) as client:
+            response = await self._send(client, method, url, token=token, **kwargs)
+        try:
+            return response.json()
+        except json.JSONDecodeError:
+            raise GitHubError(f"GitHub answered {url} with something other than JSON") from None
+
+    async def _send(
+        self, client: httpx.AsyncClient, method: str, url: str, token: str | None, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            response = await client.request(method, url, headers=headers, **kwargs)
+        except httpx.HTTPError as e:
+            raise GitHubError(f"cannot reach GitHub at {url}: {e}") from None
+        if response.status_code == 401:
+            raise GitHubError("GitHub no longer accepts the sign-in; sign in with GitHub again")
+        if response.status_code >= 400:
+            raise GitHubError(f"GitHub answered {response.status_code} for {url}")
+        return response
+
+
+class Sealer:
+    """Encrypts small secrets (a user's GitHub token) for keeping in the session cookie,
+    which is signed but otherwise readable by whoever holds it."""
+
+    def __init__(self, secret_key: str) -> None:
+        key = hashlib.sha256(b"jobsite session secrets:" + secret_key.encode()).digest()
+        self._fernet = Fernet(base64.urlsafe_b64encode(key))
+
+    def seal(self, text: str) -> str:
+        return self._fernet.encrypt(text.encode()).decode()
+
+    def unseal(self, sealed: str) -> str | None:
+        try:
+            return self._fernet.decrypt(sealed.encode()).decode()
+        except InvalidToken:
+            return None
