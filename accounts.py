@@ -24,6 +24,7 @@ from server import (
     render,
     require_user,
 )
+from submit import iso
 
 # GitHub logins are at most 39 letters, digits and single hyphens; local names may also
 # use '.' and '_'
@@ -192,11 +193,18 @@ async def account_page(request: Request, **context: Any) -> Response:
         "SELECT password_hash IS NOT NULL AS has_password, github_id FROM users WHERE id = ?",
         (user.id,),
     )
-    tokens = await db.fetchall(
-        "SELECT id, name, created_at, last_used_at FROM api_tokens WHERE user_id = ? "
-        "ORDER BY created_at DESC",
-        (user.id,),
-    )
+    tokens = [
+        {
+            **token,
+            "created_at": iso(token["created_at"]),
+            "last_used_at": iso(token["last_used_at"]),
+        }
+        for token in await db.fetchall(
+            "SELECT id, name, created_at, last_used_at FROM api_tokens WHERE user_id = ? "
+            "ORDER BY created_at DESC",
+            (user.id,),
+        )
+    ]
     context = {
         "has_password": bool(row["has_password"]),
         "github_linked": row["github_id"] is not None,
