@@ -519,7 +519,7 @@ async def project_page(request: Request) -> Response:
     error = None
     form: dict[str, Any] = {}
     if request.method == "POST":
-        await check_csrf(request)
+        await check_role(request, project["id"], "developer")
         form = dict(await request.form())
         try:
             workspace = await create_workspace(request, project, form)
