@@ -40,12 +40,6 @@ def safe_next(target: str | None) -> str:
     return target
 
 
-def sign_in(request: Request, user_id: int) -> None:
-    # a fresh session on every sign-in, so a session made before it cannot be reused
-    request.session.clear()
-    request.session["user_id"] = user_id
-
-
 # -- signing in and out ---------------------------------------------------------------
 
 
@@ -69,7 +63,7 @@ async def login_page(request: Request) -> Response:
                 error = "That username and password do not match."
             else:
                 limiter.reset(f"user:{username.lower()}")
-                sign_in(request, user.id)
+                await auth.start_session(state.db, request.session, user.id)
                 return RedirectResponse(
                     safe_next(request.query_params.get("next")), status_code=303
                 )
@@ -134,7 +128,7 @@ async def github_callback(request: Request) -> Response:
     except auth.GitHubError as e:
         raise ApiError(400, f"signing in with GitHub failed: {e}") from None
     user_id = await github_user(request, account)
-    sign_in(request, user_id)
+    await auth.start_session(app_state(request).db, request.session, user_id)
     request.session[GITHUB_TOKEN] = app_state(request).sealer.seal(token)
     return RedirectResponse(started.get("next") or "/", status_code=303)
 
@@ -236,7 +230,13 @@ async def change_password(request: Request) -> Response:
     if problem:
         return await account_page(request, error=f"Choose another password: {problem}.")
     await auth.set_password(db, user.id, new)
-    return await account_page(request, message="Your password has been changed.")
+    # a new stamp ends every other session; this one goes on as it was
+    kept = {k: v for k, v in request.session.items() if k in (GITHUB_TOKEN, auth.CSRF_FIELD)}
+    await auth.start_session(db, request.session, user.id)
+    request.session.update(kept)
+    return await account_page(
+        request, message="Your password has been changed. Your other sessions are signed out."
+    )
 
 
 async def create_token(request: Request) -> Response:
@@ -269,13 +269,29 @@ async def require_admin(request: Request) -> auth.User:
 
 async def admin_users(request: Request, **context: Any) -> Response:
     await require_admin(request)
-    users = await app_state(request).db.fetchall(
-        "SELECT id, username, full_name, email, is_admin, is_active, github_id, "
-        "password_hash IS NOT NULL AS has_password FROM users ORDER BY username"
-    )
+    local_accounts = app_state(request).settings.local_accounts
+    users = [
+        {**user, "actions": user_actions(user, local_accounts)}
+        for user in await app_state(request).db.fetchall(
+            "SELECT id, username, full_name, email, is_admin, is_active, github_id, "
+            "password_hash IS NOT NULL AS has_password FROM users ORDER BY username"
+        )
+    ]
     context = {"users": users, "error": None, "message": None, "new_password": None, **context}
     status = 400 if context["error"] else 200
     return await render(request, "admin_users.html", context, status=status)
+
+
+def user_actions(user: Row, local_accounts: bool) -> list[tuple[str, str]]:
+    """The changes an admin can make to a user: (action in the URL, button label)."""
+    actions = [("reset-password", "Reset password")] if local_accounts else []
+    actions.append(
+        ("remove-admin", "Remove admin") if user["is_admin"] else ("make-admin", "Make admin")
+    )
+    actions.append(
+        ("deactivate", "Deactivate") if user["is_active"] else ("activate", "Reactivate")
+    )
+    return actions
 
 
 async def admin_create_user(request: Request) -> Response:
@@ -428,28 +444,49 @@ async def api_remove_member(request: Request) -> Response:
     return Response(status_code=204)
 
 
-async def members_form(request: Request) -> Response:
-    """The members section of the project page: add or change a member, or remove one."""
+async def add_member_form(request: Request) -> Response:
+    """The members form of the project page: add a member or set their roles."""
     project = await get_project(request, request.path_params["slug"])
     form = await request.form()
-    username = request.path_params.get("username") or str(form.get("username", "")).strip()
-    roles = [] if "username" in request.path_params else list(form.getlist("roles"))
-    error = None
+    username = str(form.get("username", "")).strip()
+    roles = list(form.getlist("roles"))
+    if not username:
+        return await members_answer(request, project, "Enter the username of the person to add.")
+    if not roles:
+        return await members_answer(request, project, "Tick at least one role.")
     try:
-        if not username:
-            raise ApiError(400, "enter the username of the person to add")
-        if not roles and "username" not in request.path_params:
-            raise ApiError(400, "tick at least one role")
         await set_member(request, project, username, roles)
     except ApiError as e:
-        if not request.headers.get("hx-request") or e.status in (401,):
-            raise
-        error = e.message
+        return await members_answer(request, project, e)
+    return await members_answer(request, project)
+
+
+async def remove_member_form(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    try:
+        await set_member(request, project, request.path_params["username"], [])
+    except ApiError as e:
+        return await members_answer(request, project, e)
+    return await members_answer(request, project)
+
+
+async def members_answer(
+    request: Request, project: Row, error: ApiError | str | None = None
+) -> Response:
+    """For htmx, the members section again (with the error in it); otherwise back to the
+    project page, or the error page."""
     if not request.headers.get("hx-request"):
+        if error is not None:
+            raise error if isinstance(error, ApiError) else ApiError(400, error)
         return RedirectResponse(f"/projects/{project['slug']}/#members", status_code=303)
+    if isinstance(error, ApiError):
+        if error.status == 401:
+            raise error
+        error = error.message[0].upper() + error.message[1:] + "."
     context = {
         "project": project,
         "members": await members_of(app_state(request).db, project["id"]),
         "members_error": error,
     }
-    return await render(request, "_members.html", context, status=200)
+    # 200 even with an error: htmx swaps in only successful answers
+    return await render(request, "_members.html", context)

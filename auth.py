@@ -133,6 +133,29 @@ async def load_user(db: Database, user_id: int) -> User | None:
     return user
 
 
+def session_stamp(password_hash: str | None) -> str:
+    """A fingerprint of the user's password hash, kept in their session: when the password
+    changes (or a site admin resets it), every session made before stops working."""
+    return hashlib.sha256((password_hash or "").encode()).hexdigest()[:16]
+
+
+async def start_session(db: Database, session: dict[str, Any], user_id: int) -> None:
+    """Sign the session in as the user, afresh, so no session made before can be reused."""
+    stored = await db.fetchval("SELECT password_hash FROM users WHERE id = ?", (user_id,))
+    session.clear()
+    session["user_id"] = user_id
+    session["stamp"] = session_stamp(stored)
+
+
+async def load_session_user(db: Database, session: dict[str, Any]) -> User | None:
+    row = await db.fetchone(
+        "SELECT password_hash FROM users WHERE id = ? AND is_active = 1", (session["user_id"],)
+    )
+    if row is None or session.get("stamp") != session_stamp(row["password_hash"]):
+        return None
+    return await load_user(db, session["user_id"])
+
+
 async def authenticate_password(db: Database, username: str, password: str) -> User | None:
     row = await db.fetchone(
         "SELECT id, password_hash FROM users WHERE username = ? AND is_active = 1", (username,)
@@ -306,6 +329,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 class RateLimiter:
     """At most ``limit`` attempts per key within ``window`` seconds (in memory)."""
 
+    # past this many keys, keys with no attempt inside the window are dropped, so that
+    # attempts at endless made-up usernames cannot grow memory without bound
+    PRUNE_AT = 10_000
+
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window = window
@@ -313,6 +340,8 @@ class RateLimiter:
 
     def allow(self, key: str) -> bool:
         now = time.monotonic()
+        if len(self._hits) >= self.PRUNE_AT:
+            self._hits = {k: v for k, v in self._hits.items() if v and now - v[-1] < self.window}
         hits = [t for t in self._hits.get(key, []) if now - t < self.window]
         self._hits[key] = hits
         if len(hits) >= self.limit:

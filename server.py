@@ -97,7 +97,7 @@ async def current_user(request: Request) -> User | None:
             raise ApiError(401, "the API token is not valid; create a new one on your account page")
         request.state.via_token = True
     elif "user_id" in request.session:
-        user = await auth.load_user(state.db, request.session["user_id"])
+        user = await auth.load_session_user(state.db, request.session)
         if user is None:
             request.session.clear()
     request.state.user = user
@@ -731,9 +731,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/admin/users", accounts.admin_create_user, methods=["POST"]),
         Route("/admin/users/{id:int}/{action}", accounts.admin_user_action, methods=["POST"]),
         Route("/projects/{slug}/", project_page, methods=["GET", "POST"]),
-        Route("/projects/{slug}/members", accounts.members_form, methods=["POST"]),
+        Route("/projects/{slug}/members", accounts.add_member_form, methods=["POST"]),
         Route(
-            "/projects/{slug}/members/{username}/remove", accounts.members_form, methods=["POST"]
+            "/projects/{slug}/members/{username}/remove",
+            accounts.remove_member_form,
+            methods=["POST"],
         ),
         Route("/jobs/{id}", job_page),
         Route("/{workspace}/", workspace_page, methods=["GET", "POST"]),

@@ -54,6 +54,14 @@ async def site(settings: Settings, base_url: str = "http://testserver") -> Async
 
 
 @pytest.fixture
+async def second_browser(app) -> AsyncIterator[httpx.AsyncClient]:
+    """Another browser on the same site, with its own cookies."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture
 def add_user(app):
     async def add(username: str, **kwargs: Any) -> int:
         return await auth.create_user(app.state.db, username, PASSWORD, **kwargs)
@@ -270,9 +278,11 @@ async def test_nobody_revokes_another_users_token(client, add_user, app):
     assert await app.state.db.fetchval("SELECT count(*) FROM api_tokens") == 1
 
 
-async def test_changing_your_password(client, add_user):
+async def test_changing_your_password(client, add_user, second_browser):
     await add_user("alice")
     csrf = await sign_in(client, "alice")
+    laptop = second_browser
+    await sign_in(laptop, "alice")
 
     async def change(current: str, new: str, confirm: str | None = None) -> httpx.Response:
         data = {"current_password": current, "new_password": new, "csrf_token": csrf}
@@ -289,9 +299,14 @@ async def test_changing_your_password(client, add_user):
         assert response.status_code == 400
         assert message in response.text
     response = await change(PASSWORD, "a new long password")
-    assert response.status_code == 200
+    assert response.status_code == 200, response.text
     assert "Your password has been changed." in response.text
 
+    assert "Your other sessions are signed out." in response.text
+    assert "Signed in as <strong>alice</strong>" in (await client.get("/")).text
+    assert "Sign in" in (await laptop.get("/")).text, "the other session has ended"
+
+    csrf = csrf_of(await client.get("/account"))
     await client.post("/logout", data={"csrf_token": csrf})
     page = await client.get("/login")
     refused = await client.post(
@@ -340,6 +355,8 @@ async def test_an_admin_resets_a_password_makes_admins_and_deactivates(client, a
         page = await client.post(f"/admin/users/{bob_id}/reset-password", data={"csrf_token": csrf})
         assert "Reset the password of bob." in page.text
         new_password = re.search(r'<pre id="new-password">([^<]+)</pre>', page.text).group(1)
+        assert "Sign in" in (await bob.get("/")).text, "a reset ends their sessions"
+        await sign_in(bob, "bob", new_password)
         assert auth.verify_password(
             new_password,
             await app.state.db.fetchval("SELECT password_hash FROM users WHERE id = ?", (bob_id,)),
@@ -444,7 +461,7 @@ async def test_the_members_form_on_the_project_page(client, add_user, make_user)
         data={"username": "nobody", "roles": ["collaborator"], "csrf_token": csrf},
         headers={"HX-Request": "true"},
     )
-    assert "there is no user &#39;nobody&#39;" in partial.text
+    assert "There is no user &#39;nobody&#39;." in partial.text
 
     response = await client.post("/projects/study/members/bob/remove", data={"csrf_token": csrf})
     assert response.status_code == 303

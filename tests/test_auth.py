@@ -117,3 +117,18 @@ def test_the_github_authorize_url_asks_for_email_and_carries_the_state():
     assert "scope=user%3Aemail" in url
     assert "state=st4te" in url
     assert "redirect_uri=https%3A%2F%2Fjobs.example.org%2Fauth%2Fgithub%2Fcallback" in url
+
+
+def test_the_rate_limiter_forgets_keys_whose_window_passed(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(auth.RateLimiter, "PRUNE_AT", 100)
+    limiter = auth.RateLimiter(limit=3, window=60)
+    for n in range(100):
+        limiter.allow(f"user:{n}")
+    limiter.allow("user:recent")
+    now[0] += 30
+    limiter.allow("user:recent")
+    now[0] += 31
+    limiter.allow("user:new")
+    assert set(limiter._hits) == {"user:recent", "user:new"}
