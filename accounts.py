@@ -35,7 +35,8 @@ GITHUB_STATE = "github_state"
 
 def safe_next(target: str | None) -> str:
     """Where to go after signing in: only a path on this site."""
-    if not target or not target.startswith("/") or target.startswith("//"):
+    # browsers read "/\\host" as "//host", another site
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
 
@@ -146,6 +147,15 @@ async def github_user(request: Request, account: auth.GitHubUser) -> int:
     if signed_in is not None:
         await db.execute("UPDATE users SET github_id = ? WHERE id = ?", (account.id, signed_in.id))
         return signed_in.id
+    # a user an admin added for this GitHub login, who has no password to sign in with
+    added = await db.fetchone(
+        "SELECT id FROM users WHERE username = ? AND github_id IS NULL "
+        "AND password_hash IS NULL AND is_active = 1",
+        (account.login,),
+    )
+    if added is not None:
+        await db.execute("UPDATE users SET github_id = ? WHERE id = ?", (account.id, added["id"]))
+        return added["id"]
     try:
         return await auth.create_user(
             db,

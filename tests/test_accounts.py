@@ -101,14 +101,24 @@ async def test_a_wrong_password_is_refused_with_a_message(client, add_user):
     assert 'value="alice"' in response.text, "the username is kept"
 
 
-async def test_sign_in_goes_only_to_a_page_of_this_site(client, add_user):
+@pytest.mark.parametrize(
+    ("target", "goes_to"),
+    [
+        ("/projects/study/", "/projects/study/"),
+        ("//evil.example/", "/"),
+        ("/\\evil.example/", "/"),
+        ("https://evil.example/", "/"),
+    ],
+)
+async def test_sign_in_goes_only_to_a_page_of_this_site(client, add_user, target, goes_to):
     await add_user("alice")
     page = await client.get("/login")
     response = await client.post(
-        "/login?next=//evil.example/",
+        "/login",
+        params={"next": target},
         data={"username": "alice", "password": PASSWORD, "csrf_token": csrf_of(page)},
     )
-    assert response.headers["location"] == "/"
+    assert response.headers["location"] == goes_to
 
 
 async def test_sign_in_attempts_are_limited_per_account(client, add_user):
@@ -740,3 +750,16 @@ async def test_a_deactivated_github_user_cannot_sign_in(github_site, fake_github
     response = await through_github(client, fake_github)
     assert response.status_code == 403
     assert "deactivated" in response.text
+
+
+async def test_a_user_an_admin_added_is_linked_on_their_first_github_sign_in(
+    github_site, fake_github
+):
+    app, client = github_site
+    await auth.create_user(app.state.db, "hubot")  # no password: signs in with GitHub
+    fake_github.signing_in = "hubot"
+    response = await through_github(client, fake_github)
+    assert response.status_code == 303
+    assert "Signed in as <strong>hubot</strong>" in (await client.get("/")).text
+    row = await app.state.db.fetchone("SELECT count(*) AS n, github_id FROM users")
+    assert (row["n"], row["github_id"]) == (1, 1000)
