@@ -35,7 +35,7 @@ GITHUB_STATE = "github_state"
 
 def safe_next(target: str | None) -> str:
     """Where to go after signing in: only a path on this site."""
-    # browsers read "/\\host" as "//host", another site
+    # browsers read "/\host" as "//host", another site
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
@@ -460,14 +460,16 @@ async def add_member_form(request: Request) -> Response:
     form = await request.form()
     username = str(form.get("username", "")).strip()
     roles = list(form.getlist("roles"))
+    entered = {"username": username, "roles": roles}
     if not username:
-        return await members_answer(request, project, "Enter the username of the person to add.")
+        error: ApiError | str = "Enter the username of the person to add."
+        return await members_answer(request, project, error, entered)
     if not roles:
-        return await members_answer(request, project, "Tick at least one role.")
+        return await members_answer(request, project, "Tick at least one role.", entered)
     try:
         await set_member(request, project, username, roles)
     except ApiError as e:
-        return await members_answer(request, project, e)
+        return await members_answer(request, project, e, entered)
     return await members_answer(request, project)
 
 
@@ -481,10 +483,13 @@ async def remove_member_form(request: Request) -> Response:
 
 
 async def members_answer(
-    request: Request, project: Row, error: ApiError | str | None = None
+    request: Request,
+    project: Row,
+    error: ApiError | str | None = None,
+    entered: dict[str, Any] | None = None,
 ) -> Response:
-    """For htmx, the members section again (with the error in it); otherwise back to the
-    project page, or the error page."""
+    """For htmx, the members section again (with the error, and the form as it was sent);
+    otherwise back to the project page, or the error page."""
     if not request.headers.get("hx-request"):
         if error is not None:
             raise error if isinstance(error, ApiError) else ApiError(400, error)
@@ -497,6 +502,7 @@ async def members_answer(
         "project": project,
         "members": await members_of(app_state(request).db, project["id"]),
         "members_error": error,
+        "member_form": entered or {},
     }
     # 200 even with an error: htmx swaps in only successful answers
     return await render(request, "_members.html", context)

@@ -472,6 +472,8 @@ async def test_the_members_form_on_the_project_page(client, add_user, make_user)
         headers={"HX-Request": "true"},
     )
     assert "There is no user &#39;nobody&#39;." in partial.text
+    assert 'value="nobody"' in partial.text, "the form keeps what was entered"
+    assert 'value="collaborator" checked' in partial.text
 
     response = await client.post("/projects/study/members/bob/remove", data={"csrf_token": csrf})
     assert response.status_code == 303
