@@ -33,6 +33,12 @@ GITHUB_TOKEN = "github_token"
 GITHUB_STATE = "github_state"
 
 
+def in_sqlite_range(number: int) -> bool:
+    """Whether a number from an address can be an SQLite row id (asking for a larger one
+    is an error in SQLite, not an empty answer)."""
+    return 0 <= number < 2**63
+
+
 def safe_next(target: str | None) -> str:
     """Where to go after signing in: only a path on this site."""
     # browsers read "/\host" as "//host", another site
@@ -262,7 +268,9 @@ async def create_token(request: Request) -> Response:
 async def revoke_token(request: Request) -> Response:
     user = await require_user(request)
     token_id = request.path_params["id"]
-    if not await auth.revoke_token(app_state(request).db, user.id, token_id):
+    if not in_sqlite_range(token_id) or not await auth.revoke_token(
+        app_state(request).db, user.id, token_id
+    ):
         raise ApiError(404, "you have no such API token; it may have been revoked already")
     return RedirectResponse("/account", status_code=303)
 
@@ -340,10 +348,11 @@ async def admin_user_action(request: Request) -> Response:
     """One change to one user: reset-password, make-admin, remove-admin, deactivate, activate."""
     admin = await require_admin(request)
     db: Database = app_state(request).db
-    target = await db.fetchone(
-        "SELECT id, username FROM users WHERE id = ?", (request.path_params["id"],)
+    user_id = request.path_params["id"]
+    target = in_sqlite_range(user_id) and await db.fetchone(
+        "SELECT id, username FROM users WHERE id = ?", (user_id,)
     )
-    if target is None:
+    if not target:
         raise ApiError(404, "there is no such user")
     action = request.path_params["action"]
     if target["id"] == admin.id and action in ("remove-admin", "deactivate"):

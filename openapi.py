@@ -194,6 +194,15 @@ OPERATIONS: tuple[Operation, ...] = (
               description="Needs the output_viewer role."),
 )  # fmt: skip
 
+# path parameters, by the path segment before them
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "projects": {"description": "the project's slug, as in its page's address", **STRING},
+    "members": {"description": "a member's username", **STRING},
+    "workspaces": {"description": "the workspace's name", **STRING},
+    "job-requests": {"description": "the job request's number", "type": "integer"},
+    "jobs": {"description": "the job's id", **STRING},
+}
+
 ERROR_TEXT = {
     400: "The request is not valid; the error says why",
     401: "Sign in, or send a valid API token",
@@ -225,10 +234,19 @@ def build() -> dict[str, Any]:
 
 
 def _operation(op: Operation) -> dict[str, Any]:
-    params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in re.findall(r"{(\w+)}", op.path)
-    ]
+    params = []
+    for before, name in re.findall(r"([\w-]+)/{(\w+)}", op.path):
+        schema = dict(PARAMETERS[before])
+        description = schema.pop("description")
+        params.append(
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "description": description,
+                "schema": schema,
+            }
+        )
     success: dict[str, Any] = {"description": op.summary}
     if op.response == "Log":
         success["content"] = {"text/plain": {"schema": {"type": "string"}}}

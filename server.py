@@ -211,7 +211,7 @@ async def get_job(request: Request, job_id: str) -> Row:
 
 async def get_job_request(request: Request, request_id: str) -> Row:
     row = None
-    if request_id.isdigit():
+    if request_id.isdigit() and int(request_id) < 2**63:  # SQLite's largest integer
         row = await app_state(request).db.fetchone(
             "SELECT r.*, w.name AS workspace, w.project_id FROM job_requests r "
             "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",

@@ -224,6 +224,21 @@ async def test_a_cross_site_form_post_is_refused(client, add_user, app):
     assert await app.state.db.fetchval("SELECT count(*) FROM api_tokens") == 1
 
 
+async def test_a_multipart_form_carries_the_token_too(client, add_user, app):
+    await add_user("alice")
+    token = await sign_in(client, "alice")
+    response = await client.post(
+        "/account/tokens", files={"name": (None, "laptop"), "csrf_token": (None, token)}
+    )
+    assert response.status_code == 200
+    assert "shown only this once" in response.text, "the form reached the page intact"
+    refused = await client.post(
+        "/account/tokens", files={"name": (None, "evil"), "csrf_token": (None, "forged")}
+    )
+    assert refused.status_code == 403
+    assert await app.state.db.fetchval("SELECT count(*) FROM api_tokens") == 1
+
+
 async def test_htmx_and_fetch_requests_send_the_token_as_a_header(client, add_user, app):
     await add_user("alice")
     token = await sign_in(client, "alice")
@@ -284,6 +299,8 @@ async def test_nobody_revokes_another_users_token(client, add_user, app):
     csrf = await sign_in(client, "alice")
     token_id = await app.state.db.fetchval("SELECT id FROM api_tokens")
     response = await client.post(f"/account/tokens/{token_id}/revoke", data={"csrf_token": csrf})
+    assert response.status_code == 404
+    response = await client.post(f"/account/tokens/{2**64}/revoke", data={"csrf_token": csrf})
     assert response.status_code == 404
     assert await app.state.db.fetchval("SELECT count(*) FROM api_tokens") == 1
 
@@ -383,6 +400,13 @@ async def test_an_admin_resets_a_password_makes_admins_and_deactivates(client, a
             "/api/v1/workspaces/x", headers={"Authorization": f"Bearer {bob_token}"}
         )
         assert response.status_code == 401, "and so do their tokens"
+
+    for unknown in (999, 2**64):
+        page = await client.post(f"/admin/users/{unknown}/activate", data={"csrf_token": csrf})
+        assert page.status_code == 404
+    page = await client.post(f"/admin/users/{bob_id}/promote", data={"csrf_token": csrf})
+    assert page.status_code == 404
+    assert "no user action &#39;promote&#39;" in page.text
 
     root_id = await app.state.db.fetchval("SELECT id FROM users WHERE username = 'root'")
     page = await client.post(f"/admin/users/{root_id}/deactivate", data={"csrf_token": csrf})
