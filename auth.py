@@ -167,15 +167,21 @@ async def authenticate_password(db: Database, username: str, password: str) -> U
     return await load_user(db, row["id"])
 
 
+# "last used" is kept to the minute, so that a busy API client does not make every one of
+# its requests wait for the database's single writer
+TOKEN_USE_RESOLUTION = 60.0
+
+
 async def authenticate_token(db: Database, token: str) -> User | None:
     row = await db.fetchone(
-        "SELECT id, user_id FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
+        "SELECT id, user_id, last_used_at FROM api_tokens WHERE token_hash = ?",
+        (hash_token(token),),
     )
     if row is None:
         return None
-    await db.execute(
-        "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (time.time(), row["id"])
-    )
+    now = time.time()
+    if row["last_used_at"] is None or now - row["last_used_at"] >= TOKEN_USE_RESOLUTION:
+        await db.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, row["id"]))
     return await load_user(db, row["user_id"])
 
 

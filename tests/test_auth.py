@@ -132,3 +132,15 @@ def test_the_rate_limiter_forgets_keys_whose_window_passed(monkeypatch):
     now[0] += 31
     limiter.allow("user:new")
     assert set(limiter._hits) == {"user:recent", "user:new"}
+
+
+async def test_a_tokens_last_use_is_kept_to_the_minute(db):
+    user_id = await auth.create_user(db, "alice")
+    token = await auth.create_token(db, user_id, "laptop")
+    now = auth.time.time()
+    await db.execute("UPDATE api_tokens SET last_used_at = ?", (now - 30,))
+    await auth.authenticate_token(db, token)
+    assert await db.fetchval("SELECT last_used_at FROM api_tokens") == now - 30
+    await db.execute("UPDATE api_tokens SET last_used_at = ?", (now - 90,))
+    await auth.authenticate_token(db, token)
+    assert await db.fetchval("SELECT last_used_at FROM api_tokens") >= now
