@@ -422,15 +422,21 @@ class GitHub:
 
     async def user(self, token: str) -> GitHubUser:
         data = await self._call("GET", f"{self.api_url}/user", token=token)
-        email = data.get("email")
-        if not email:
-            emails = await self._call("GET", f"{self.api_url}/user/emails", token=token)
-            verified = [e for e in emails if e.get("verified")]
-            primary = [e for e in verified if e.get("primary")]
-            email = (primary or verified or [{}])[0].get("email")
+        email = data.get("email") or await self._verified_email(token)
         return GitHubUser(
             id=int(data["id"]), login=str(data["login"]), name=data.get("name") or "", email=email
         )
+
+    async def _verified_email(self, token: str) -> str | None:
+        """The primary verified address of a user who keeps theirs private, if GitHub says;
+        an address is only nice to have, so not knowing it stops nothing."""
+        try:
+            emails = await self._call("GET", f"{self.api_url}/user/emails", token=token)
+        except GitHubError:
+            return None
+        verified = [e for e in emails if isinstance(e, dict) and e.get("verified")]
+        primary = [e for e in verified if e.get("primary")]
+        return (primary or verified or [{}])[0].get("email")
 
     async def repos(self, token: str) -> list[dict[str, Any]]:
         """The repositories the user can read, most recently pushed first."""

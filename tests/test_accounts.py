@@ -588,6 +588,8 @@ class FakeGitHub:
     async def user_emails(self, request: Request) -> Response:
         if self.account(request) is None:
             return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        if self.emails is None:
+            return JSONResponse({"message": "Resource not accessible"}, status_code=403)
         return JSONResponse(self.emails)
 
     async def user_repos(self, request: Request) -> Response:
@@ -766,6 +768,14 @@ async def test_github_sign_in_is_off_unless_configured(client):
     assert response.status_code == 404
     assert "not set up on this site" in response.text
     assert "/auth/github" not in (await client.get("/login")).text
+
+
+async def test_signing_in_with_github_goes_on_without_an_email_address(github_site, fake_github):
+    app, client = github_site
+    fake_github.emails = None  # GitHub refuses the address list
+    response = await through_github(client, fake_github)
+    assert response.status_code == 303
+    assert await app.state.db.fetchval("SELECT email FROM users") is None
 
 
 async def test_a_deactivated_github_user_cannot_sign_in(github_site, fake_github):
