@@ -129,6 +129,32 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "files": {"type": "object", "description": "path -> level, size, sha256, visible"},
         }
     ),
+    "Outbox": obj(
+        {
+            "smtp_configured": {"type": "boolean"},
+            "emails": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "id": {"type": "integer"},
+                        "job_id": MAYBE_STRING,
+                        "to": STRING,
+                        "subject": STRING,
+                        "body": STRING,
+                        "status": {
+                            "type": "string",
+                            "enum": ["sent", "gave_up", "not_sent_smtp_not_configured", "waiting"],
+                        },
+                        "attempts": {"type": "integer"},
+                        "last_error": MAYBE_STRING,
+                        "next_attempt_at": MAYBE_TIME,
+                        "sent_at": MAYBE_TIME,
+                        "created_at": TIME,
+                    }
+                ),
+            },
+        }
+    ),
     "Repos": obj(
         {
             "repos": {
@@ -192,6 +218,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/v1/jobs/{id}", "A job", "Job"),
     Operation("get", "/api/v1/jobs/{id}/log", "A job's log", "Log", media_type="text/plain",
               description="Needs the output_viewer role."),
+    Operation("get", "/api/v1/admin/outbox", "The newest emails, sent or waiting", "Outbox",
+              auth="required", errors=(401, 403), description="For site admins."),
 )  # fmt: skip
 
 # path parameters, by the path segment before them

@@ -148,7 +148,10 @@ CASES = [
     Case("/api/v1/jobs/{id}", "GET", rule_viewer, "/api/v1/jobs/{job_id}"),
     Case("/api/v1/jobs/{id}/log", "GET", rule_output_viewer, "/api/v1/jobs/{job_id}/log",
          shows=(SECRET_LOG, rule_output_viewer)),
+    Case("/api/v1/admin/outbox", "GET", rule_admin, "/api/v1/admin/outbox"),
     # pages (a browser session; forms carry the CSRF token)
+    # metrics: anyone on this machine (these requests come from 127.0.0.1)
+    Case("/metrics", "GET", rule_anyone, "/metrics"),
     Case("/static", "GET", rule_anyone, "/static/jobsite.css"),
     Case("/", "GET", rule_anyone, "/"),
     Case("/login", "GET", rule_anyone, "/login"),
