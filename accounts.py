@@ -123,7 +123,7 @@ async def github_callback(request: Request) -> Response:
         why = params.get("error_description") or params["error"]
         raise ApiError(400, f"GitHub did not sign you in: {why}")
     expected = started.get("state")
-    if not expected or not secrets.compare_digest(expected, params.get("state", "")):
+    if not expected or not auth.same_secret(expected, params.get("state", "")):
         raise ApiError(
             400,
             "this sign-in with GitHub did not start here or has expired; "

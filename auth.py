@@ -246,7 +246,12 @@ def csrf_token(request: Request) -> str:
 
 def csrf_ok(request: Request, submitted: str | None) -> bool:
     expected = request.session.get(CSRF_FIELD)
-    return bool(expected and submitted and hmac.compare_digest(expected, submitted))
+    return bool(expected and submitted and same_secret(expected, submitted))
+
+
+def same_secret(expected: str, given: str) -> bool:
+    """Compared in constant time; as bytes, since any text may be sent."""
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 CSRF_REFUSED = "the form has expired or came from another site; reload the page and try again"
