@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import json
 import secrets
 import time
@@ -16,8 +17,9 @@ from typing import Any
 import httpx
 from cryptography.fernet import Fernet, InvalidToken
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import config
@@ -290,32 +292,40 @@ class CSRFMiddleware:
         origin = headers.get("origin")
         own_origin = _origin(str(request.base_url))
         if origin is not None and origin not in (self.site_origin, own_origin):
-            await self._refuse(scope, receive, send)
+            await _answer(scope, receive, send, 403, CSRF_REFUSED)
             return
         submitted = headers.get(CSRF_HEADER)
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if submitted is None and content_type in _FORM_TYPES:
             body = await request.body()
-            async with request.form() as form:
-                value = form.get(CSRF_FIELD)
-                submitted = value if isinstance(value, str) else None
+            try:
+                async with request.form() as form:
+                    value = form.get(CSRF_FIELD)
+                    submitted = value if isinstance(value, str) else None
+            except HTTPException as e:  # too many fields, a part too large
+                await _answer(scope, receive, send, 400, f"the form cannot be read: {e.detail}")
+                return
             receive = _replay(body, receive)
         if not csrf_ok(request, submitted):
-            await self._refuse(scope, receive, send)
+            await _answer(scope, receive, send, 403, CSRF_REFUSED)
             return
         await self.app(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"].startswith("/api/"):
-            response = JSONResponse({"error": CSRF_REFUSED}, status_code=403)
-        else:
-            response = HTMLResponse(
-                "<!doctype html><title>Not allowed · jobsite</title>"
-                f'<main><h1>Not allowed</h1><p role="alert">The {CSRF_REFUSED}.</p>'
-                '<p><a href="/">Back to your projects</a></p></main>',
-                status_code=403,
-            )
-        await response(scope, receive, send)
+
+async def _answer(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    """An error from below the app's own error pages: JSON on the API, plain HTML elsewhere."""
+    if scope["path"].startswith("/api/"):
+        response: Response = JSONResponse({"error": message}, status_code=status)
+    else:
+        title = "Not allowed" if status == 403 else "Something is wrong"
+        sentence = message[0].upper() + message[1:].rstrip(".") + "."
+        response = HTMLResponse(
+            f"<!doctype html><title>{title} · jobsite</title>"
+            f'<main><h1>{title}</h1><p role="alert">{html.escape(sentence)}</p>'
+            '<p><a href="/">Back to your projects</a></p></main>',
+            status_code=status,
+        )
+    await response(scope, receive, send)
 
 
 def _origin(url: str) -> str:

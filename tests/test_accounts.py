@@ -240,6 +240,20 @@ async def test_a_multipart_form_carries_the_token_too(client, add_user, app):
     assert await app.state.db.fetchval("SELECT count(*) FROM api_tokens") == 1
 
 
+async def test_a_form_too_big_to_read_is_refused_clearly(client, add_user, app):
+    await add_user("alice")
+    token = await sign_in(client, "alice")
+    fields = {f"f{n}": (None, "x") for n in range(1001)}
+    response = await client.post(
+        "/account/tokens", files={**fields, "name": (None, "laptop"), "csrf_token": (None, token)}
+    )
+    assert response.status_code == 400
+    assert "The form cannot be read: Too many fields. Maximum number of fields is 1000." in (
+        response.text
+    )
+    assert await app.state.db.fetchval("SELECT count(*) FROM api_tokens") == 0
+
+
 async def test_htmx_and_fetch_requests_send_the_token_as_a_header(client, add_user, app):
     await add_user("alice")
     token = await sign_in(client, "alice")
