@@ -207,8 +207,16 @@ class World:
     ids: dict[str, Any]
 
 
+@pytest.fixture(scope="module")
+def cheap_scrypt():
+    """Passwords hashed at a lower cost, for speed: test_auth checks the real cost."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(auth._SCRYPT, "n", 2**10)
+        yield
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(tmp_path_factory):
+async def world(tmp_path_factory, cheap_scrypt):
     root = tmp_path_factory.mktemp("access")
     (root / "repos" / "study").mkdir(parents=True)
     repo = GitRepo(root / "repos" / "study")

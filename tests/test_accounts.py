@@ -53,6 +53,12 @@ async def site(settings: Settings, base_url: str = "http://testserver") -> Async
             yield app, client
 
 
+@pytest.fixture(autouse=True)
+def cheap_scrypt(monkeypatch):
+    """Passwords hashed at a lower cost, for speed: test_auth checks the real cost."""
+    monkeypatch.setitem(auth._SCRYPT, "n", 2**10)
+
+
 @pytest.fixture
 async def second_browser(app) -> AsyncIterator[httpx.AsyncClient]:
     """Another browser on the same site, with its own cookies."""
