@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import sqlite3
@@ -25,6 +26,9 @@ from server import (
     require_user,
 )
 from submit import iso
+
+# sign-ins and refusals, for the site's operators (and tools such as fail2ban)
+log = logging.getLogger("jobsite.accounts")
 
 # GitHub logins are at most 39 letters, digits and single hyphens; local names may also
 # use '.' and '_'
@@ -63,12 +67,15 @@ async def login_page(request: Request) -> Response:
         if not state.settings.local_accounts:
             error = "This site signs in with GitHub only."
         elif not (limiter.allow(f"user:{username.lower()}") and limiter.allow(f"addr:{client}")):
+            log.warning("sign-in refused, too many attempts: user %r from %s", username, client)
             error = "Too many sign-in attempts. Wait a few minutes and try again."
         else:
             user = await auth.authenticate_password(state.db, username, password)
             if user is None:
+                log.warning("sign-in failed: user %r from %s", username, client)
                 error = "That username and password do not match."
             else:
+                log.info("signed in with a password: %s from %s", user.username, client)
                 limiter.reset(f"user:{username.lower()}")
                 await auth.start_session(state.db, request.session, user.id)
                 return RedirectResponse(
@@ -135,6 +142,7 @@ async def github_callback(request: Request) -> Response:
     except auth.GitHubError as e:
         raise ApiError(400, f"signing in with GitHub failed: {e}") from None
     user_id = await github_user(request, account)
+    log.info("signed in with GitHub: %s (GitHub id %s)", account.login, account.id)
     await auth.start_session(app_state(request).db, request.session, user_id)
     request.session[GITHUB_TOKEN] = app_state(request).sealer.seal(token)
     return RedirectResponse(started.get("next") or "/", status_code=303)

@@ -96,7 +96,7 @@ async def test_signing_in_and_out_with_a_password(client, add_user):
     assert (await client.get("/account")).headers["location"].startswith("/login")
 
 
-async def test_a_wrong_password_is_refused_with_a_message(client, add_user):
+async def test_a_wrong_password_is_refused_with_a_message(client, add_user, caplog):
     await add_user("alice")
     page = await client.get("/login")
     response = await client.post(
@@ -105,6 +105,7 @@ async def test_a_wrong_password_is_refused_with_a_message(client, add_user):
     assert response.status_code == 400
     assert "That username and password do not match." in response.text
     assert 'value="alice"' in response.text, "the username is kept"
+    assert "sign-in failed: user 'alice' from 127.0.0.1" in caplog.text, "operators see it"
 
 
 @pytest.mark.parametrize(
