@@ -114,12 +114,15 @@ class User:
         return self.has_role(project_id, "output_viewer")
 
 
-async def load_user(db: Database, user_id: int) -> User | None:
+async def load_user(db: Database, user_id: int, stamp: str | None = None) -> User | None:
+    """The active user with this id, with their roles; with a session's ``stamp``, only
+    while their password is the one the session was made with."""
     row = await db.fetchone(
-        "SELECT id, username, full_name, email, is_admin FROM users WHERE id = ? AND is_active = 1",
+        "SELECT id, username, full_name, email, is_admin, password_hash FROM users "
+        "WHERE id = ? AND is_active = 1",
         (user_id,),
     )
-    if row is None:
+    if row is None or (stamp is not None and stamp != session_stamp(row["password_hash"])):
         return None
     user = User(
         id=row["id"],
@@ -150,12 +153,7 @@ async def start_session(db: Database, session: dict[str, Any], user_id: int) -> 
 
 
 async def load_session_user(db: Database, session: dict[str, Any]) -> User | None:
-    row = await db.fetchone(
-        "SELECT password_hash FROM users WHERE id = ? AND is_active = 1", (session["user_id"],)
-    )
-    if row is None or session.get("stamp") != session_stamp(row["password_hash"]):
-        return None
-    return await load_user(db, session["user_id"])
+    return await load_user(db, session["user_id"], stamp=session.get("stamp", ""))
 
 
 async def authenticate_password(db: Database, username: str, password: str) -> User | None:
