@@ -1,16 +1,28 @@
-"""Who is asking, and what they may do: passwords, API tokens, sessions, roles, CSRF."""
+"""Who is asking, and what they may do: passwords, API tokens, sessions, roles, CSRF,
+and signing in with GitHub."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import html
+import json
 import secrets
 import time
+import urllib.parse
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
+from cryptography.fernet import Fernet, InvalidToken
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import config
 from db import Database
 
 ROLES = ("developer", "collaborator", "output_viewer")
@@ -20,6 +32,16 @@ CSRF_HEADER = "x-csrf-token"
 
 # scrypt cost: n=2**14, r=8 -> 16 MiB and ~50 ms per hash, as OWASP suggests for scrypt
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+MIN_PASSWORD_LENGTH = 10
+
+
+def password_problem(password: str, username: str) -> str | None:
+    """Why a new password will not do, or None when it is fine."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"a password needs at least {MIN_PASSWORD_LENGTH} characters"
+    if password.lower() == username.lower():
+        return "a password must not be the username"
+    return None
 
 
 def hash_password(password: str) -> str:
@@ -92,12 +114,15 @@ class User:
         return self.has_role(project_id, "output_viewer")
 
 
-async def load_user(db: Database, user_id: int) -> User | None:
+async def load_user(db: Database, user_id: int, stamp: str | None = None) -> User | None:
+    """The active user with this id, with their roles; with a session's ``stamp``, only
+    while their password is the one the session was made with."""
     row = await db.fetchone(
-        "SELECT id, username, full_name, email, is_admin FROM users WHERE id = ? AND is_active = 1",
+        "SELECT id, username, full_name, email, is_admin, password_hash FROM users "
+        "WHERE id = ? AND is_active = 1",
         (user_id,),
     )
-    if row is None:
+    if row is None or (stamp is not None and stamp != session_stamp(row["password_hash"])):
         return None
     user = User(
         id=row["id"],
@@ -113,6 +138,24 @@ async def load_user(db: Database, user_id: int) -> User | None:
     return user
 
 
+def session_stamp(password_hash: str | None) -> str:
+    """A fingerprint of the user's password hash, kept in their session: when the password
+    changes (or a site admin resets it), every session made before stops working."""
+    return hashlib.sha256((password_hash or "").encode()).hexdigest()[:16]
+
+
+async def start_session(db: Database, session: dict[str, Any], user_id: int) -> None:
+    """Sign the session in as the user, afresh, so no session made before can be reused."""
+    stored = await db.fetchval("SELECT password_hash FROM users WHERE id = ?", (user_id,))
+    session.clear()
+    session["user_id"] = user_id
+    session["stamp"] = session_stamp(stored)
+
+
+async def load_session_user(db: Database, session: dict[str, Any]) -> User | None:
+    return await load_user(db, session["user_id"], stamp=session.get("stamp", ""))
+
+
 async def authenticate_password(db: Database, username: str, password: str) -> User | None:
     row = await db.fetchone(
         "SELECT id, password_hash FROM users WHERE username = ? AND is_active = 1", (username,)
@@ -124,15 +167,21 @@ async def authenticate_password(db: Database, username: str, password: str) -> U
     return await load_user(db, row["id"])
 
 
+# "last used" is kept to the minute, so that a busy API client does not make every one of
+# its requests wait for the database's single writer
+TOKEN_USE_RESOLUTION = 60.0
+
+
 async def authenticate_token(db: Database, token: str) -> User | None:
     row = await db.fetchone(
-        "SELECT id, user_id FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
+        "SELECT id, user_id, last_used_at FROM api_tokens WHERE token_hash = ?",
+        (hash_token(token),),
     )
     if row is None:
         return None
-    await db.execute(
-        "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (time.time(), row["id"])
-    )
+    now = time.time()
+    if row["last_used_at"] is None or now - row["last_used_at"] >= TOKEN_USE_RESOLUTION:
+        await db.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, row["id"]))
     return await load_user(db, row["user_id"])
 
 
@@ -161,13 +210,29 @@ async def create_user(
     )
 
 
+async def set_password(db: Database, user_id: int, password: str) -> None:
+    await db.execute(
+        "UPDATE users SET password_hash = ? WHERE id = ?", (hash_password(password), user_id)
+    )
+
+
 async def create_token(db: Database, user_id: int, name: str) -> str:
+    """A new API token; only its hash is kept, so this is the one time it can be shown."""
     token = new_token()
     await db.execute(
         "INSERT INTO api_tokens (user_id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
         (user_id, name, hash_token(token), time.time()),
     )
     return token
+
+
+async def revoke_token(db: Database, user_id: int, token_id: int) -> bool:
+    """Delete one of the user's tokens; False when they have no such token."""
+    async with db.transaction() as conn:
+        cur = await conn.execute(
+            "DELETE FROM api_tokens WHERE id = ? AND user_id = ?", (token_id, user_id)
+        )
+        return cur.rowcount > 0
 
 
 def csrf_token(request: Request) -> str:
@@ -181,11 +246,111 @@ def csrf_token(request: Request) -> str:
 
 def csrf_ok(request: Request, submitted: str | None) -> bool:
     expected = request.session.get(CSRF_FIELD)
-    return bool(expected and submitted and hmac.compare_digest(expected, submitted))
+    return bool(expected and submitted and same_secret(expected, submitted))
+
+
+def same_secret(expected: str, given: str) -> bool:
+    """Compared in constant time; as bytes, since any text may be sent."""
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
+CSRF_REFUSED = "the form has expired or came from another site; reload the page and try again"
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+class CSRFMiddleware:
+    """Refuses every unsafe request that relies on the session cookie unless it comes from
+    this site: its Origin (when sent) must be the site's, and it must carry the session's
+    CSRF token, in the X-CSRF-Token header (htmx, fetch) or the csrf_token form field.
+
+    Requests that carry an API token are let through: a browser never adds an
+    Authorization header to a cross-site request by itself. So are requests from a
+    session nobody signed in to, which act for no one (the handler asks them to sign in),
+    except to the sign-in pages, so another site cannot sign a visitor in as someone else.
+    Checking here, below the session middleware and above the routes, covers every
+    route, including ones added later, so no handler can forget.
+    """
+
+    def __init__(self, app: ASGIApp, base_url: str, sign_in_paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.site_origin = _origin(base_url)
+        self.sign_in_paths = sign_in_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in _SAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        signed_in = "user_id" in scope["session"] or scope["path"] in self.sign_in_paths
+        if headers.get("authorization", "").lower().startswith("bearer ") or not signed_in:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        origin = headers.get("origin")
+        own_origin = _origin(str(request.base_url))
+        if origin is not None and origin not in (self.site_origin, own_origin):
+            await _answer(scope, receive, send, 403, CSRF_REFUSED)
+            return
+        submitted = headers.get(CSRF_HEADER)
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if submitted is None and content_type in _FORM_TYPES:
+            body = await request.body()
+            try:
+                async with request.form() as form:
+                    value = form.get(CSRF_FIELD)
+                    submitted = value if isinstance(value, str) else None
+            except HTTPException as e:  # too many fields, a part too large
+                await _answer(scope, receive, send, 400, f"the form cannot be read: {e.detail}")
+                return
+            receive = _replay(body, receive)
+        if not csrf_ok(request, submitted):
+            await _answer(scope, receive, send, 403, CSRF_REFUSED)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _answer(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    """An error from below the app's own error pages: JSON on the API, plain HTML elsewhere."""
+    if scope["path"].startswith("/api/"):
+        response: Response = JSONResponse({"error": message}, status_code=status)
+    else:
+        title = "Not allowed" if status == 403 else "Something is wrong"
+        sentence = message[0].upper() + message[1:].rstrip(".") + "."
+        response = HTMLResponse(
+            f"<!doctype html><title>{title} · jobsite</title>"
+            f'<main><h1>{title}</h1><p role="alert">{html.escape(sentence)}</p>'
+            '<p><a href="/">Back to your projects</a></p></main>',
+            status_code=status,
+        )
+    await response(scope, receive, send)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive channel that hands the already-read body to the app once more."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class RateLimiter:
     """At most ``limit`` attempts per key within ``window`` seconds (in memory)."""
+
+    # past this many keys, keys with no attempt inside the window are dropped, so that
+    # attempts at endless made-up usernames cannot grow memory without bound
+    PRUNE_AT = 10_000
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
@@ -194,6 +359,8 @@ class RateLimiter:
 
     def allow(self, key: str) -> bool:
         now = time.monotonic()
+        if len(self._hits) >= self.PRUNE_AT:
+            self._hits = {k: v for k, v in self._hits.items() if v and now - v[-1] < self.window}
         hits = [t for t in self._hits.get(key, []) if now - t < self.window]
         self._hits[key] = hits
         if len(hits) >= self.limit:
@@ -203,3 +370,146 @@ class RateLimiter:
 
     def reset(self, key: str) -> None:
         self._hits.pop(key, None)
+
+
+# -- GitHub ---------------------------------------------------------------------------
+
+
+class GitHubError(Exception):
+    """Signing in with GitHub, or asking it something, went wrong; the message says how."""
+
+
+@dataclass
+class GitHubUser:
+    id: int
+    login: str
+    name: str
+    email: str | None
+
+
+class GitHub:
+    """The OAuth web flow and the few API calls the site needs, against github.com or a
+    GitHub Enterprise server (``github.base_url`` / ``github.api_url``)."""
+
+    SCOPE = "user:email"
+    TIMEOUT = 15.0
+    MAX_REPO_PAGES = 10
+
+    def __init__(self, settings: config.GitHub) -> None:
+        self.settings = settings
+        self.base_url = settings.base_url.rstrip("/")
+        self.api_url = settings.api_url.rstrip("/")
+
+    def authorize_url(self, redirect_uri: str, state: str) -> str:
+        query = urllib.parse.urlencode(
+            {
+                "client_id": self.settings.client_id,
+                "redirect_uri": redirect_uri,
+                "scope": self.SCOPE,
+                "state": state,
+                "allow_signup": "false",
+            }
+        )
+        return f"{self.base_url}/login/oauth/authorize?{query}"
+
+    async def exchange_code(self, code: str, redirect_uri: str) -> str:
+        """The access token GitHub grants for the code it sent back."""
+        data = await self._call(
+            "POST",
+            f"{self.base_url}/login/oauth/access_token",
+            data={
+                "client_id": self.settings.client_id,
+                "client_secret": self.settings.client_secret,
+                "code": code,
+                "redirect_uri": redirect_uri,
+            },
+        )
+        if not isinstance(data, dict) or not data.get("access_token"):
+            why = (
+                data.get("error_description") or data.get("error")
+                if isinstance(data, dict)
+                else None
+            )
+            raise GitHubError(f"GitHub did not grant access ({why or 'no token in its answer'})")
+        return str(data["access_token"])
+
+    async def user(self, token: str) -> GitHubUser:
+        data = await self._call("GET", f"{self.api_url}/user", token=token)
+        email = data.get("email") or await self._verified_email(token)
+        return GitHubUser(
+            id=int(data["id"]), login=str(data["login"]), name=data.get("name") or "", email=email
+        )
+
+    async def _verified_email(self, token: str) -> str | None:
+        """The primary verified address of a user who keeps theirs private, if GitHub says;
+        an address is only nice to have, so not knowing it stops nothing."""
+        try:
+            emails = await self._call("GET", f"{self.api_url}/user/emails", token=token)
+        except GitHubError:
+            return None
+        verified = [e for e in emails if isinstance(e, dict) and e.get("verified")]
+        primary = [e for e in verified if e.get("primary")]
+        return (primary or verified or [{}])[0].get("email")
+
+    async def repos(self, token: str) -> list[dict[str, Any]]:
+        """The repositories the user can read, most recently pushed first."""
+        url: str | None = f"{self.api_url}/user/repos?per_page=100&sort=pushed"
+        found: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(timeout=self.TIMEOUT) as client:
+            for _ in range(self.MAX_REPO_PAGES):
+                if url is None:
+                    break
+                response = await self._send(client, "GET", url, token=token)
+                found += [
+                    {
+                        "full_name": repo["full_name"],
+                        "url": repo["html_url"],
+                        "private": bool(repo.get("private")),
+                        "default_branch": repo.get("default_branch"),
+                    }
+                    for repo in response.json()
+                ]
+                url = response.links.get("next", {}).get("url")
+        return found
+
+    async def _call(self, method: str, url: str, token: str | None = None, **kwargs: Any) -> Any:
+        async with httpx.AsyncClient(timeout=self.TIMEOUT) as client:
+            response = await self._send(client, method, url, token=token, **kwargs)
+        try:
+            return response.json()
+        except json.JSONDecodeError:
+            raise GitHubError(f"GitHub answered {url} with something other than JSON") from None
+
+    async def _send(
+        self, client: httpx.AsyncClient, method: str, url: str, token: str | None, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            response = await client.request(method, url, headers=headers, **kwargs)
+        except httpx.HTTPError as e:
+            raise GitHubError(f"cannot reach GitHub at {url}: {e}") from None
+        if response.status_code == 401:
+            raise GitHubError("GitHub no longer accepts the sign-in; sign in with GitHub again")
+        if response.status_code >= 400:
+            raise GitHubError(f"GitHub answered {response.status_code} for {url}")
+        return response
+
+
+class Sealer:
+    """Encrypts small secrets (a user's GitHub token) for keeping in the session cookie,
+    which is signed but otherwise readable by whoever holds it."""
+
+    def __init__(self, secret_key: str) -> None:
+        key = hashlib.sha256(b"jobsite session secrets:" + secret_key.encode()).digest()
+        self._fernet = Fernet(base64.urlsafe_b64encode(key))
+
+    def seal(self, text: str) -> str:
+        return self._fernet.encrypt(text.encode()).decode()
+
+    def unseal(self, sealed: str) -> str | None:
+        try:
+            return self._fernet.decrypt(sealed.encode()).decode()
+        except InvalidToken:
+            return None

@@ -99,7 +99,7 @@ async def current_user(request: Request) -> User | None:
             raise ApiError(401, "the API token is not valid; create a new one on your account page")
         request.state.via_token = True
     elif "user_id" in request.session:
-        user = await auth.load_user(state.db, request.session["user_id"])
+        user = await auth.load_session_user(state.db, request.session)
         if user is None:
             request.session.clear()
     request.state.user = user
@@ -213,7 +213,7 @@ async def get_job(request: Request, job_id: str) -> Row:
 
 async def get_job_request(request: Request, request_id: str) -> Row:
     row = None
-    if request_id.isdigit():
+    if request_id.isdigit() and int(request_id) < 2**63:  # SQLite's largest integer
         row = await app_state(request).db.fetchone(
             "SELECT r.*, w.name AS workspace, w.project_id FROM job_requests r "
             "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
@@ -377,32 +377,6 @@ async def api_create_project(request: Request) -> Response:
     body = await json_body(request)
     project = await create_project(request, field(body, "name"))
     return JSONResponse({"slug": project["slug"], "name": project["name"]}, status_code=201)
-
-
-async def api_add_member(request: Request) -> Response:
-    project = await get_project(request, request.path_params["slug"])
-    await check_role(request, project["id"], "developer")
-    body = await json_body(request)
-    username = field(body, "username")
-    roles = field(body, "roles", list)
-    bad = [r for r in roles if r not in auth.ROLES]
-    if bad:
-        raise ApiError(400, f"unknown roles {bad}; roles are {', '.join(auth.ROLES)}")
-    db: Database = app_state(request).db
-    member = await db.fetchone("SELECT id FROM users WHERE username = ?", (username,))
-    if member is None:
-        raise ApiError(404, f"there is no user {username!r}")
-    async with db.transaction() as conn:
-        await conn.execute(
-            "DELETE FROM project_members WHERE project_id = ? AND user_id = ?",
-            (project["id"], member["id"]),
-        )
-        for role in roles:
-            await conn.execute(
-                "INSERT INTO project_members (project_id, user_id, role) VALUES (?, ?, ?)",
-                (project["id"], member["id"], role),
-            )
-    return JSONResponse({"username": username, "roles": sorted(roles)})
 
 
 async def api_create_workspace(request: Request) -> Response:
@@ -577,44 +551,6 @@ async def render(
     return response
 
 
-async def login_page(request: Request) -> Response:
-    error = None
-    username = ""
-    if request.method == "POST":
-        await check_csrf(request)
-        form = await request.form()
-        username = str(form.get("username", "")).strip()
-        password = str(form.get("password", ""))
-        limiter: auth.RateLimiter = app_state(request).login_limiter
-        client = request.client.host if request.client else "unknown"
-        if not (limiter.allow(f"user:{username.lower()}") and limiter.allow(f"addr:{client}")):
-            error = "Too many sign-in attempts. Wait a few minutes and try again."
-        else:
-            user = await auth.authenticate_password(app_state(request).db, username, password)
-            if user is None:
-                error = "That username and password do not match."
-            else:
-                limiter.reset(f"user:{username.lower()}")
-                request.session.clear()
-                request.session["user_id"] = user.id
-                target = str(request.query_params.get("next", "/"))
-                if not target.startswith("/") or target.startswith("//"):
-                    target = "/"
-                return RedirectResponse(target, status_code=303)
-    return await render(
-        request,
-        "login.html",
-        {"error": error, "username": username},
-        status=400 if error else 200,
-    )
-
-
-async def logout(request: Request) -> Response:
-    await check_csrf(request)
-    request.session.clear()
-    return RedirectResponse("/", status_code=303)
-
-
 async def home(request: Request) -> Response:
     user = await current_user(request)
     db: Database = app_state(request).db
@@ -645,7 +581,7 @@ async def project_page(request: Request) -> Response:
     error = None
     form: dict[str, Any] = {}
     if request.method == "POST":
-        await check_csrf(request)
+        await check_role(request, project["id"], "developer")
         form = dict(await request.form())
         try:
             workspace = await create_workspace(request, project, form)
@@ -822,12 +758,24 @@ def create_app(settings: Settings) -> Starlette:
             await notifier.stop()
             await db.close()
 
+    # the account pages and the API description build on the helpers above
+    import accounts
+    import openapi
+
     templates = Jinja2Templates(directory=str(ROOT / "templates"))
     templates.env.globals["status_label"] = status_label
     routes = [
         Route("/api/v1/health", api(api_health)),
         Route("/api/v1/projects", api(api_create_project), methods=["POST"]),
-        Route("/api/v1/projects/{slug}/members", api(api_add_member), methods=["POST"]),
+        Route("/api/v1/openapi.json", openapi.openapi_json),
+        Route("/api/v1/github/repos", api(accounts.api_github_repos)),
+        Route("/api/v1/projects/{slug}/members", api(accounts.api_members)),
+        Route("/api/v1/projects/{slug}/members", api(accounts.api_add_member), methods=["POST"]),
+        Route(
+            "/api/v1/projects/{slug}/members/{username}",
+            api(accounts.api_remove_member),
+            methods=["DELETE"],
+        ),
         Route("/api/v1/projects/{slug}/workspaces", api(api_create_workspace), methods=["POST"]),
         Route("/api/v1/workspaces/{name}", api(api_workspace)),
         Route("/api/v1/workspaces/{name}/job-requests", api(api_submit), methods=["POST"]),
@@ -844,26 +792,43 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics_endpoint),
         Mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static"),
         Route("/", home),
-        Route("/login", login_page, methods=["GET", "POST"]),
-        Route("/logout", logout, methods=["POST"]),
+        Route("/login", accounts.login_page, methods=["GET", "POST"]),
+        Route("/logout", accounts.logout, methods=["POST"]),
+        Route("/auth/github", accounts.github_start),
+        Route("/auth/github/callback", accounts.github_callback),
+        Route("/account", accounts.account_page),
+        Route("/account/password", accounts.change_password, methods=["POST"]),
+        Route("/account/tokens", accounts.create_token, methods=["POST"]),
+        Route("/account/tokens/{id:int}/revoke", accounts.revoke_token, methods=["POST"]),
+        Route("/admin/users", accounts.admin_users),
+        Route("/admin/users", accounts.admin_create_user, methods=["POST"]),
+        Route("/admin/users/{id:int}/{action}", accounts.admin_user_action, methods=["POST"]),
         Route("/projects/{slug}/", project_page, methods=["GET", "POST"]),
+        Route("/projects/{slug}/members", accounts.add_member_form, methods=["POST"]),
+        Route(
+            "/projects/{slug}/members/{username}/remove",
+            accounts.remove_member_form,
+            methods=["POST"],
+        ),
         Route("/jobs/{id}", job_page),
         Route("/{workspace}/", workspace_page, methods=["GET", "POST"]),
         Route("/{workspace}/logs", logs_page),
         Route("/{workspace}/logs/{id}", job_request_page),
         Route("/{workspace}/logs/{id}/cancel", cancel_page, methods=["POST"]),
     ]
+    key = secret_key(settings.data_dir)
     app = Starlette(
         routes=routes,
         middleware=[
             Middleware(
                 SessionMiddleware,
-                secret_key=secret_key(settings.data_dir),
+                secret_key=key,
                 session_cookie="jobsite_session",
                 max_age=int(settings.session_max_age),
                 same_site="lax",
                 https_only=settings.base_url.startswith("https://"),
-            )
+            ),
+            Middleware(auth.CSRFMiddleware, base_url=settings.base_url, sign_in_paths=("/login",)),
         ],
         exception_handlers={error: handle_error for error in HANDLED_ERRORS},
         lifespan=lifespan,
@@ -871,6 +836,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.templates = templates
     app.state.login_limiter = auth.RateLimiter(limit=10, window=300)
+    app.state.sealer = auth.Sealer(key)
     return app
 
 
