@@ -1,0 +1,108 @@
+"""The database: schema on a new file, version checks, one writer, readers, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+import db as db_module
+from db import Database, DatabaseVersionError, schema_version
+
+
+async def test_a_new_database_gets_the_schema_in_wal_mode(tmp_path):
+    database = await Database.open(tmp_path / "db.sqlite")
+    try:
+        assert await database.fetchval("PRAGMA user_version") == schema_version()
+        assert await database.fetchval("PRAGMA journal_mode") == "wal"
+        assert await database.fetchval("PRAGMA busy_timeout") == db_module.BUSY_TIMEOUT_MS
+        tables = {r["name"] for r in await database.fetchall("SELECT name FROM sqlite_master")}
+        assert {"users", "jobs", "job_requests", "workspaces", "outbox"} <= tables
+    finally:
+        await database.close()
+
+
+async def test_a_newer_database_is_refused(tmp_path):
+    path = tmp_path / "db.sqlite"
+    await (await Database.open(path)).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {schema_version() + 1}")
+    conn.close()
+    with pytest.raises(DatabaseVersionError, match="made by a newer version of jobsite"):
+        await Database.open(path)
+
+
+async def test_an_older_database_is_migrated(tmp_path, monkeypatch):
+    path = tmp_path / "db.sqlite"
+    await (await Database.open(path)).close()
+    # a later jobsite whose schema is one version ahead, with its migration
+    current = schema_version()
+    monkeypatch.setattr(db_module, "schema_version", lambda: current + 1)
+    monkeypatch.setitem(db_module.MIGRATIONS, current, "ALTER TABLE users ADD COLUMN nickname;")
+    database = await Database.open(path)
+    try:
+        assert await database.fetchval("PRAGMA user_version") == current + 1
+        columns = {r["name"] for r in await database.fetchall("PRAGMA table_info(users)")}
+        assert "nickname" in columns
+    finally:
+        await database.close()
+
+
+async def test_a_missing_migration_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "db.sqlite"
+    await (await Database.open(path)).close()
+    current = schema_version()
+    monkeypatch.setattr(db_module, "schema_version", lambda: current + 1)
+    with pytest.raises(DatabaseVersionError, match=f"no migration from schema version {current}"):
+        await Database.open(path)
+
+
+async def test_a_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with pytest.raises(DatabaseVersionError, match="not a jobsite database"):
+        await Database.open(path)
+
+
+async def test_concurrent_writes_never_lock(tmp_path):
+    database = await Database.open(tmp_path / "db.sqlite")
+    try:
+
+        async def write(i: int) -> None:
+            async with database.transaction() as conn:
+                await conn.execute(
+                    "INSERT INTO site_state (key, value) VALUES (?, ?)", (f"k{i}", str(i))
+                )
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(write(i) for i in range(200)))
+        assert await database.fetchval("SELECT count(*) FROM site_state") == 200
+    finally:
+        await database.close()
+
+
+async def test_a_failed_transaction_leaves_nothing(tmp_path):
+    database = await Database.open(tmp_path / "db.sqlite")
+    try:
+        with pytest.raises(RuntimeError):
+            async with database.transaction() as conn:
+                await conn.execute("INSERT INTO site_state (key, value) VALUES ('a', '1')")
+                raise RuntimeError("boom")
+        assert await database.fetchval("SELECT count(*) FROM site_state") == 0
+    finally:
+        await database.close()
+
+
+async def test_backup_is_a_consistent_copy(tmp_path):
+    database = await Database.open(tmp_path / "db.sqlite")
+    try:
+        await database.execute("INSERT INTO site_state (key, value) VALUES ('a', '1')")
+        await database.backup(tmp_path / "copy.sqlite")
+    finally:
+        await database.close()
+    conn = sqlite3.connect(tmp_path / "copy.sqlite")
+    assert conn.execute("SELECT value FROM site_state").fetchall() == [("1",)]
+    conn.close()
