@@ -395,7 +395,12 @@ async def test_submit_schedules_jobs_and_says_what(app, browser, study):
     page = await alice.get(location)
     flash = re.search(r'<p class="flash[^"]*" role="status">(.*?)</p>', page.text, re.S)
     assert flash and "Scheduled" in flash.group(1) and "analyse" in flash.group(1)
-    assert re.search(r'<tr data-action="analyse">.*?data-status="created"', page.text, re.S)
+    assert re.search(r'<tr data-action="prepare">.*?data-status="created"', page.text, re.S)
+    assert re.search(
+        r'<tr data-action="analyse">.*?data-status="(created|waiting_on_dependencies)"',
+        page.text,
+        re.S,
+    )
     request = await app.state.db.fetchone("SELECT * FROM job_requests")
     assert request["notify"] == 1
 
@@ -494,12 +499,14 @@ async def test_archived_workspaces_run_nothing_until_unarchived(app, browser, st
 async def test_logs_are_newest_first_paged_and_searchable(app, browser, study):
     alice = study["alice"]
     for i in range(23):
+        await app.state.db.execute("UPDATE jobs SET state = 'failed', status_code = 'nonzero_exit'")
         await alice.post("/ws1/", [("actions", "prepare" if i % 2 else "analyse")])
     page = await alice.get("/ws1/logs")
     ids = [int(i) for i in re.findall(r'data-job-request="(\d+)"', page.text)]
     assert ids == list(range(23, 3, -1))
     assert 'rel="next"' in page.text and 'rel="prev"' not in page.text
-    assert "alice" in text(page) and "0/1 jobs succeeded" in text(page)
+    assert "alice" in text(page)
+    assert "0/1 jobs succeeded" in text(page) and "0/2 jobs succeeded" in text(page)
     page2 = await alice.get("/ws1/logs?page=2")
     assert [int(i) for i in re.findall(r'data-job-request="(\d+)"', page2.text)] == [3, 2, 1]
     found = await alice.get("/ws1/logs", params={"q": "analy"})
@@ -750,8 +757,12 @@ async def test_admin_page_is_for_admins(app, browser, study):
 
 async def test_admin_sees_the_queue_and_pauses_and_prioritises_it(app, browser, study):
     alice = study["alice"]
-    await alice.post("/ws1/", [("actions", "analyse")])
+    await alice.post(
+        "/projects/study/new-workspace",
+        {"name": "ws2", "repo": study["repo"].url, "branch": "main", "database": "sample"},
+    )
     await alice.post("/ws1/", [("actions", "prepare")])
+    await alice.post("/ws2/", [("actions", "prepare")])
     root = await browser("root", admin=True)
     page = await root.get("/admin/")
     assert page.status_code == 200
