@@ -41,8 +41,10 @@ async def logs_page(request: Request) -> Response:
         )
         params += (_like(query), _like(query))
     rows = await job_request_rows(db, where, params, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE)
+    user = await server.current_user(request)
     context = {
         "workspace": workspace,
+        "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
         "job_requests": rows[:PAGE_SIZE],
         "query": query,
         "page": page,
