@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
-NODE_WIDTH = 190
+NODE_WIDTH = 210
 NODE_HEIGHT = 46
 COLUMN_GAP = 56
 ROW_GAP = 14
 MARGIN = 8
-MAX_LABEL = 22
+MAX_LABEL = 25
 
 ICONS = {
     "succeeded": "✓",
@@ -161,7 +161,7 @@ def render_svg(nodes: list[Node], title: str = "Pipeline") -> Markup:
             f'<text class="name" x="{p.x + 10:.1f}" y="{p.y + 19:.1f}">'
             f"{escape(_short(node.name))}</text>"
             f'<text class="status" x="{p.x + 10:.1f}" y="{p.y + 36:.1f}">'
-            f"{ICONS.get(node.state, ICONS[None])} {escape(node.label)}</text></g>"
+            f"{ICONS.get(node.state, ICONS[None])} {escape(_short(node.label))}</text></g>"
         )
         if node.href:
             box = f'<a href="{escape(node.href)}" tabindex="-1">{box}</a>'
