@@ -8,6 +8,7 @@ short and uncrossed. Status is shown by colour *and* by an icon and a word.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from markupsafe import Markup, escape
@@ -18,6 +19,7 @@ COLUMN_GAP = 56
 ROW_GAP = 14
 MARGIN = 8
 MAX_LABEL = 25
+WAYPOINT_HEIGHT = 12
 
 ICONS = {
     "succeeded": "✓",
@@ -39,6 +41,19 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Waypoint:
+    """Where an edge that skips columns crosses one of them: it takes a slot there, so the
+    edge runs between nodes instead of through them."""
+
+    source: str
+    target: str
+    column: int
+
+
+Item = str | Waypoint  # an action's name, or a waypoint
+
+
+@dataclass(frozen=True)
 class Placed:
     node: Node
     column: int
@@ -47,8 +62,16 @@ class Placed:
     y: float
 
 
-def columns(nodes: list[Node]) -> list[list[str]]:
-    """Action names by column: each one column after its deepest dependency.
+@dataclass(frozen=True)
+class Layout:
+    nodes: list[Placed]
+    edges: list[list[tuple[float, float]]]  # each from its source's right to its target's left
+    width: float
+    height: float
+
+
+def _depths(nodes: list[Node]) -> dict[str, int]:
+    """Each action's column: one after its deepest dependency.
 
     Unknown dependencies are ignored and a cycle cannot loop forever (project.yaml
     validation refuses both, but a picture must never be the thing that fails).
@@ -65,53 +88,118 @@ def columns(nodes: list[Node]) -> list[list[str]]:
 
     for node in nodes:
         visit(node.name, frozenset())
-    result: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    return depth
+
+
+def _chains(nodes: list[Node], depth: dict[str, int]) -> list[list[Item]]:
+    """Every edge as the items it passes: source, a waypoint per skipped column, target."""
+    chains = []
+    for node in nodes:
+        for need in dict.fromkeys(node.needs):
+            if need in depth and depth[need] < depth[node.name]:
+                skipped = range(depth[need] + 1, depth[node.name])
+                chains.append([need, *(Waypoint(need, node.name, c) for c in skipped), node.name])
+    return chains
+
+
+def _columns(nodes: list[Node]) -> tuple[list[list[Item]], list[list[Item]]]:
+    depth = _depths(nodes)
+    chains = _chains(nodes, depth)
+    cols: list[list[Item]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for node in nodes:  # project.yaml order is the starting order within a column
-        result[depth[node.name]].append(node.name)
-    return _order(result, by_name)
+        cols[depth[node.name]].append(node.name)
+    before: dict[Item, list[Item]] = {item: [] for col in cols for item in col}
+    after: dict[Item, list[Item]] = {item: [] for col in cols for item in col}
+    for chain in chains:
+        for item in chain[1:-1]:
+            assert isinstance(item, Waypoint)
+            cols[item.column].append(item)
+            before[item], after[item] = [], []
+        for a, b in itertools.pairwise(chain):
+            after[a].append(b)
+            before[b].append(a)
+    _order(cols, before, after)
+    return cols, chains
 
 
-def _order(cols: list[list[str]], by_name: dict[str, Node]) -> list[list[str]]:
-    """Reorder each column by the mean row of neighbours (a barycentre sweep, twice)."""
-    dependents: dict[str, list[str]] = {name: [] for name in by_name}
-    for node in by_name.values():
-        for need in node.needs:
-            if need in dependents:
-                dependents[need].append(node.name)
+def _order(
+    cols: list[list[Item]], before: dict[Item, list[Item]], after: dict[Item, list[Item]]
+) -> None:
+    """Reorder each column by the mean row of its neighbours in the next column over
+    (a barycentre sweep right, then left; twice), which uncrosses most edges."""
 
-    def sweep(order: list[int], neighbours: dict[str, list[str]] | None) -> None:
+    def sweep(order: list[int], neighbours: dict[Item, list[Item]]) -> None:
         for i in order:
-            rows = {name: r for col in cols for r, name in enumerate(col)}
+            rows = {item: r for col in cols for r, item in enumerate(col)}
 
-            def key(name: str, rows: dict[str, int] = rows) -> float:
-                near = neighbours[name] if neighbours is not None else list(by_name[name].needs)
-                placed = [rows[n] for n in near if n in rows]
-                return sum(placed) / len(placed) if placed else rows[name]
+            def key(item: Item, rows: dict[Item, int] = rows) -> float:
+                near = [rows[n] for n in neighbours[item]]
+                return sum(near) / len(near) if near else rows[item]
 
             cols[i] = sorted(cols[i], key=key)
 
     for _ in range(2):
-        sweep(list(range(1, len(cols))), None)
-        sweep(list(range(len(cols) - 2, -1, -1)), dependents)
-    return cols
+        sweep(list(range(1, len(cols))), before)
+        sweep(list(range(len(cols) - 2, -1, -1)), after)
 
 
-def layout(nodes: list[Node]) -> tuple[list[Placed], float, float]:
-    """Where each node goes, and the width and height of the whole picture."""
+def columns(nodes: list[Node]) -> list[list[str]]:
+    """Action names by column, in their order top to bottom."""
+    cols, _ = _columns(nodes)
+    return [[item for item in col if isinstance(item, str)] for col in cols]
+
+
+def _height(item: Item) -> float:
+    return NODE_HEIGHT if isinstance(item, str) else WAYPOINT_HEIGHT
+
+
+def layout(nodes: list[Node]) -> Layout:
+    """Where each node and edge goes, and the size of the whole picture."""
     by_name = {node.name: node for node in nodes}
+    cols, chains = _columns(nodes)
+    column_heights = [
+        sum(_height(item) for item in col) + max(0, len(col) - 1) * ROW_GAP for col in cols
+    ]
+    tallest = max(column_heights, default=0)
+    top: dict[Item, tuple[float, float]] = {}  # item -> (x, y of its top)
     placed = []
-    cols = columns(nodes)
-    tallest = max((len(col) for col in cols), default=0)
-    height = 2 * MARGIN + tallest * NODE_HEIGHT + max(0, tallest - 1) * ROW_GAP
     for c, col in enumerate(cols):
-        # centre short columns vertically so edges stay gentle
-        offset = (tallest - len(col)) * (NODE_HEIGHT + ROW_GAP) / 2
-        for r, name in enumerate(col):
-            x = MARGIN + c * (NODE_WIDTH + COLUMN_GAP)
-            y = MARGIN + offset + r * (NODE_HEIGHT + ROW_GAP)
-            placed.append(Placed(by_name[name], c, r, x, y))
+        x = MARGIN + c * (NODE_WIDTH + COLUMN_GAP)
+        y = MARGIN + (tallest - column_heights[c]) / 2  # short columns are centred
+        for r, item in enumerate(col):
+            top[item] = (x, y)
+            if isinstance(item, str):
+                placed.append(Placed(by_name[item], c, r, x, y))
+            y += _height(item) + ROW_GAP
+    edges = []
+    for chain in chains:
+        points = []
+        for i, item in enumerate(chain):
+            x, y = top[item]
+            middle = y + _height(item) / 2
+            if i > 0:
+                points.append((x, middle))
+            if i < len(chain) - 1:
+                points.append((x + NODE_WIDTH, middle))
+        edges.append(points)
     width = 2 * MARGIN + len(cols) * NODE_WIDTH + max(0, len(cols) - 1) * COLUMN_GAP
-    return placed, width, height
+    return Layout(placed, edges, width, 2 * MARGIN + tallest)
+
+
+def _path(points: list[tuple[float, float]]) -> str:
+    """Curves across the gaps between columns, straight lines through waypoints."""
+    (x, y), *rest = points
+    d = [f"M{x:.1f},{y:.1f}"]
+    for i, (nx, ny) in enumerate(rest):
+        last = i == len(rest) - 1
+        end_x = nx - 4 if last else nx  # leave room for the arrow head
+        if i % 2 == 0:  # across a gap
+            bend = COLUMN_GAP / 2
+            d.append(f"C{x + bend:.1f},{y:.1f} {nx - bend:.1f},{ny:.1f} {end_x:.1f},{ny:.1f}")
+        else:  # through a waypoint's column
+            d.append(f"L{end_x:.1f},{ny:.1f}")
+        x, y = nx, ny
+    return " ".join(d)
 
 
 def _short(name: str) -> str:
@@ -120,8 +208,8 @@ def _short(name: str) -> str:
 
 def render_svg(nodes: list[Node], title: str = "Pipeline") -> Markup:
     """The graph as an inline SVG element; every text in it is escaped."""
-    placed, width, height = layout(nodes)
-    where = {p.node.name: p for p in placed}
+    drawn = layout(nodes)
+    width, height = drawn.width, drawn.height
     counts: dict[str, int] = {}
     for node in nodes:
         counts[node.label] = counts.get(node.label, 0) + 1
@@ -138,19 +226,9 @@ def render_svg(nodes: list[Node], title: str = "Pipeline") -> Markup:
         'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L8,4 L0,8 z" '
         'class="arrow"/></marker></defs>',
     ]
-    for p in placed:
-        for need in p.node.needs:
-            source = where.get(need)
-            if source is None or source.column >= p.column:
-                continue
-            x1, y1 = source.x + NODE_WIDTH, source.y + NODE_HEIGHT / 2
-            x2, y2 = p.x, p.y + NODE_HEIGHT / 2
-            bend = COLUMN_GAP / 2
-            parts.append(
-                f'<path class="edge" d="M{x1:.1f},{y1:.1f} C{x1 + bend:.1f},{y1:.1f} '
-                f'{x2 - bend:.1f},{y2:.1f} {x2 - 4:.1f},{y2:.1f}" marker-end="url(#arrow)"/>'
-            )
-    for p in placed:
+    for points in drawn.edges:
+        parts.append(f'<path class="edge" d="{_path(points)}" marker-end="url(#arrow)"/>')
+    for p in drawn.nodes:
         node = p.node
         state = node.state or "none"
         box = (

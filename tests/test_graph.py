@@ -41,29 +41,48 @@ def test_columns_are_ordered_to_keep_edges_straight():
 
 def test_a_cycle_or_unknown_dependency_still_draws():
     nodes = [Node("a", ("b",)), Node("b", ("a",)), Node("c", ("missing",))]
-    placed, width, height = layout(nodes)
-    assert {p.node.name for p in placed} == {"a", "b", "c"}
-    assert width > 0 and height > 0
+    drawn = layout(nodes)
+    assert {p.node.name for p in drawn.nodes} == {"a", "b", "c"}
+    assert drawn.width > 0 and drawn.height > 0
     ET.fromstring(render_svg(nodes))  # still well-formed
 
 
 def test_no_actions_is_an_empty_picture():
-    placed, _, _ = layout([])
-    assert placed == []
+    assert layout([]).nodes == []
     ET.fromstring(render_svg([]))
 
 
 def test_layout_places_columns_left_to_right_without_overlap():
     nodes = [Node(f"a{i}") for i in range(3)] + [Node("z", ("a0", "a1", "a2"))]
-    placed, width, height = layout(nodes)
-    by_name = {p.node.name: p for p in placed}
+    drawn = layout(nodes)
+    by_name = {p.node.name: p for p in drawn.nodes}
     assert by_name["z"].x == by_name["a0"].x + NODE_WIDTH + COLUMN_GAP
     ys = sorted(by_name[f"a{i}"].y for i in range(3))
     assert all(b - a >= NODE_HEIGHT for a, b in itertools.pairwise(ys))
-    assert width >= by_name["z"].x + NODE_WIDTH
-    assert height >= ys[-1] + NODE_HEIGHT
+    assert drawn.width >= by_name["z"].x + NODE_WIDTH
+    assert drawn.height >= ys[-1] + NODE_HEIGHT
     # the single node in column 1 is centred against column 0
     assert by_name["z"].y == ys[1]
+
+
+def test_an_edge_that_skips_columns_runs_between_the_nodes_it_passes():
+    nodes = [
+        Node("extract"),
+        Node("clean", ("extract",)),
+        Node("model", ("clean",)),
+        Node("report", ("model", "extract")),
+    ]
+    drawn = layout(nodes)
+    by_name = {p.node.name: p for p in drawn.nodes}
+    (long_edge,) = [e for e in drawn.edges if len(e) > 2]
+    # it enters and leaves one waypoint in each skipped column (clean's and model's)
+    assert len(long_edge) == 2 + 2 * 2
+    for name in ("clean", "model"):
+        box = by_name[name]
+        crossing = [y for x, y in long_edge if box.x <= x <= box.x + NODE_WIDTH]
+        assert crossing and all(not box.y <= y <= box.y + NODE_HEIGHT for y in crossing)
+    assert long_edge[0] == (by_name["extract"].x + NODE_WIDTH, by_name["extract"].y + 23)
+    assert long_edge[-1][0] == by_name["report"].x
 
 
 def test_svg_shows_status_by_colour_class_icon_and_words():
