@@ -128,15 +128,16 @@ def _order(
     """Reorder each column by the mean row of its neighbours in the next column over
     (a barycentre sweep right, then left; twice), which uncrosses most edges."""
 
+    rows = {item: r for col in cols for r, item in enumerate(col)}
+
+    def key(item: Item, neighbours: dict[Item, list[Item]]) -> float:
+        near = [rows[n] for n in neighbours[item]]
+        return sum(near) / len(near) if near else rows[item]
+
     def sweep(order: list[int], neighbours: dict[Item, list[Item]]) -> None:
         for i in order:
-            rows = {item: r for col in cols for r, item in enumerate(col)}
-
-            def key(item: Item, rows: dict[Item, int] = rows) -> float:
-                near = [rows[n] for n in neighbours[item]]
-                return sum(near) / len(near) if near else rows[item]
-
-            cols[i] = sorted(cols[i], key=key)
+            cols[i] = sorted(cols[i], key=lambda item: key(item, neighbours))
+            rows.update((item, r) for r, item in enumerate(cols[i]))
 
     for _ in range(2):
         sweep(list(range(1, len(cols))), before)

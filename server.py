@@ -343,10 +343,20 @@ async def cancel_jobs(request: Request, job_request: Row, actions: list[str] | N
     return active
 
 
-@functools.lru_cache(maxsize=64)
-def parse_pipeline(text: str) -> pipeline.Pipeline:
-    """project.yaml parsed once per distinct text: pages poll the same file every few seconds."""
-    return pipeline.load_pipeline(text)
+_PARSED: dict[tuple[str, str], pipeline.Pipeline] = {}
+_PARSED_MAX = 64
+
+
+async def project_at(repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
+    """project.yaml of ``repo`` at commit ``sha``, parsed once: a commit never changes, and
+    pages poll the same one every few seconds."""
+    key = (repo, sha)
+    if key not in _PARSED:
+        parsed = pipeline.load_pipeline(await repos.read_file(repo, sha, "project.yaml"))
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = parsed
+    return _PARSED[key]
 
 
 async def workspace_actions(request: Request, workspace: Row, fetch: bool = True) -> dict[str, Any]:
@@ -359,7 +369,7 @@ async def workspace_actions(request: Request, workspace: Row, fetch: bool = True
     result: dict[str, Any] = {"actions": [], "error": None, "warnings": [], "sha": None}
     try:
         sha = await repos.resolve_branch(workspace["repo"], workspace["branch"], fetch=fetch)
-        project = parse_pipeline(await repos.read_file(workspace["repo"], sha, "project.yaml"))
+        project = await project_at(repos, workspace["repo"], sha)
     except (RepoError, pipeline.ProjectValidationError) as e:
         result["error"] = str(e)
         result["errors"] = getattr(e, "errors", None) or [str(e)]
