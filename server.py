@@ -607,7 +607,10 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     if is_api(request):
         return JSONResponse({"error": message}, status_code=status)
     if status == 401:
-        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        login = f"/login?next={request.url.path}"
+        if request.headers.get("hx-request"):  # a poll must not swap the sign-in page in
+            return Response(message, status_code=401, headers={"HX-Redirect": login})
+        return RedirectResponse(login, status_code=303)
     return await render(request, "error.html", {"status": status, "message": message}, status)
 
 

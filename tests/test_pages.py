@@ -214,6 +214,9 @@ async def test_a_private_site_shows_projects_to_members_only(app, browser, study
     assert "Study" not in text(await carol.get("/"))
     await add_member(app, "study", "carol", "collaborator")
     assert (await carol.get("/ws1/")).status_code == 200
+    # a poll that finds the session gone sends the browser to sign in, not into the fragment
+    poll = await visitor.get("/ws1/", headers=HX)
+    assert poll.status_code == 401 and poll.headers["HX-Redirect"] == "/login?next=/ws1/"
 
 
 # -- new workspace ----------------------------------------------------------------------
