@@ -148,6 +148,24 @@ async def test_home_for_a_visitor_lists_projects_and_offers_sign_in(app, browser
     assert "Register a project" not in response.text
 
 
+async def test_home_follows_your_recent_job_requests_until_they_finish(app, browser, study):
+    alice = study["alice"]
+    home = await alice.get("/")
+    assert "You have not run anything yet" in text(home)
+    assert (await alice.get("/", headers=HX)).status_code == 286
+    await alice.post("/ws1/", [("actions", "prepare")])
+    home = await alice.get("/")
+    assert re.search(r'<div id="recent" hx-get="/" hx-trigger="every 3s"', home.text)
+    assert 'href="/ws1/logs/1"' in home.text and 'data-status="pending"' in home.text
+    live = await alice.get("/", headers=HX)
+    assert live.status_code == 200 and live.text.lstrip().startswith('<div id="recent"')
+    restore = await alice.get("/", headers={**HX, "HX-History-Restore-Request": "true"})
+    assert "<html" in restore.text  # history restore gets the whole page
+    await app.state.db.execute("UPDATE jobs SET state = 'succeeded', status_code = 'succeeded'")
+    done = await alice.get("/", headers=HX)
+    assert done.status_code == 286 and 'data-status="succeeded"' in done.text
+
+
 async def test_register_a_project_from_home(app, browser):
     bob = await browser("bob")
     response = await bob.post("/projects/", {"name": "Flu Vaccines 2024"})
@@ -839,3 +857,40 @@ actions:
     workspace = await alice.get("/ws1/")
     assert 'class="node node-succeeded"' in workspace.text
     assert 'data-status="succeeded"' in workspace.text
+
+
+# -- accessibility basics ---------------------------------------------------------------
+
+
+async def test_pages_have_landmarks_unique_ids_and_labelled_controls(app, browser, study, outputs):
+    alice = study["alice"]
+    await alice.post("/ws1/", [("actions", "analyse")])
+    job_id = await app.state.db.fetchval("SELECT id FROM jobs LIMIT 1")
+    root = await browser("root", admin=True)
+    pages = {
+        "/": alice,
+        "/projects/study/": alice,
+        "/projects/study/new-workspace": alice,
+        "/ws1/": alice,
+        "/ws1/logs": alice,
+        "/ws1/logs/1": alice,
+        f"/jobs/{job_id}": alice,
+        "/ws1/outputs/": alice,
+        "/admin/": root,
+    }
+    for url, session in pages.items():
+        page = (await session.get(url)).text
+        assert '<main id="main"' in page and "<header" in page and "<nav" in page, url
+        assert len(re.findall(r"<h1[ >]", page)) == 1, url
+        ids = re.findall(r'\sid="([^"]+)"', page)
+        assert len(ids) == len(set(ids)), (url, sorted(i for i in ids if ids.count(i) > 1))
+        labelled = set(re.findall(r'<label[^>]*\sfor="([^"]+)"', page))
+        assert labelled <= set(ids), (url, labelled - set(ids))
+        for control in re.findall(r"<(?:input|select|textarea)\b[^>]*>", page):
+            if 'type="hidden"' in control:
+                continue
+            control_id = re.search(r'\sid="([^"]+)"', control)
+            wrapped = re.search(r"<label[^>]*>\s*" + re.escape(control), page)
+            assert (
+                "aria-label=" in control or wrapped or (control_id and control_id[1] in labelled)
+            ), (url, control)

@@ -17,7 +17,9 @@ STATES_ACTIVE = ("pending", "running")
 
 
 def is_htmx(request: Request) -> bool:
-    return request.headers.get("hx-request") == "true"
+    """An htmx request wanting a fragment (restoring history wants the whole page)."""
+    headers = request.headers
+    return headers.get("hx-request") == "true" and not headers.get("hx-history-restore-request")
 
 
 async def fragment(request: Request, name: str, context: dict[str, Any], done: bool) -> Response:
