@@ -63,12 +63,23 @@ async def job_request_page(request: Request) -> Response:
     db: Database = server.app_state(request).db
     (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
     user = await server.current_user(request)
+    now = time.time()
+    events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in job_request["jobs"]}
+    for event in await db.fetchall(
+        "SELECT e.* FROM job_events e JOIN jobs j ON j.id = e.job_id "
+        "WHERE j.job_request_id = ? ORDER BY e.id",
+        (row["id"],),
+    ):
+        events[event["job_id"]].append(event)
     context = {
         "job_request": job_request,
+        "timelines": {
+            job["id"]: timeline(events[job["id"]], job, now) for job in job_request["jobs"]
+        },
         "workspace": await server.get_workspace(request, row["workspace"]),
         "can_cancel": bool(user and user.can_run(row["project_id"])),
         "live": job_request["status"] in STATES_ACTIVE,
-        "now": time.time(),
+        "now": now,
     }
     if is_htmx(request):
         return await fragment(request, "_job_request.html", context, done=not context["live"])
