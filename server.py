@@ -396,6 +396,7 @@ async def workspace_actions(request: Request, workspace: Row, fetch: bool = True
                 "status": job["status_code"] if job else None,
                 "state": job["state"] if job else None,
                 "job_id": job["id"] if job else None,
+                "changed_at": job["updated_at"] if job else None,
             }
         )
     return result

@@ -135,6 +135,20 @@ async def count(app, table: str) -> int:
     return await app.state.db.fetchval(f"SELECT count(*) FROM {table}")
 
 
+def test_times_read_as_people_say_them():
+    from views import ago, human_duration, local_path
+
+    assert [ago(1000 - d, 1000) for d in (5, 60, 150)] == ["just now", "1 min ago", "2 min ago"]
+    assert [ago(0, 7300), ago(1, 3 * 86400 + 1)] == ["", "3 days ago"]
+    assert [human_duration(s) for s in (5, 94, 3700)] == ["5s", "1m 34s", "1h 01m"]
+    assert local_path("/jobs/x", "/") == "/jobs/x"
+    assert [local_path(t, "/d") for t in ("//evil.example", "https://evil.example", None)] == [
+        "/d",
+        "/d",
+        "/d",
+    ]
+
+
 # -- home and projects --------------------------------------------------------------------
 
 
@@ -793,6 +807,7 @@ async def test_admin_sees_the_queue_and_pauses_and_prioritises_it(app, browser, 
     assert "free of" in text(page)
     assert "alice" in text(page) and "root" in text(page)
     assert page.text.count('data-job="') == 2
+    assert "0 running · 2 waiting to start · 0 waiting on dependencies" in text(page)
 
     response = await root.post("/admin/priority", {"job_request_id": "2", "priority": "5"})
     assert response.status_code == 303
@@ -816,6 +831,24 @@ async def test_admin_sees_the_queue_and_pauses_and_prioritises_it(app, browser, 
     assert "The queue is running again" in text(await root.get("/admin/"))
     await root.post("/admin/pause", {"paused": "1"})
     assert await app.state.scheduler.paused()
+
+
+async def test_a_long_queue_is_listed_in_part_and_counted(app, browser, study):
+    db = app.state.db
+    await study["alice"].post("/ws1/", [("actions", "prepare")])
+    first = await db.fetchval("SELECT id FROM jobs")
+    for i in range(120):
+        await db.execute(
+            "INSERT INTO jobs (id, job_request_id, workspace_id, user_id, action, sha, "
+            "run_command, image, args, outputs, state, status_code, created_at, updated_at) "
+            "SELECT ?, job_request_id, workspace_id, user_id, action, sha, run_command, image, "
+            "args, outputs, 'pending', 'created', created_at + ?, updated_at FROM jobs "
+            "WHERE id = ?",
+            (f"copy{i}", i + 1, first),
+        )
+    page = await (await browser("root", admin=True)).get("/admin/")
+    assert page.text.count('data-job="') == 100
+    assert "121 waiting to start" in text(page) and "… and 21 more waiting to start" in text(page)
 
 
 # -- a real run -------------------------------------------------------------------------

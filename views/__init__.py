@@ -69,6 +69,18 @@ def runtime(job: dict[str, Any], now: float | None = None) -> str:
     return human_duration(end - job["started_at"])
 
 
+def ago(ts: float | None, now: float | None = None) -> str:
+    """How long ago, in the largest whole unit: "just now", "5 min ago", "3 days ago"."""
+    if not ts:
+        return ""
+    seconds = max(0, (now or time.time()) - ts)
+    for unit, size in (("day", 86400), ("hour", 3600), ("min", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 and unit != 'min' else ''} ago"
+    return "just now"
+
+
 def when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else ""
 
@@ -95,6 +107,7 @@ def setup(env: Environment) -> None:
         status_icon=lambda state: ICONS.get(state, ICONS[None]),
         runtime=runtime,
         when=when,
+        ago=ago,
         iso=iso,
         dom_id=dom_id,
         commit_url=commit_url,

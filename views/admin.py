@@ -17,6 +17,7 @@ from runner import QueuedJob, decayed, queue_order
 from views import flash, fragment, is_htmx, redirect
 
 PRIORITY_RANGE = range(-10, 11)
+SHOWN = 100  # jobs listed per part of the queue; the rest are counted
 
 
 async def require_admin(request: Request) -> User:
@@ -74,7 +75,8 @@ async def admin_page(request: Request) -> Response:
     jobs = await queue(db)
     disk = await asyncio.to_thread(shutil.disk_usage, state.settings.data_dir)
     context = {
-        **jobs,
+        **{part: rows[:SHOWN] for part, rows in jobs.items()},
+        "counts": {part: len(rows) for part, rows in jobs.items()},
         "paused": await state.scheduler.paused(),
         "docker_ok": await state.executor.docker_available(),
         "disk": {
