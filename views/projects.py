@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import Request
@@ -10,42 +9,10 @@ from starlette.responses import Response
 
 import server
 from db import Database
-from submit import request_status
 from views import STATES_ACTIVE, flash, fragment, is_htmx, redirect
+from views.jobs import job_request_rows
 
 RECENT = 10
-
-
-async def job_request_rows(db: Database, where: str, params: tuple, limit: int, offset: int = 0):
-    """Job requests with who made them and their jobs, newest first."""
-    rows = await db.fetchall(
-        "SELECT r.*, w.name AS workspace, u.username FROM job_requests r "
-        "JOIN workspaces w ON w.id = r.workspace_id JOIN users u ON u.id = r.created_by "
-        f"WHERE {where} ORDER BY r.id DESC LIMIT ? OFFSET ?",
-        (*params, limit, offset),
-    )
-    jobs: dict[int, list[dict[str, Any]]] = {row["id"]: [] for row in rows}
-    if rows:
-        marks = ",".join("?" * len(rows))
-        for job in await db.fetchall(
-            f"SELECT * FROM jobs WHERE job_request_id IN ({marks}) ORDER BY created_at",
-            list(jobs),
-        ):
-            jobs[job["job_request_id"]].append(job)
-    result = []
-    for row in rows:
-        status, message = request_status(row, jobs[row["id"]])
-        result.append(
-            {
-                **row,
-                "requested": json.loads(row["requested_actions"]),
-                "jobs": jobs[row["id"]],
-                "status": status,
-                "status_message": message,
-                "succeeded": sum(job["state"] == "succeeded" for job in jobs[row["id"]]),
-            }
-        )
-    return result
 
 
 async def home_context(request: Request) -> dict[str, Any]:
