@@ -21,8 +21,11 @@ PAGE_SIZE = 20
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
 
 
-async def job_request_rows(db: Database, where: str, params: tuple, limit: int, offset: int = 0):
-    """Job requests with who made them and their jobs, newest first."""
+async def job_request_rows(
+    db: Database, where: str, params: tuple, limit: int, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Job requests matching ``where`` (SQL written in this package; values go in
+    ``params``), with who made them, their jobs and overall status, newest first."""
     rows = await db.fetchall(
         "SELECT r.*, w.name AS workspace, u.username FROM job_requests r "
         "JOIN workspaces w ON w.id = r.workspace_id JOIN users u ON u.id = r.created_by "
