@@ -239,6 +239,8 @@ async def test_project_page_lists_workspaces_and_members(app, browser, study):
 async def test_a_private_site_shows_projects_to_members_only(app, browser, study):
     app.state.settings.public_status = False
     visitor = await browser()
+    home = await visitor.get("/")
+    assert "shown to their members only" in text(home) and "Study" not in text(home)
     response = await visitor.get("/projects/study/")
     assert response.status_code == 303 and response.headers["location"].startswith("/login")
     carol = await browser("carol")
