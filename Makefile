@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench images clean
+.PHONY: run test lint format bench images clean chromium
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,23 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/jobsite serve
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The browser tests drive Debian's chromium (never a browser downloaded by Playwright).
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "Installing Debian's chromium for the browser tests"; \
+	        apt-get install -y -q chromium >/dev/null 2>&1 \
+	            || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+	            || echo "make: could not install chromium with apt-get; the browser tests will not run"; \
+	    else \
+	        echo "make: $(CHROMIUM) is missing, so the browser tests will be skipped"; \
+	        echo "      (or fail with JOBSITE_REQUIRE_DOCKER=1). Install it: sudo apt-get install -y chromium"; \
+	    fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,8 +9,10 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import auth
+import ops
 import pipeline
 from config import Settings, SettingsError, load_settings
 from db import Database, DatabaseVersionError
@@ -46,12 +48,39 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("name", help="the user's username")
     create.add_argument("--label", default="cli", help="a name for the token")
 
+    backup_parser = commands.add_parser(
+        "backup", help="copy the database, consistently, while the site runs"
+    )
+    backup_parser.add_argument(
+        "path", type=Path, help="a new file, or a directory to put a dated copy in"
+    )
+
+    prune_parser = commands.add_parser(
+        "prune",
+        help="remove old job logs and leftover temporary job dirs (never workspace outputs)",
+        description="Remove the logs (data/logs) of jobs that finished more than DAYS days "
+        "ago, and temporary dirs (data/jobs) of jobs that are not pending or running. "
+        "Workspace outputs and each action's latest log beside them are never touched.",
+    )
+    prune_parser.add_argument(
+        "--older-than",
+        type=float,
+        required=True,
+        metavar="DAYS",
+        help="remove the logs of jobs that finished more than DAYS days ago",
+    )
+    prune_parser.add_argument(
+        "--dry-run", action="store_true", help="say what would go; remove nothing"
+    )
+
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": serve,
         "check": check_project,
         "user": user_add,
         "token": token_create,
+        "backup": backup,
+        "prune": prune,
     }
     try:
         return handlers[args.command](args)
@@ -159,6 +188,46 @@ def token_create(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(_with_db(settings, create))
+
+
+def backup(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        source = ops.existing_database(settings)
+        dest = ops.backup_path(args.path)
+        asyncio.run(_with_existing_db(source, lambda db: ops.backup(db, dest)))
+    except ops.OpsError as e:
+        print(f"jobsite: {e}", file=sys.stderr)
+        return 1
+    print(f"Backed up {source} to {dest} ({ops.human_size(dest.stat().st_size)}).")
+    return 0
+
+
+def prune(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.older_than < 0:
+        print("jobsite: --older-than must be 0 or more days", file=sys.stderr)
+        return 2
+    try:
+        source = ops.existing_database(settings)
+    except ops.OpsError as e:
+        print(f"jobsite: {e}", file=sys.stderr)
+        return 1
+    found = asyncio.run(
+        _with_existing_db(
+            source, lambda db: ops.prunable(db, settings.data_dir, args.older_than * 86400)
+        )
+    )
+    return ops.remove(found, dry_run=args.dry_run)
+
+
+async def _with_existing_db(path: Path, work: Callable) -> Any:
+    """``work(db)`` on the database at ``path``, which must exist (no new one is made)."""
+    db = await Database.open(path, readers=1)
+    try:
+        return await work(db)
+    finally:
+        await db.close()
 
 
 if __name__ == "__main__":

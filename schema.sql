@@ -98,6 +98,7 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_request ON jobs (job_request_id);
 CREATE INDEX jobs_workspace_action ON jobs (workspace_id, action, created_at);
 CREATE INDEX jobs_active ON jobs (state) WHERE state IN ('pending', 'running');
+CREATE INDEX jobs_completed ON jobs (completed_at);  -- /metrics reads jobs finished since its last scrape
 
 -- every status a job passed through, for the timeline on the job page
 CREATE TABLE job_events (
@@ -119,6 +120,7 @@ CREATE TABLE user_usage (
 -- emails waiting to be sent, retried with backoff
 CREATE TABLE outbox (
     id INTEGER PRIMARY KEY,
+    job_id TEXT REFERENCES jobs(id),         -- the job an email is about: one email per job
     to_addr TEXT NOT NULL,
     subject TEXT NOT NULL,
     body TEXT NOT NULL,
@@ -128,6 +130,8 @@ CREATE TABLE outbox (
     sent_at REAL,
     created_at REAL NOT NULL
 );
+CREATE UNIQUE INDEX outbox_job ON outbox (job_id) WHERE job_id IS NOT NULL;
+CREATE INDEX outbox_unsent ON outbox (next_attempt_at) WHERE sent_at IS NULL;
 
 -- small site-wide switches, such as the paused queue
 CREATE TABLE site_state (

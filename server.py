@@ -25,6 +25,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 import auth
+import metrics
+import notify
 import pipeline
 from auth import User
 from config import Settings
@@ -533,6 +535,30 @@ async def api_outputs(request: Request) -> Response:
     return JSONResponse(Manifest.load(ws_dir).data)
 
 
+async def api_admin_outbox(request: Request) -> Response:
+    user = await require_user(request)
+    if not user.is_admin:
+        raise ApiError(403, "only site admins can see the outbox")
+    state = app_state(request)
+    return JSONResponse(await notify.outbox_json(state.db, state.settings))
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus metrics, for an admin's API token or a scraper on this machine."""
+    if not metrics.is_loopback(request.client.host if request.client else None):
+        try:
+            user = await current_user(request)
+        except ApiError as e:
+            return PlainTextResponse(f"{e.message}\n", status_code=e.status)
+        if user is None or not user.is_admin or not getattr(request.state, "via_token", False):
+            return PlainTextResponse(
+                "metrics are served to this machine (loopback) or with a site admin's API token\n",
+                status_code=403,
+            )
+    body = await app_state(request).metrics.render()
+    return Response(body, media_type=metrics.CONTENT_TYPE)
+
+
 # -- pages -----------------------------------------------------------------------------
 
 
@@ -625,16 +651,21 @@ def create_app(settings: Settings) -> Starlette:
         db = await Database.open(settings.data_dir / "db.sqlite")
         repos = Repos(settings.data_dir / "repos", timeout=settings.repos.fetch_timeout)
         executor = Executor(settings, repos)
-        scheduler = Scheduler(db, settings, executor)
+        notifier = notify.Notifier(db, settings)
+        scheduler = Scheduler(db, settings, executor, on_job_finished=notifier.job_finished)
         app.state.db = db
         app.state.repos = repos
         app.state.executor = executor
         app.state.scheduler = scheduler
+        app.state.notifier = notifier
+        app.state.metrics = metrics.SiteMetrics(db, settings, executor)
         try:
+            await notifier.start()
             await scheduler.start()
             yield
         finally:
             await scheduler.stop()
+            await notifier.stop()
             await db.close()
 
     # imported here, not at the top: the page modules use this module's helpers
@@ -655,6 +686,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/job-requests/{id}/cancel", api(api_cancel), methods=["POST"]),
         Route("/api/v1/jobs/{id}", api(api_job)),
         Route("/api/v1/jobs/{id}/log", api(api_job_log)),
+        Route("/api/v1/admin/outbox", api(api_admin_outbox)),
+        Route("/metrics", metrics_endpoint),
         Mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static"),
         Route("/", projects.home),
         Route("/login", login_page, methods=["GET", "POST"]),

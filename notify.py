@@ -1,0 +1,257 @@
+"""Email when a job finishes, for job requests submitted with "Notify me".
+
+An email is first written to the ``outbox`` table, in the same breath as the job's end is
+known, and only then sent by a background task. Sending can fail (the mail server is down,
+a password changed) without touching the job, and an email waiting to be sent survives a
+restart. Failed sends are retried with a growing delay; after ``MAX_ATTEMPTS`` the email
+stays in the outbox with its last error, where a site admin can see it
+(``GET /api/v1/admin/outbox``). A site without SMTP settings keeps every email there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from email.message import EmailMessage
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiosmtplib
+
+from config import Settings
+from db import Database, Row
+from submit import iso
+
+log = logging.getLogger("jobsite.notify")
+
+MAX_ATTEMPTS = 30  # 30 s, 1 m, 2 m ... then hourly: about a day of retries
+RETRY_DELAY = 30.0  # seconds before the first retry; doubled each time
+MAX_RETRY_DELAY = 3600.0
+
+
+def status_word(state: str, status_code: str) -> str:
+    """The one word a subject line starts with."""
+    if state == "succeeded":
+        return "Succeeded"
+    if status_code == "cancelled_by_user":
+        return "Cancelled"
+    return "Failed"
+
+
+def elapsed(seconds: float) -> str:
+    seconds = round(max(0.0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m {seconds}s"
+    if minutes:
+        return f"{minutes}m {seconds}s"
+    return f"{seconds}s"
+
+
+def job_email(job: Row, base_url: str) -> tuple[str, str]:
+    """Subject and body of the email about a finished ``job`` (a row with its workspace)."""
+    word = status_word(job["state"], job["status_code"])
+    subject = f"{word}: [{job['workspace']}] {job['action']}"
+    if job["started_at"] is None:
+        took = "did not start"
+    else:
+        took = elapsed((job["completed_at"] or time.time()) - job["started_at"])
+    finished = time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(job["completed_at"] or time.time())
+    )
+    body = (
+        f"The job for action {job['action']} in workspace {job['workspace']} has finished.\n"
+        "\n"
+        f"Action:     {job['action']}\n"
+        f"Workspace:  {job['workspace']}\n"
+        f"Status:     {word} ({job['status_code']})\n"
+        f"Message:    {job['status_message']}\n"
+        f"Elapsed:    {took}\n"
+        f"Finished:   {finished}\n"
+        "\n"
+        "The job's timeline and log:\n"
+        f"{base_url}/jobs/{job['id']}\n"
+        "\n"
+        f"You get this email because job request {job['job_request_id']} was submitted with "
+        '"Notify me".\n'
+    )
+    return subject, body
+
+
+class Notifier:
+    """Queues an email per finished job of a "Notify me" request, and sends the queue."""
+
+    def __init__(self, db: Database, settings: Settings, retry_delay: float = RETRY_DELAY) -> None:
+        self.db = db
+        self.settings = settings
+        self.retry_delay = retry_delay
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.settings.smtp.enabled:
+            self._task = asyncio.create_task(self._send_loop(), name="jobsite-outbox")
+        else:
+            log.info("smtp.host is not set: emails stay in the outbox for admins to see")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def job_finished(self, job_id: str) -> None:
+        """The scheduler's hook: queue the email about ``job_id`` if its requester asked."""
+        job = await self.db.fetchone(
+            "SELECT j.id, j.job_request_id, j.action, j.state, j.status_code, j.status_message, "
+            "j.started_at, j.completed_at, w.name AS workspace, r.notify, u.username, u.email "
+            "FROM jobs j JOIN job_requests r ON r.id = j.job_request_id "
+            "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = r.created_by "
+            "WHERE j.id = ?",
+            (job_id,),
+        )
+        if job is None or not job["notify"]:
+            return
+        if not job["email"]:
+            log.info(
+                "job %s finished; %s asked to be notified but has no email address, so no "
+                "email was sent (an email address on their account would have it sent)",
+                job_id,
+                job["username"],
+            )
+            return
+        subject, body = job_email(job, self.settings.base_url)
+        now = time.time()
+        await self.db.execute(
+            "INSERT INTO outbox (job_id, to_addr, subject, body, next_attempt_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (job_id, job["email"], subject, body, now, now),
+        )
+        self._wake.set()
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                delay = await self.send_due()
+            except Exception:
+                log.exception("sending the outbox failed")
+                delay = self.retry_delay
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def send_due(self) -> float | None:
+        """Send every email that is due; returns seconds until the next one is, if any."""
+        now = time.time()
+        due = await self.db.fetchall(
+            "SELECT * FROM outbox WHERE sent_at IS NULL AND attempts < ? "
+            "AND next_attempt_at <= ? ORDER BY id",
+            (MAX_ATTEMPTS, now),
+        )
+        for row in due:
+            await self._send_one(row)
+        next_at = await self.db.fetchval(
+            "SELECT min(next_attempt_at) FROM outbox WHERE sent_at IS NULL AND attempts < ?",
+            (MAX_ATTEMPTS,),
+        )
+        return None if next_at is None else max(0.0, next_at - time.time())
+
+    async def _send_one(self, row: Row) -> None:
+        smtp = self.settings.smtp
+        try:
+            await aiosmtplib.send(
+                self._message(row),
+                hostname=smtp.host,
+                port=smtp.port,
+                username=smtp.username,
+                password=smtp.password,
+                use_tls=smtp.tls,
+                start_tls=smtp.starttls and not smtp.tls,
+                timeout=smtp.timeout,
+            )
+        except Exception as e:
+            attempts = row["attempts"] + 1
+            error = f"{type(e).__name__}: {e}"
+            delay = min(self.retry_delay * 2 ** (attempts - 1), MAX_RETRY_DELAY)
+            await self.db.execute(
+                "UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
+                (attempts, error, time.time() + delay, row["id"]),
+            )
+            if attempts >= MAX_ATTEMPTS:
+                log.error(
+                    "gave up sending email %s to %s after %s attempts: %s",
+                    row["id"],
+                    row["to_addr"],
+                    attempts,
+                    error,
+                )
+            else:
+                log.warning(
+                    "could not send email %s to %s via %s:%s (attempt %s, next in %.0fs): %s",
+                    row["id"],
+                    row["to_addr"],
+                    smtp.host,
+                    smtp.port,
+                    attempts,
+                    delay,
+                    error,
+                )
+            return
+        await self.db.execute(
+            "UPDATE outbox SET attempts = attempts + 1, sent_at = ?, last_error = NULL "
+            "WHERE id = ?",
+            (time.time(), row["id"]),
+        )
+        log.info("sent email %s to %s: %s", row["id"], row["to_addr"], row["subject"])
+
+    def _message(self, row: Row) -> EmailMessage:
+        message = EmailMessage()
+        message["From"] = self.settings.smtp.from_addr
+        message["To"] = row["to_addr"]
+        message["Subject"] = row["subject"]
+        message["Date"] = email.utils.formatdate(row["created_at"], usegmt=True)
+        domain = urlsplit(self.settings.base_url).hostname or "localhost"
+        message["Message-ID"] = email.utils.make_msgid("jobsite", domain=domain)
+        message.set_content(row["body"])
+        return message
+
+
+async def outbox_json(db: Database, settings: Settings, limit: int = 100) -> dict[str, Any]:
+    """The newest emails of the outbox, as admins see them."""
+    rows = await db.fetchall("SELECT * FROM outbox ORDER BY id DESC LIMIT ?", (limit,))
+    return {
+        "smtp_configured": settings.smtp.enabled,
+        "emails": [
+            {
+                "id": row["id"],
+                "job_id": row["job_id"],
+                "to": row["to_addr"],
+                "subject": row["subject"],
+                "body": row["body"],
+                "status": _outbox_status(row, settings),
+                "attempts": row["attempts"],
+                "last_error": row["last_error"],
+                "next_attempt_at": None if row["sent_at"] else iso(row["next_attempt_at"]),
+                "sent_at": iso(row["sent_at"]),
+                "created_at": iso(row["created_at"]),
+            }
+            for row in rows
+        ],
+    }
+
+
+def _outbox_status(row: Row, settings: Settings) -> str:
+    if row["sent_at"] is not None:
+        return "sent"
+    if row["attempts"] >= MAX_ATTEMPTS:
+        return "gave_up"
+    if not settings.smtp.enabled:
+        return "not_sent_smtp_not_configured"
+    return "waiting"

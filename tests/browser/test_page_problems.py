@@ -1,0 +1,41 @@
+"""The watch every browser test relies on: it must see what a user's browser would report."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from playwright.sync_api import Browser
+
+from tests.browser.conftest import LiveServer, PageProblems
+
+pytestmark = [pytest.mark.browser, pytest.mark.docker]
+
+
+def test_console_errors_failed_requests_and_5xx_are_reported(
+    browser: Browser, live_server: LiveServer
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    context = browser.new_context(base_url=live_server.url)
+    watcher = PageProblems()
+    watcher.watch(context)
+    page = context.new_page()
+    page.route("**/broken-upstream", lambda route: route.fulfill(status=502, body="down"))
+    page.goto("/")
+    page.evaluate("console.error('something broke')")
+    page.evaluate("fetch('/static/missing.js').catch(() => {})")
+    page.evaluate("fetch('/broken-upstream').catch(() => {})")
+    page.evaluate(f"fetch('http://127.0.0.1:{closed_port}/').catch(() => {{}})")
+    page.wait_for_timeout(500)
+    page.goto("/no-such-workspace/")
+    report = "\n".join(watcher.report())
+    context.close()
+
+    assert "something broke" in report
+    assert "404" in report and "/static/missing.js" in report
+    assert "HTTP 502 for GET" in report
+    assert f"request failed: GET http://127.0.0.1:{closed_port}/" in report
+    # the 404 page a user is shown for a missing workspace is an answer, not a problem
+    assert "no-such-workspace" not in report
