@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,16 +33,9 @@ from config import Settings
 from db import Database, Row
 from executor import Executor
 from outputs import Manifest
-from repos import RepoError, Repos, check_allowed
+from repos import BranchNotFound, FileNotFound, RepoError, Repos, check_allowed
 from runner import Scheduler
-from submit import (
-    SubmitError,
-    iso,
-    job_json,
-    job_request_json,
-    load_project,
-    submit,
-)
+from submit import SubmitError, iso, job_json, job_request_json, submit
 
 log = logging.getLogger("jobsite.server")
 
@@ -250,6 +244,14 @@ async def create_project(request: Request, name: str) -> Row:
     return await db.fetchone("SELECT * FROM projects WHERE slug = ?", (slug,))
 
 
+class FormError(ApiError):
+    """Bad form fields: ``errors`` maps each field to what is wrong with it."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__(400, "; ".join(errors.values()))
+        self.errors = errors
+
+
 async def create_workspace(request: Request, project: Row, form: dict[str, Any]) -> Row:
     user = await check_role(request, project["id"], "developer")
     state = app_state(request)
@@ -258,41 +260,53 @@ async def create_workspace(request: Request, project: Row, form: dict[str, Any])
     repo = str(form.get("repo") or "").strip()
     branch = str(form.get("branch") or "").strip()
     database = str(form.get("database") or "").strip()
+    errors: dict[str, str] = {}
     if not WORKSPACE_NAME.fullmatch(name):
-        raise ApiError(
-            400,
+        errors["name"] = (
             "a workspace name uses lowercase letters, digits, '-' and '_', starts with a "
-            "letter or digit and is at most 63 characters",
+            "letter or digit and is at most 63 characters"
         )
-    if name in RESERVED_NAMES:
-        raise ApiError(400, f"{name!r} is used by the site itself; choose another name")
-    if await state.db.fetchone("SELECT 1 FROM workspaces WHERE name = ?", (name,)):
-        raise ApiError(400, f"a workspace named {name!r} already exists; choose another name")
-    if not repo:
-        raise ApiError(400, "repo is required")
-    if not branch:
-        raise ApiError(400, "branch is required")
+    elif name in RESERVED_NAMES:
+        errors["name"] = f"{name!r} is used by the site itself; choose another name"
+    elif await state.db.fetchone("SELECT 1 FROM workspaces WHERE name = ?", (name,)):
+        errors["name"] = f"a workspace named {name!r} already exists; choose another name"
     if database not in settings.databases:
-        choices = ", ".join(settings.databases)
-        raise ApiError(400, f"database must be one of: {choices}")
-    check_allowed(repo, settings.repos.allow)
-    sha = await state.repos.resolve_branch(repo, branch)
-    await state.repos.read_file(repo, sha, "project.yaml")
-    await state.db.execute(
-        "INSERT INTO workspaces (name, project_id, repo, branch, database, purpose, "
-        "notify_default, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            name,
-            project["id"],
-            repo,
-            branch,
-            database,
-            str(form.get("purpose") or ""),
-            int(bool(form.get("notify_default"))),
-            user.id,
-            time.time(),
-        ),
-    )
+        errors["database"] = f"database must be one of: {', '.join(settings.databases)}"
+    if not repo:
+        errors["repo"] = "repo is required"
+    elif not branch:
+        errors["branch"] = "branch is required"
+    else:
+        try:
+            check_allowed(repo, settings.repos.allow)
+            sha = await state.repos.resolve_branch(repo, branch)
+            await state.repos.read_file(repo, sha, "project.yaml")
+        except (BranchNotFound, FileNotFound) as e:
+            errors["branch"] = str(e)
+        except RepoError as e:
+            errors["repo"] = str(e)
+    if errors:
+        raise FormError(errors)
+    try:
+        await state.db.execute(
+            "INSERT INTO workspaces (name, project_id, repo, branch, database, purpose, "
+            "notify_default, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                project["id"],
+                repo,
+                branch,
+                database,
+                str(form.get("purpose") or "").strip(),
+                int(bool(form.get("notify_default"))),
+                user.id,
+                time.time(),
+            ),
+        )
+    except sqlite3.IntegrityError:  # someone took the name a moment ago
+        raise FormError(
+            {"name": f"a workspace named {name!r} already exists; choose another name"}
+        ) from None
     return await get_workspace(request, name)
 
 
@@ -330,14 +344,37 @@ async def cancel_jobs(request: Request, job_request: Row, actions: list[str] | N
     return await app_state(request).scheduler.cancel(active)
 
 
-async def workspace_actions(request: Request, workspace: Row) -> dict[str, Any]:
-    """The workspace's actions at the branch head with their latest jobs, or the errors."""
+_PARSED: dict[tuple[str, str], pipeline.Pipeline] = {}
+_PARSED_MAX = 64
+
+
+async def project_at(repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
+    """project.yaml of ``repo`` at commit ``sha``, parsed once: a commit never changes, and
+    pages poll the same one every few seconds."""
+    key = (repo, sha)
+    if key not in _PARSED:
+        parsed = pipeline.load_pipeline(await repos.read_file(repo, sha, "project.yaml"))
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = parsed
+    return _PARSED[key]
+
+
+async def workspace_actions(request: Request, workspace: Row, fetch: bool = True) -> dict[str, Any]:
+    """The workspace's actions at the branch head with their latest jobs, or the errors.
+
+    ``fetch=False`` reads the local mirror as it is, for status polling.
+    """
     state = app_state(request)
+    repos: Repos = state.repos
     result: dict[str, Any] = {"actions": [], "error": None, "warnings": [], "sha": None}
     try:
-        sha, project = await load_project(state.repos, workspace["repo"], workspace["branch"])
+        sha = await repos.resolve_branch(workspace["repo"], workspace["branch"], fetch=fetch)
+        project = await project_at(repos, workspace["repo"], sha)
     except (RepoError, pipeline.ProjectValidationError) as e:
         result["error"] = str(e)
+        result["errors"] = getattr(e, "errors", None) or [str(e)]
+        result["error_kind"] = type(e).__name__
         return result
     result["sha"] = sha
     result["warnings"] = list(project.warnings)
@@ -360,6 +397,7 @@ async def workspace_actions(request: Request, workspace: Row) -> dict[str, Any]:
                 "status": job["status_code"] if job else None,
                 "state": job["state"] if job else None,
                 "job_id": job["id"] if job else None,
+                "changed_at": job["updated_at"] if job else None,
             }
         )
     return result
@@ -542,6 +580,8 @@ async def render(
         "user": user,
         "csrf_token": auth.csrf_token(request),
         "settings": app_state(request).settings,
+        # messages from the previous request are shown once, on the next full page
+        "flashes": [] if name.startswith("_") else request.session.pop("flash", []),
         **context,
     }
     response = app_state(request).templates.TemplateResponse(
@@ -549,167 +589,6 @@ async def render(
     )
     response.headers["Vary"] = "HX-Request, Cookie"
     return response
-
-
-async def home(request: Request) -> Response:
-    user = await current_user(request)
-    db: Database = app_state(request).db
-    if user and not user.is_admin:
-        projects = await db.fetchall(
-            "SELECT DISTINCT p.* FROM projects p JOIN project_members m ON m.project_id = p.id "
-            "WHERE m.user_id = ? ORDER BY p.name",
-            (user.id,),
-        )
-    elif user or app_state(request).settings.public_status:
-        projects = await db.fetchall("SELECT * FROM projects ORDER BY name")
-    else:
-        projects = []
-    recent = []
-    if user:
-        rows = await db.fetchall(
-            "SELECT r.*, w.name AS workspace FROM job_requests r JOIN workspaces w "
-            "ON w.id = r.workspace_id WHERE r.created_by = ? ORDER BY r.id DESC LIMIT 10",
-            (user.id,),
-        )
-        recent = [await job_request_json(db, row["id"]) for row in rows]
-    return await render(request, "home.html", {"projects": projects, "recent": recent})
-
-
-async def project_page(request: Request) -> Response:
-    project = await get_project(request, request.path_params["slug"])
-    db: Database = app_state(request).db
-    error = None
-    form: dict[str, Any] = {}
-    if request.method == "POST":
-        await check_role(request, project["id"], "developer")
-        form = dict(await request.form())
-        try:
-            workspace = await create_workspace(request, project, form)
-            return RedirectResponse(f"/{workspace['name']}/", status_code=303)
-        except (ApiError, RepoError) as e:
-            error = str(e)
-    workspaces = await db.fetchall(
-        "SELECT * FROM workspaces WHERE project_id = ? ORDER BY archived, name", (project["id"],)
-    )
-    members = await db.fetchall(
-        "SELECT u.username, group_concat(m.role, ', ') AS roles FROM project_members m "
-        "JOIN users u ON u.id = m.user_id WHERE m.project_id = ? GROUP BY u.id ORDER BY u.username",
-        (project["id"],),
-    )
-    return await render(
-        request,
-        "project.html",
-        {
-            "project": project,
-            "workspaces": workspaces,
-            "members": members,
-            "error": error,
-            "form": form,
-            "databases": app_state(request).settings.databases,
-        },
-        status=400 if error else 200,
-    )
-
-
-async def workspace_page(request: Request) -> Response:
-    workspace = await get_workspace(request, request.path_params["workspace"])
-    error = None
-    if request.method == "POST":
-        await check_csrf(request)
-        form = await request.form()
-        actions = [str(a) for a in form.getlist("actions")]
-        try:
-            request_id = await create_job_request(
-                request,
-                workspace,
-                actions,
-                force=bool(form.get("force_run_dependencies")),
-                notify=bool(form.get("notify")),
-            )
-        except (SubmitError, RepoError, pipeline.ProjectValidationError) as e:
-            error = str(e)
-        else:
-            return RedirectResponse(f"/{workspace['name']}/logs/{request_id}", status_code=303)
-    found = await workspace_actions(request, workspace)
-    user = await current_user(request)
-    context = {
-        "workspace": workspace,
-        "found": found,
-        "error": error,
-        "can_run": bool(user and user.can_run(workspace["project_id"])),
-        "all_done": all(a["state"] in (None, "succeeded", "failed") for a in found["actions"]),
-    }
-    if request.headers.get("hx-request") and request.method == "GET":
-        response = await render(request, "_actions.html", context)
-        if context["all_done"]:
-            response.status_code = 286  # htmx stops polling
-        return response
-    return await render(request, "workspace.html", context, status=400 if error else 200)
-
-
-async def logs_page(request: Request) -> Response:
-    workspace = await get_workspace(request, request.path_params["workspace"])
-    db: Database = app_state(request).db
-    rows = await db.fetchall(
-        "SELECT id FROM job_requests WHERE workspace_id = ? ORDER BY id DESC LIMIT 50",
-        (workspace["id"],),
-    )
-    job_requests = [await job_request_json(db, row["id"]) for row in rows]
-    return await render(
-        request, "logs.html", {"workspace": workspace, "job_requests": job_requests}
-    )
-
-
-async def job_request_page(request: Request) -> Response:
-    row = await get_job_request(request, request.path_params["id"])
-    if row["workspace"] != request.path_params["workspace"]:
-        raise ApiError(404, "that job request belongs to another workspace")
-    db: Database = app_state(request).db
-    data = await job_request_json(db, row["id"])
-    user = await current_user(request)
-    context = {
-        "job_request": data,
-        "workspace": await get_workspace(request, row["workspace"]),
-        "can_cancel": bool(user and user.can_run(row["project_id"])),
-    }
-    done = data["status"] in ("succeeded", "failed", "nothing_to_do")
-    if request.headers.get("hx-request"):
-        response = await render(request, "_job_request_jobs.html", context)
-        if done:
-            response.status_code = 286
-        return response
-    return await render(request, "job_request.html", context)
-
-
-async def cancel_page(request: Request) -> Response:
-    row = await get_job_request(request, request.path_params["id"])
-    await check_csrf(request)
-    form = await request.form()
-    actions = [str(a) for a in form.getlist("actions")] or None
-    await cancel_jobs(request, row, actions)
-    return RedirectResponse(f"/{row['workspace']}/logs/{row['id']}", status_code=303)
-
-
-async def job_page(request: Request) -> Response:
-    job = await get_job(request, request.path_params["id"])
-    user = await current_user(request)
-    db: Database = app_state(request).db
-    events = await db.fetchall(
-        "SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job["id"],)
-    )
-    can_view_log = bool(user and user.can_view_outputs(job["project_id"]))
-    log_text = None
-    if can_view_log:
-        path = app_state(request).settings.data_dir / "logs" / f"{job['id']}.log"
-        if path.exists():
-            log_text = path.read_text(errors="replace")
-    context = {
-        "job": {**job_json(job), "workspace": job["workspace"]},
-        "events": [{**e, "at": iso(e["at"])} for e in events],
-        "can_view_log": can_view_log,
-        "log_text": log_text,
-    }
-    return await render(request, "job.html", context)
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -727,7 +606,10 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     if is_api(request):
         return JSONResponse({"error": message}, status_code=status)
     if status == 401:
-        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        login = f"/login?next={request.url.path}"
+        if request.headers.get("hx-request"):  # a poll must not swap the sign-in page in
+            return Response(message, status_code=401, headers={"HX-Redirect": login})
+        return RedirectResponse(login, status_code=303)
     return await render(request, "error.html", {"status": status, "message": message}, status)
 
 
@@ -762,8 +644,12 @@ def create_app(settings: Settings) -> Starlette:
     import accounts
     import openapi
 
+    # imported here, not at the top: the page modules use this module's helpers
+    import views
+    from views import admin, jobs, projects, workspaces
+
     templates = Jinja2Templates(directory=str(ROOT / "templates"))
-    templates.env.globals["status_label"] = status_label
+    views.setup(templates.env)
     routes = [
         Route("/api/v1/health", api(api_health)),
         Route("/api/v1/projects", api(api_create_project), methods=["POST"]),
@@ -791,7 +677,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/admin/outbox", api(api_admin_outbox)),
         Route("/metrics", metrics_endpoint),
         Mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static"),
-        Route("/", home),
+        Route("/", projects.home),
         Route("/login", accounts.login_page, methods=["GET", "POST"]),
         Route("/logout", accounts.logout, methods=["POST"]),
         Route("/auth/github", accounts.github_start),
@@ -800,21 +686,34 @@ def create_app(settings: Settings) -> Starlette:
         Route("/account/password", accounts.change_password, methods=["POST"]),
         Route("/account/tokens", accounts.create_token, methods=["POST"]),
         Route("/account/tokens/{id:int}/revoke", accounts.revoke_token, methods=["POST"]),
+        Route("/admin/", admin.admin_page),
+        Route("/admin/pause", admin.pause, methods=["POST"]),
+        Route("/admin/priority", admin.priority, methods=["POST"]),
         Route("/admin/users", accounts.admin_users),
         Route("/admin/users", accounts.admin_create_user, methods=["POST"]),
         Route("/admin/users/{id:int}/{action}", accounts.admin_user_action, methods=["POST"]),
-        Route("/projects/{slug}/", project_page, methods=["GET", "POST"]),
+        Route("/projects/", projects.create_project, methods=["POST"]),
+        Route("/projects/{slug}/", projects.project_page),
         Route("/projects/{slug}/members", accounts.add_member_form, methods=["POST"]),
         Route(
             "/projects/{slug}/members/{username}/remove",
             accounts.remove_member_form,
             methods=["POST"],
         ),
-        Route("/jobs/{id}", job_page),
-        Route("/{workspace}/", workspace_page, methods=["GET", "POST"]),
-        Route("/{workspace}/logs", logs_page),
-        Route("/{workspace}/logs/{id}", job_request_page),
-        Route("/{workspace}/logs/{id}/cancel", cancel_page, methods=["POST"]),
+        Route(
+            "/projects/{slug}/new-workspace",
+            workspaces.new_workspace_page,
+            methods=["GET", "POST"],
+        ),
+        Route("/projects/{slug}/new-workspace/branches", workspaces.branches),
+        Route("/jobs/{id}", jobs.job_page),
+        Route("/jobs/{id}/log", jobs.job_log),
+        Route("/{workspace}/", workspaces.workspace_page, methods=["GET", "POST"]),
+        Route("/{workspace}/archive", workspaces.archive, methods=["POST"]),
+        Route("/{workspace}/outputs/{path:path}", workspaces.outputs),
+        Route("/{workspace}/logs", jobs.logs_page),
+        Route("/{workspace}/logs/{id}", jobs.job_request_page),
+        Route("/{workspace}/logs/{id}/cancel", jobs.cancel, methods=["POST"]),
     ]
     key = secret_key(settings.data_dir)
     app = Starlette(

@@ -108,9 +108,11 @@ def sign_in(page: Page, username: str) -> None:
 
 def create_workspace(page: Page, project: str, name: str, repo: str, branch: str) -> None:
     page.goto(f"/projects/{project}/")
+    page.get_by_role("link", name="New workspace").click()
     page.get_by_label("Name", exact=True).fill(name)
     page.get_by_label("Repo").fill(repo)
-    page.get_by_label("Branch").fill(branch)
+    page.get_by_label("Repo").press("Tab")  # the repo's branches load into the Branch list
+    page.get_by_label("Branch").select_option(branch)
     page.get_by_role("radio", name=re.compile(r"^sample\b")).check()
     page.get_by_role("button", name="Create workspace").click()
 

@@ -1,0 +1,219 @@
+"""Logs (a workspace's job requests), a job request, a job and its log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+import server
+from db import Database
+from outputs import Manifest
+from submit import request_status
+from views import STATES_ACTIVE, flash, fragment, is_htmx, local_path, redirect
+
+PAGE_SIZE = 20
+LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
+
+
+async def job_request_rows(
+    db: Database, where: str, params: tuple, limit: int, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Job requests matching ``where`` (SQL written in this package; values go in
+    ``params``), with who made them, their jobs and overall status, newest first."""
+    rows = await db.fetchall(
+        "SELECT r.*, w.name AS workspace, u.username FROM job_requests r "
+        "JOIN workspaces w ON w.id = r.workspace_id JOIN users u ON u.id = r.created_by "
+        f"WHERE {where} ORDER BY r.id DESC LIMIT ? OFFSET ?",
+        (*params, limit, offset),
+    )
+    jobs: dict[int, list[dict[str, Any]]] = {row["id"]: [] for row in rows}
+    if rows:
+        marks = ",".join("?" * len(rows))
+        for job in await db.fetchall(
+            f"SELECT * FROM jobs WHERE job_request_id IN ({marks}) ORDER BY created_at",
+            list(jobs),
+        ):
+            jobs[job["job_request_id"]].append(job)
+    result = []
+    for row in rows:
+        status, message = request_status(row, jobs[row["id"]])
+        result.append(
+            {
+                **row,
+                "requested": json.loads(row["requested_actions"]),
+                "jobs": jobs[row["id"]],
+                "status": status,
+                "status_message": message,
+                "succeeded": sum(job["state"] == "succeeded" for job in jobs[row["id"]]),
+            }
+        )
+    return result
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def logs_page(request: Request) -> Response:
+    workspace = await server.get_workspace(request, request.path_params["workspace"])
+    db: Database = server.app_state(request).db
+    query = request.query_params.get("q", "").strip()
+    page_param = request.query_params.get("page", "1")
+    page = max(1, int(page_param)) if page_param.isdigit() else 1
+    where = "r.workspace_id = ?"
+    params: tuple = (workspace["id"],)
+    if query:
+        where += (
+            " AND (EXISTS (SELECT 1 FROM json_each(r.requested_actions) "
+            "WHERE value LIKE ? ESCAPE '\\') OR EXISTS (SELECT 1 FROM jobs j "
+            "WHERE j.job_request_id = r.id AND j.action LIKE ? ESCAPE '\\'))"
+        )
+        params += (_like(query), _like(query))
+    rows = await job_request_rows(db, where, params, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE)
+    user = await server.current_user(request)
+    context = {
+        "workspace": workspace,
+        "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
+        "job_requests": rows[:PAGE_SIZE],
+        "query": query,
+        "page": page,
+        "has_more": len(rows) > PAGE_SIZE,
+        "live": any(r["status"] in STATES_ACTIVE for r in rows[:PAGE_SIZE]),
+    }
+    if is_htmx(request):
+        return await fragment(request, "_logs_list.html", context, done=not context["live"])
+    return await server.render(request, "logs.html", context)
+
+
+async def job_request_page(request: Request) -> Response:
+    row = await server.get_job_request(request, request.path_params["id"])
+    if row["workspace"] != request.path_params["workspace"]:
+        raise server.ApiError(404, f"job request {row['id']} belongs to another workspace")
+    db: Database = server.app_state(request).db
+    (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
+    user = await server.current_user(request)
+    now = time.time()
+    events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in job_request["jobs"]}
+    for event in await db.fetchall(
+        "SELECT e.* FROM job_events e JOIN jobs j ON j.id = e.job_id "
+        "WHERE j.job_request_id = ? ORDER BY e.id",
+        (row["id"],),
+    ):
+        events[event["job_id"]].append(event)
+    context = {
+        "job_request": job_request,
+        "timelines": {
+            job["id"]: timeline(events[job["id"]], job, now) for job in job_request["jobs"]
+        },
+        "workspace": await server.get_workspace(request, row["workspace"]),
+        "can_cancel": bool(user and user.can_run(row["project_id"])),
+        "live": job_request["status"] in STATES_ACTIVE,
+        "now": now,
+    }
+    if is_htmx(request):
+        return await fragment(request, "_job_request.html", context, done=not context["live"])
+    return await server.render(request, "job_request.html", context)
+
+
+async def cancel(request: Request) -> Response:
+    """Cancel a job request's unfinished jobs: all of them, or the named actions' jobs."""
+    row = await server.get_job_request(request, request.path_params["id"])
+    await server.check_role(request, row["project_id"], "developer")
+    form = await request.form()
+    actions = [str(a) for a in form.getlist("actions")] or None
+    cancelled = await server.cancel_jobs(request, row, actions)
+    if cancelled:
+        flash(request, f"Cancelled {len(cancelled)} job{'s' if len(cancelled) != 1 else ''}.")
+    else:
+        flash(request, "Nothing to cancel: those jobs have already finished.", "warning")
+    default = f"/{row['workspace']}/logs/{row['id']}"
+    return redirect(local_path(str(form.get("next") or ""), default))
+
+
+def timeline(events: list[dict[str, Any]], job: dict[str, Any], now: float) -> list[dict]:
+    """Each status the job passed through, with how long it stayed there."""
+    result = []
+    for i, event in enumerate(events):
+        if i + 1 < len(events):
+            until = events[i + 1]["at"]
+        elif job["state"] in STATES_ACTIVE:
+            until = now
+        else:
+            until = None
+        result.append({**event, "lasted": None if until is None else until - event["at"]})
+    return result
+
+
+async def job_page(request: Request) -> Response:
+    job = await server.get_job(request, request.path_params["id"])
+    user = await server.current_user(request)
+    state = server.app_state(request)
+    db: Database = state.db
+    events = await db.fetchall(
+        "SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job["id"],)
+    )
+    can_view_log = bool(user and user.can_view_outputs(job["project_id"]))
+    files = []
+    if can_view_log:
+        manifest = Manifest.load(state.settings.data_dir / "workspaces" / job["workspace"])
+        files = sorted(
+            (path, entry)
+            for path, entry in manifest.data["files"].items()
+            if entry.get("job") == job["id"]
+        )
+    now = time.time()
+    context = {
+        "job": job,
+        "events": timeline(events, job, now),
+        "can_view_log": can_view_log,
+        "can_cancel": bool(user and user.can_run(job["project_id"])),
+        "files": files,
+        "live": job["state"] in STATES_ACTIVE,
+        "now": now,
+    }
+    if is_htmx(request):
+        return await fragment(request, "_job_status.html", context, done=not context["live"])
+    if can_view_log:
+        context["log"] = await read_log(log_path(request, job["id"]))
+    return await server.render(request, "job.html", context)
+
+
+def log_path(request: Request, job_id: str) -> Path:
+    return server.app_state(request).settings.data_dir / "logs" / f"{job_id}.log"
+
+
+async def read_log(path: Path) -> dict[str, Any] | None:
+    """The end of a log (the whole log when it is short), or None before it exists."""
+
+    def read() -> dict[str, Any] | None:
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(0, size - LOG_TAIL))
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return {"text": data.decode(errors="replace"), "size": size, "cut": size > LOG_TAIL}
+
+    return await asyncio.to_thread(read)
+
+
+async def job_log(request: Request) -> Response:
+    """A job's log: its end as a fragment for htmx to follow, or the whole file as text."""
+    job = await server.get_job(request, request.path_params["id"])
+    await server.check_role(request, job["project_id"], "output_viewer")
+    path = log_path(request, job["id"])
+    if is_htmx(request):
+        context = {"job": job, "log": await read_log(path), "live": job["state"] in STATES_ACTIVE}
+        return await fragment(request, "_log.html", context, done=not context["live"])
+    if not path.exists():
+        raise server.ApiError(404, "this job has no log yet: it starts when the job runs")
+    text = await asyncio.to_thread(path.read_text, errors="replace")
+    return PlainTextResponse(text, headers={"X-Content-Type-Options": "nosniff"})

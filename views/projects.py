@@ -1,0 +1,91 @@
+"""Home (your projects and recent job requests) and project pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+import server
+from db import Database
+from views import STATES_ACTIVE, flash, fragment, is_htmx, redirect
+from views.jobs import job_request_rows
+
+RECENT = 10
+
+
+async def home_context(request: Request) -> dict[str, Any]:
+    user = await server.current_user(request)
+    state = server.app_state(request)
+    db: Database = state.db
+    mine: list[dict] = []
+    others: list[dict] = []
+    recent: list[dict] = []
+    if user:
+        mine = await db.fetchall(
+            "SELECT DISTINCT p.* FROM projects p JOIN project_members m ON m.project_id = p.id "
+            "WHERE m.user_id = ? ORDER BY p.name",
+            (user.id,),
+        )
+        recent = await job_request_rows(db, "r.created_by = ?", (user.id,), RECENT)
+    if (user and user.is_admin) or state.settings.public_status:
+        member_of = {p["id"] for p in mine}
+        others = [
+            p
+            for p in await db.fetchall("SELECT * FROM projects ORDER BY name")
+            if p["id"] not in member_of
+        ]
+    return {
+        "mine": mine,
+        "others": others,
+        "recent": recent,
+        "error": None,
+        "name": "",
+        "live": any(r["status"] in STATES_ACTIVE for r in recent),
+    }
+
+
+async def home(request: Request) -> Response:
+    context = await home_context(request)
+    if is_htmx(request):
+        return await fragment(request, "_recent.html", context, done=not context["live"])
+    return await server.render(request, "home.html", context)
+
+
+async def create_project(request: Request) -> Response:
+    """Register a project (from the home page)."""
+    await server.require_user(request)
+    form = await request.form()
+    name = str(form.get("name") or "")
+    try:
+        project = await server.create_project(request, name)
+    except server.ApiError as e:
+        context = {**await home_context(request), "error": e.message, "name": name}
+        return await server.render(request, "home.html", context, status=e.status)
+    flash(request, f"Project {project['name']} registered. Create its first workspace.")
+    return redirect(f"/projects/{project['slug']}/")
+
+
+async def project_page(request: Request) -> Response:
+    project = await server.get_project(request, request.path_params["slug"])
+    user = await server.current_user(request)
+    db: Database = server.app_state(request).db
+    workspaces = await db.fetchall(
+        "SELECT w.*, (SELECT max(r.created_at) FROM job_requests r WHERE r.workspace_id = w.id) "
+        "AS last_run FROM workspaces w WHERE w.project_id = ? ORDER BY w.archived, w.name",
+        (project["id"],),
+    )
+    members = await db.fetchall(
+        "SELECT u.id, u.username, u.full_name, group_concat(m.role, ', ') AS roles "
+        "FROM project_members m JOIN users u ON u.id = m.user_id WHERE m.project_id = ? "
+        "GROUP BY u.id ORDER BY u.username",
+        (project["id"],),
+    )
+    context = {
+        "project": project,
+        "workspaces": workspaces,
+        "members": members,
+        "can_create": bool(user and user.can_run(project["id"])),
+    }
+    return await server.render(request, "project.html", context)

@@ -1,0 +1,209 @@
+"""New workspace, the workspace page (run actions, watch them), archiving, outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+import pipeline
+import server
+from graph import Node, render_svg
+from outputs import Manifest
+from repos import RepoError, check_allowed
+from submit import SubmitError
+from views import STATES_ACTIVE, flash, fragment, is_htmx, redirect
+
+PREFERRED_BRANCHES = ("main", "master")
+
+
+async def load_branches(request: Request, repo: str, wanted: str = "") -> dict[str, Any]:
+    """The repo's branches with one preselected, or why they cannot be listed."""
+    state = server.app_state(request)
+    try:
+        check_allowed(repo, state.settings.repos.allow)
+        names = await state.repos.branches(repo)
+    except RepoError as e:
+        return {"branches": [], "selected": None, "branch_error": str(e)}
+    if not names:
+        return {
+            "branches": [],
+            "selected": None,
+            "branch_error": f"{repo} has no branches yet: push a branch, then try again",
+        }
+    preferred = [wanted, *PREFERRED_BRANCHES, names[0]]
+    return {
+        "branches": names,
+        "selected": next(b for b in preferred if b in names),
+        "branch_error": None,
+    }
+
+
+async def new_workspace_page(request: Request) -> Response:
+    project = await server.get_project(request, request.path_params["slug"])
+    await server.check_role(request, project["id"], "developer")
+    form: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    if request.method == "POST":
+        form = {key: str(value) for key, value in (await request.form()).items()}
+        if not form.get("load_branches"):
+            try:
+                workspace = await server.create_workspace(request, project, form)
+            except server.FormError as e:
+                errors = e.errors
+            else:
+                flash(request, f"Workspace {workspace['name']} created. Choose actions to run.")
+                return redirect(f"/{workspace['name']}/")
+    branch_field: dict[str, Any] = {"branches": [], "selected": None, "branch_error": None}
+    if form.get("repo", "").strip():
+        branch_field = await load_branches(request, form["repo"].strip(), form.get("branch", ""))
+    context = {
+        "project": project,
+        "form": form,
+        "errors": errors,
+        "databases": server.app_state(request).settings.databases,
+        **branch_field,
+    }
+    return await server.render(
+        request, "new_workspace.html", context, status=400 if errors else 200
+    )
+
+
+async def branches(request: Request) -> Response:
+    """The branch field of the new workspace form, for the repo just entered (htmx)."""
+    project = await server.get_project(request, request.path_params["slug"])
+    await server.check_role(request, project["id"], "developer")
+    repo = request.query_params.get("repo", "").strip()
+    if repo:
+        context = await load_branches(request, repo, request.query_params.get("branch", ""))
+    else:
+        context = {"branches": [], "selected": None, "branch_error": None}
+    return await server.render(request, "_branch_field.html", {**context, "errors": {}})
+
+
+def action_views(found: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{**a, "label": server.status_label(a["status"])} for a in found["actions"]]
+
+
+def graph_svg(actions: list[dict[str, Any]]) -> Any:
+    nodes = [
+        Node(
+            name=a["name"],
+            needs=tuple(a["needs"]),
+            state=a["state"],
+            label=a["label"],
+            href=f"/jobs/{a['job_id']}" if a["job_id"] else None,
+        )
+        for a in actions
+    ]
+    return render_svg(nodes, title="Pipeline")
+
+
+async def workspace_page(request: Request) -> Response:
+    workspace = await server.get_workspace(request, request.path_params["workspace"])
+    user = await server.current_user(request)
+    polling = is_htmx(request) and request.method == "GET"
+    error = None
+    selected: list[str] = []
+    force = False
+    notify = bool(workspace["notify_default"])
+    if request.method == "POST":
+        await server.check_role(request, workspace["project_id"], "developer")
+        form = await request.form()
+        selected = [str(a) for a in form.getlist("actions")]
+        force = bool(form.get("force_run_dependencies"))
+        notify = bool(form.get("notify"))
+        try:
+            request_id = await server.create_job_request(
+                request, workspace, selected, force=force, notify=notify
+            )
+        except (SubmitError, RepoError, pipeline.ProjectValidationError) as e:
+            error = str(e)
+        else:
+            row = await server.app_state(request).db.fetchone(
+                "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
+            )
+            flash(
+                request,
+                row["status_message"] or "Job request submitted",
+                "info" if row["status"] == "created" else "warning",
+            )
+            return redirect(f"/{workspace['name']}/logs/{request_id}")
+    found = await server.workspace_actions(request, workspace, fetch=not polling)
+    actions = action_views(found)
+    live = any(a["state"] in STATES_ACTIVE for a in actions)
+    context = {
+        "workspace": workspace,
+        "found": found,
+        "actions": actions,
+        "graph": graph_svg(actions) if actions else None,
+        "live": live,
+        "error": error,
+        "selected": selected,
+        "force": force,
+        "notify": notify,
+        "can_run": bool(user and user.can_run(workspace["project_id"])),
+        "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
+    }
+    if polling:
+        context["oob"] = True
+        return await fragment(request, "_workspace_status.html", context, done=not live)
+    return await server.render(request, "workspace.html", context, status=400 if error else 200)
+
+
+async def archive(request: Request) -> Response:
+    workspace = await server.get_workspace(request, request.path_params["workspace"])
+    await server.check_role(request, workspace["project_id"], "developer")
+    archived = (await request.form()).get("archived") == "1"
+    await server.app_state(request).db.execute(
+        "UPDATE workspaces SET archived = ? WHERE id = ?", (int(archived), workspace["id"])
+    )
+    if archived:
+        flash(request, f"Workspace {workspace['name']} archived: its logs stay, no new jobs run.")
+    else:
+        flash(request, f"Workspace {workspace['name']} unarchived: jobs can run again.")
+    return redirect(f"/{workspace['name']}/")
+
+
+# a file served from a workspace is always a download, never a page of this site
+DOWNLOAD_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+}
+
+
+async def outputs(request: Request) -> Response:
+    """The workspace's outputs (no path), or one visible moderately_sensitive file."""
+    workspace = await server.get_workspace(request, request.path_params["workspace"])
+    await server.check_role(request, workspace["project_id"], "output_viewer")
+    ws_dir = server.app_state(request).settings.data_dir / "workspaces" / workspace["name"]
+    manifest = Manifest.load(ws_dir)
+    path = request.path_params["path"]
+    if not path:
+        files = sorted(
+            manifest.data["files"].items(), key=lambda item: (item[1]["action"], item[0])
+        )
+        return await server.render(
+            request, "outputs.html", {"workspace": workspace, "files": files}
+        )
+    entry = manifest.data["files"].get(path)
+    if entry is None:
+        raise server.ApiError(404, f"{workspace['name']} has no output {path!r}")
+    if entry["level"] != "moderately_sensitive":
+        raise server.ApiError(403, f"{path} is {entry['level']}: such outputs are never served")
+    if not entry.get("visible"):
+        reason = entry.get("not_visible_because") or "it did not pass the checks"
+        raise server.ApiError(403, f"{path} is not shown: {reason}")
+    root = ws_dir.resolve()
+    file = ws_dir / path
+    resolved = file.resolve()
+    if file.is_symlink() or not resolved.is_relative_to(root) or not resolved.is_file():
+        raise server.ApiError(404, f"{path} is no longer in the workspace; run its action again")
+    return FileResponse(
+        resolved,
+        filename=Path(path).name,
+        content_disposition_type="attachment",
+        headers=DOWNLOAD_HEADERS,
+    )
