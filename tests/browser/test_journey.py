@@ -102,7 +102,7 @@ def sign_in(page: Page, username: str) -> None:
     page.goto("/login")
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
 
 
@@ -206,7 +206,7 @@ def test_a_researcher_runs_a_pipeline_and_watches_it(
     screenshot(page, "broken-project-yaml")
 
     page.get_by_role("button", name="Sign out").click()
-    expect(page.get_by_role("link", name="Sign in").first).to_be_visible()
+    expect(page.get_by_role("link", name="Sign in", exact=True).first).to_be_visible()
     expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
 
 
@@ -217,7 +217,7 @@ def test_a_wrong_password_is_explained_and_signs_no_one_in(
     page.goto("/login")
     page.get_by_label("Username").fill("alice")
     page.get_by_label("Password").fill("not-the-password")
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     expect(page.get_by_role("alert")).to_contain_text("do not match")
     expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
     expect(page.get_by_label("Username")).to_have_value("alice")
@@ -243,4 +243,4 @@ def test_a_visitor_sees_a_workspace_but_cannot_run_it(
         expect(pill(page, action)).to_have_attribute("data-status", "not_run")
     expect(page.get_by_role("checkbox", name=re.compile("^Run "))).to_have_count(0)
     expect(page.get_by_role("button", name="Submit")).to_have_count(0)
-    expect(page.get_by_role("link", name="Sign in").first).to_be_visible()
+    expect(page.get_by_role("link", name="Sign in", exact=True).first).to_be_visible()
