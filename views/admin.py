@@ -13,7 +13,7 @@ from starlette.responses import Response
 import server
 from auth import User
 from db import Database
-from runner import QueuedJob, decayed, queue_order
+from scheduling import QueuedJob, decayed, queue_order
 from views import flash, fragment, is_htmx, redirect
 
 PRIORITY_RANGE = range(-10, 11)
@@ -55,7 +55,13 @@ async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
         per_user[row["user_id"]] = per_user.get(row["user_id"], 0) + 1
     ordered = queue_order(
         [
-            QueuedJob(r["id"], r["user_id"], r["priority"], r["created_at"], r["requires_db"])
+            QueuedJob(
+                r["id"],
+                r["user_id"],
+                priority=r["priority"],
+                created_at=r["created_at"],
+                requires_db=bool(r["requires_db"]),
+            )
             for r in runnable.values()
         ],
         per_user,
@@ -77,7 +83,7 @@ async def admin_page(request: Request) -> Response:
     context = {
         **{part: rows[:SHOWN] for part, rows in jobs.items()},
         "counts": {part: len(rows) for part, rows in jobs.items()},
-        "paused": await state.scheduler.paused(),
+        "paused": state.scheduler.paused,
         "docker_ok": await state.executor.docker_available(),
         "disk": {
             "free": disk.free,
@@ -132,7 +138,6 @@ async def priority(request: Request) -> Response:
         )
     row = await server.get_job_request(request, request_id)
     state = server.app_state(request)
-    await state.db.execute("UPDATE job_requests SET priority = ? WHERE id = ?", (new, row["id"]))
-    state.scheduler.wake()
+    await state.scheduler.set_priority(row["id"], new)
     flash(request, f"Job request #{row['id']} now has priority {new}.")
     return redirect("/admin/")
