@@ -666,14 +666,22 @@ class Scheduler:
         Returns the jobs cancelled; finished jobs, and jobs already collecting their outputs,
         are left as they are."""
         cancelled = []
+        asked = set(job_ids)
         for job_id in job_ids:
             if job_id in self.queue.pending:
                 job, failures = self.queue.remove(job_id)
                 await self._end_pending(
                     job, "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
                 )
-                await self._fail_dependents(failures)
                 cancelled.append(job_id)
+                for failure in failures:  # a dependent cancelled too says so, not that it failed
+                    if failure.job.id in asked:
+                        await self._end_pending(
+                            failure.job, "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
+                        )
+                        cancelled.append(failure.job.id)
+                    else:
+                        await self._fail_dependents([failure])
             elif job_id in self.queue.running and self._phase.get(job_id) != "finalizing":
                 self._cancel_requested.add(job_id)
                 await self.db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))
