@@ -113,6 +113,7 @@ class Scheduler:
         self.blocked: tuple[str, str] | None = None
         self._wake = asyncio.Event()
         self._statuses_stale = asyncio.Event()
+        self._statuses_seen: tuple = ()  # what the last status rewrite was asked for
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, asyncio.Task] = {}
         self._phase: dict[str, str] = {}  # running job -> preparing, executing or finalizing
@@ -196,7 +197,13 @@ class Scheduler:
     async def dispatch(self) -> None:
         """One scheduling pass: take in new jobs, then start jobs while slots are free."""
         await self._load_new_jobs()
-        self._statuses_stale.set()
+        await self._start_jobs()
+        seen = (self.queue.version, self.paused, self.blocked)
+        if seen != self._statuses_seen:  # an idle safety tick rewrites nothing
+            self._statuses_seen = seen
+            self._statuses_stale.set()
+
+    async def _start_jobs(self) -> None:
         if self.paused or not self.queue.pending:
             return
         if len(self.queue.running) >= self.settings.max_workers:
