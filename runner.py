@@ -113,6 +113,7 @@ class Scheduler:
         self.blocked: tuple[str, str] | None = None
         self._wake = asyncio.Event()
         self._statuses_stale = asyncio.Event()
+        self._statuses_seen: tuple = ()  # what the last status rewrite was asked for
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, asyncio.Task] = {}
         self._phase: dict[str, str] = {}  # running job -> preparing, executing or finalizing
@@ -196,7 +197,13 @@ class Scheduler:
     async def dispatch(self) -> None:
         """One scheduling pass: take in new jobs, then start jobs while slots are free."""
         await self._load_new_jobs()
-        self._statuses_stale.set()
+        await self._start_jobs()
+        seen = (self.queue.version, self.paused, self.blocked)
+        if seen != self._statuses_seen:  # an idle safety tick rewrites nothing
+            self._statuses_seen = seen
+            self._statuses_stale.set()
+
+    async def _start_jobs(self) -> None:
         if self.paused or not self.queue.pending:
             return
         if len(self.queue.running) >= self.settings.max_workers:
@@ -666,14 +673,22 @@ class Scheduler:
         Returns the jobs cancelled; finished jobs, and jobs already collecting their outputs,
         are left as they are."""
         cancelled = []
+        asked = set(job_ids)
         for job_id in job_ids:
             if job_id in self.queue.pending:
                 job, failures = self.queue.remove(job_id)
                 await self._end_pending(
                     job, "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
                 )
-                await self._fail_dependents(failures)
                 cancelled.append(job_id)
+                for failure in failures:  # a dependent cancelled too says so, not that it failed
+                    if failure.job.id in asked:
+                        await self._end_pending(
+                            failure.job, "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
+                        )
+                        cancelled.append(failure.job.id)
+                    else:
+                        await self._fail_dependents([failure])
             elif job_id in self.queue.running and self._phase.get(job_id) != "finalizing":
                 self._cancel_requested.add(job_id)
                 await self.db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))

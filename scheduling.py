@@ -107,6 +107,7 @@ class JobQueue:
         self._started_sum: dict[int, float] = {}  # per user, sum of running jobs' start times
         self._db_running = 0
         self._usage: dict[int, tuple[float, float]] = {}  # user -> (usage, recorded at)
+        self.version = 0  # grows with every change, so a caller can tell nothing changed
 
     # -- what is in the queue ----------------------------------------------------------
 
@@ -154,6 +155,7 @@ class JobQueue:
         unknown = [dep for dep in job.waiting_on if self.get(dep) is None]
         if unknown:
             raise ValueError(f"job {job.id} waits on jobs the queue does not hold: {unknown}")
+        self.version += 1
         self.pending[job.id] = job
         for dep in job.waiting_on:
             self._dependents.setdefault(dep, set()).add(job.id)
@@ -186,6 +188,7 @@ class JobQueue:
     def release_dependents(self, job_id: str) -> None:
         """The job's outputs are in place: the jobs that need it may start (it may still
         hold its slot while its container is removed)."""
+        self.version += 1
         for dependent_id in self._dependents.pop(job_id, ()):
             dependent = self.pending.get(dependent_id)
             if dependent is None:
@@ -204,6 +207,7 @@ class JobQueue:
 
     def remove(self, job_id: str) -> tuple[QueuedJob, list[DependencyFailure]]:
         """Take a pending job out (cancelled); its dependents fail, transitively."""
+        self.version += 1
         job = self.pending.pop(job_id)
         for dep in job.waiting_on:
             self._dependents.get(dep, set()).discard(job_id)
@@ -211,6 +215,7 @@ class JobQueue:
 
     def set_priority(self, request_id: int, priority: int) -> list[QueuedJob]:
         """Change the priority of a job request's pending jobs; returns them."""
+        self.version += 1
         changed = [job for job in self.pending.values() if job.request_id == request_id]
         for job in changed:
             job.priority = priority
@@ -286,6 +291,7 @@ class JobQueue:
         self._count_running(job, -1)
 
     def _count_running(self, job: QueuedJob, step: int) -> None:
+        self.version += 1
         user = job.user_id
         assert job.started_at is not None
         if step > 0:

@@ -495,3 +495,34 @@ async def test_a_job_needing_an_already_failed_job_fails_when_it_is_queued(
     (analyse,) = done["jobs"]
     assert (analyse["status_code"], analyse["started_at"]) == ("dependency_failed", None)
     assert f"action generate (job {ids['generate']})" in analyse["status_message"]
+
+
+async def test_cancelling_a_waiting_request_marks_every_job_cancelled(
+    app, client, make_user, make_repo
+):
+    admin = await make_user("root", admin=True)
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    await client.post("/api/v1/admin/queue/pause", headers=admin)
+    request_id, ids = await add_request(
+        app,
+        "ws1",
+        "alice",
+        [
+            ("generate", writes("generate"), ()),
+            ("analyse", writes("analyse"), ["generate"]),
+            ("report", writes("report"), ["analyse"]),
+        ],
+    )
+    response = await client.post(
+        f"/api/v1/job-requests/{request_id}/cancel",
+        json={"actions": ["generate", "analyse"]},
+        headers=headers,
+    )
+    assert sorted(response.json()["cancelled"]) == sorted([ids["generate"], ids["analyse"]])
+    codes = {j["action"]: j["status_code"] for j in response.json()["jobs"]}
+    assert codes == {
+        "generate": "cancelled_by_user",
+        "analyse": "cancelled_by_user",
+        "report": "dependency_failed",
+    }
