@@ -463,7 +463,8 @@ async def test_run_all_with_everything_done_says_nothing_to_do(app, browser, stu
     for action, file in (("prepare", "output/a.csv"), ("analyse", "output/b.csv")):
         (workspace_dir / file).write_text("n\n")
         manifest.record_action(action, "x", "sha", {file: {"level": "moderately_sensitive"}})
-    manifest.save(workspace_dir)
+    (workspace_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    (workspace_dir / "metadata/manifest.json").write_text(manifest.dumps())
     await db.execute("UPDATE jobs SET state = 'succeeded', status_code = 'succeeded'")
     await alice.post("/ws1/", [("actions", "analyse")])
     await db.execute("UPDATE jobs SET state = 'succeeded', status_code = 'succeeded'")
@@ -727,7 +728,8 @@ def outputs(app, study):
                 },
             },
         )
-    manifest.save(ws)
+    (ws / "metadata").mkdir(parents=True, exist_ok=True)
+    (ws / "metadata/manifest.json").write_text(manifest.dumps())
     (app.state.settings.data_dir / "secret.txt").write_text("not yours")
     return ws
 
@@ -789,7 +791,7 @@ async def test_admin_page_is_for_admins(app, browser, study):
     response = await study["alice"].get("/admin/")
     assert response.status_code == 403
     assert (await study["alice"].post("/admin/pause", {"paused": "0"})).status_code == 403
-    assert await app.state.scheduler.paused()
+    assert app.state.scheduler.paused
 
 
 async def test_admin_sees_the_queue_and_pauses_and_prioritises_it(app, browser, study):
@@ -829,10 +831,10 @@ async def test_admin_sees_the_queue_and_pauses_and_prioritises_it(app, browser, 
     await app.state.db.execute("UPDATE jobs SET state = 'failed', status_code = 'internal_error'")
     assert (await root.get("/admin/", headers=HX)).status_code == 286
     await root.post("/admin/pause", {"paused": "0"})
-    assert not await app.state.scheduler.paused()
+    assert not app.state.scheduler.paused
     assert "The queue is running again" in text(await root.get("/admin/"))
     await root.post("/admin/pause", {"paused": "1"})
-    assert await app.state.scheduler.paused()
+    assert app.state.scheduler.paused
 
 
 async def test_a_long_queue_is_listed_in_part_and_counted(app, browser, study):
