@@ -198,7 +198,9 @@ def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:
     if "pending" in states:
         return "pending", f"{succeeded} of {len(jobs)} jobs succeeded so far"
     if succeeded == len(jobs):
-        return "succeeded", f"All {len(jobs)} jobs succeeded"
+        return "succeeded", "The job succeeded" if len(
+            jobs
+        ) == 1 else f"All {len(jobs)} jobs succeeded"
     return "failed", f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
 
 
