@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -129,6 +129,53 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "files": {"type": "object", "description": "path -> level, size, sha256, visible"},
         }
     ),
+    "Queue": obj(
+        {
+            "paused": {"type": "boolean"},
+            "blocked": {**MAYBE_STRING, "description": "why no job can start, if none can"},
+            "max_workers": {"type": "integer"},
+            "running": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "job_id": STRING,
+                        "job_request_id": {"type": "integer"},
+                        "action": STRING,
+                        "workspace": STRING,
+                        "user": STRING,
+                        "priority": {"type": "integer"},
+                        "phase": STRING,
+                    }
+                ),
+            },
+            "queued": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "position": {"type": "integer"},
+                        "job_id": STRING,
+                        "job_request_id": {"type": "integer"},
+                        "action": STRING,
+                        "workspace": STRING,
+                        "user": STRING,
+                        "priority": {"type": "integer"},
+                        "status_code": STRING,
+                        "status_message": STRING,
+                        "waiting_on": NAMES,
+                    }
+                ),
+            },
+            "queued_total": {"type": "integer"},
+        }
+    ),
+    "QueueSwitch": obj({"paused": {"type": "boolean"}, "message": STRING}),
+    "NewPriority": obj({"priority": {"type": "integer", "minimum": -1000, "maximum": 1000}}),
+    "Priority": obj(
+        {
+            "id": {"type": "integer"},
+            "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
+        }
+    ),
     "Outbox": obj(
         {
             "smtp_configured": {"type": "boolean"},
@@ -185,6 +232,7 @@ class Operation:
     errors: tuple[int, ...] = (401, 403, 404)
     media_type: str = "application/json"
     description: str = ""
+    query: dict[str, dict[str, Any]] = field(default_factory=dict)  # optional query parameters
 
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -218,6 +266,18 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/v1/jobs/{id}", "A job", "Job"),
     Operation("get", "/api/v1/jobs/{id}/log", "A job's log", "Log", media_type="text/plain",
               description="Needs the output_viewer role."),
+    Operation("get", "/api/v1/admin/queue", "The queue: running jobs, then waiting ones in order",
+              "Queue", auth="required", errors=(400, 401, 403), description="For site admins.",
+              query={"limit": {"type": "integer", "minimum": 0,
+                               "description": "at most this many waiting jobs (default 1000)"}}),
+    Operation("post", "/api/v1/admin/queue/pause", "Pause the queue: no new job starts",
+              "QueueSwitch", auth="required", errors=(401, 403), description="For site admins."),
+    Operation("post", "/api/v1/admin/queue/resume", "Resume the queue", "QueueSwitch",
+              auth="required", errors=(401, 403), description="For site admins."),
+    Operation("post", "/api/v1/job-requests/{id}/priority",
+              "Set a job request's priority: higher starts sooner among one user's jobs",
+              "Priority", body="NewPriority", auth="required", errors=(400, 401, 403, 404),
+              description="For site admins."),
     Operation("get", "/api/v1/admin/outbox", "The newest emails, sent or waiting", "Outbox",
               auth="required", errors=(401, 403), description="For site admins."),
 )  # fmt: skip
@@ -275,6 +335,10 @@ def _operation(op: Operation) -> dict[str, Any]:
                 "schema": schema,
             }
         )
+    for name, spec in op.query.items():
+        schema = dict(spec)
+        description = schema.pop("description")
+        params.append({"name": name, "in": "query", "description": description, "schema": schema})
     success: dict[str, Any] = {"description": op.summary}
     if op.response == "Log":
         success["content"] = {"text/plain": {"schema": {"type": "string"}}}

@@ -149,6 +149,11 @@ CASES = [
     Case("/api/v1/jobs/{id}/log", "GET", rule_output_viewer, "/api/v1/jobs/{job_id}/log",
          shows=(SECRET_LOG, rule_output_viewer)),
     Case("/api/v1/admin/outbox", "GET", rule_admin, "/api/v1/admin/outbox"),
+    Case("/api/v1/admin/queue", "GET", rule_admin, "/api/v1/admin/queue"),
+    Case("/api/v1/admin/queue/pause", "POST", rule_admin, "/api/v1/admin/queue/pause"),
+    Case("/api/v1/admin/queue/resume", "POST", rule_admin, "/api/v1/admin/queue/resume"),
+    Case("/api/v1/job-requests/{id}/priority", "POST", rule_admin,
+         "/api/v1/job-requests/{request_id}/priority", json=lambda: {"priority": 0}),
     # pages (a browser session; forms carry the CSRF token)
     # metrics: anyone on this machine (these requests come from 127.0.0.1)
     Case("/metrics", "GET", rule_anyone, "/metrics"),
@@ -170,23 +175,40 @@ CASES = [
          form=lambda: {"name": "matrix"}),
     Case("/account/tokens/{id:int}/revoke", "POST", rule_signed_in,
          "/account/tokens/{token_id}/revoke", 303, form=dict, setup=with_own_token),
+    Case("/admin/", "GET", rule_admin, "/admin/"),
+    Case("/admin/pause", "POST", rule_admin, "/admin/pause", 303,
+         form=lambda: {"paused": "1"}),  # stays paused: no job of this module may start
+    Case("/admin/priority", "POST", rule_admin, "/admin/priority", 303,
+         form=lambda: {"job_request_id": "{request_id}", "priority": "0"}),
     Case("/admin/users", "GET", rule_admin, "/admin/users"),
     Case("/admin/users", "POST", rule_admin, "/admin/users",
          form=lambda: {"username": unique("user")}),
     Case("/admin/users/{id:int}/{action}", "POST", rule_admin,
          "/admin/users/{bystander_id}/activate", form=dict),
     Case("/projects/{slug}/", "GET", rule_viewer, "/projects/study/"),
-    Case("/projects/{slug}/", "POST", rule_developer, "/projects/study/", 303,
-         form=new_workspace),
+    Case("/projects/", "POST", rule_signed_in, "/projects/", 303,
+         form=lambda: {"name": unique("Project ")}),
+    Case("/projects/{slug}/new-workspace", "GET", rule_developer,
+         "/projects/study/new-workspace"),
+    Case("/projects/{slug}/new-workspace", "POST", rule_developer,
+         "/projects/study/new-workspace", 303, form=new_workspace),
+    Case("/projects/{slug}/new-workspace/branches", "GET", rule_developer,
+         "/projects/study/new-workspace/branches?repo={repo}",
+         shows=('<option value="main"', rule_developer)),
     Case("/projects/{slug}/members", "POST", rule_developer, "/projects/study/members", 303,
          form=lambda: {"username": "bystander", "roles": "developer"}),
     Case("/projects/{slug}/members/{username}/remove", "POST", rule_developer,
          "/projects/study/members/bystander/remove", 303, form=dict, setup=with_bystander),
     Case("/jobs/{id}", "GET", rule_viewer, "/jobs/{job_id}",
          shows=(SECRET_LOG, rule_output_viewer)),
+    Case("/jobs/{id}/log", "GET", rule_output_viewer, "/jobs/{job_id}/log",
+         shows=(SECRET_LOG, rule_output_viewer)),
     Case("/{workspace}/", "GET", rule_viewer, "/ws1/"),
     Case("/{workspace}/", "POST", rule_developer, "/ws1/", 303,
          form=lambda: {"actions": "generate"}),
+    Case("/{workspace}/archive", "POST", rule_developer, "/ws1/archive", 303,
+         form=lambda: {"archived": "0"}),  # stays open: other cases run jobs in it
+    Case("/{workspace}/outputs/{path:path}", "GET", rule_output_viewer, "/ws1/outputs/"),
     Case("/{workspace}/logs", "GET", rule_viewer, "/ws1/logs"),
     Case("/{workspace}/logs/{id}", "GET", rule_viewer, "/ws1/logs/{request_id}"),
     Case("/{workspace}/logs/{id}/cancel", "POST", rule_developer,
@@ -227,6 +249,7 @@ async def world(tmp_path_factory, cheap_scrypt):
         data_dir=str(root / "data"),
         repos={"allow": [f"{root / 'repos'}/*"]},
         max_workers=1,
+        max_jobs_per_user=0,  # jobs wait, however the queue is switched: no container starts
     )
     # configured so the sign-in pages answer; no request ever reaches this address
     settings.github = GitHub(client_id="id", client_secret="secret", base_url="http://127.0.0.1:9")
@@ -235,7 +258,7 @@ async def world(tmp_path_factory, cheap_scrypt):
         w = World()
         w.app, w.db = app, app.state.db
         app.state.login_limiter = auth.RateLimiter(limit=10_000, window=1)
-        await app.state.scheduler.set_paused(True)  # jobs wait; no container starts
+        await app.state.scheduler.set_paused(True)
         db = app.state.db
         w.user_ids = {}
         for name in (*ROLES[1:], "bystander"):
