@@ -187,17 +187,25 @@ async def github_user(request: Request, account: auth.GitHubUser) -> int:
         ) from None
 
 
-async def api_github_repos(request: Request) -> Response:
-    """The signed-in user's GitHub repositories, for the new-workspace form."""
-    await require_user(request)
+async def github_repos(request: Request) -> list[dict[str, Any]] | None:
+    """The signed-in user's GitHub repositories, or None when they did not sign in with
+    GitHub. Raises auth.GitHubError when GitHub refuses or cannot be reached."""
     sealed = request.session.get(GITHUB_TOKEN)
     token = app_state(request).sealer.unseal(sealed) if sealed else None
     if token is None:
-        raise ApiError(400, "sign in with GitHub (in the browser) to list your repositories")
+        return None
+    return await github(request).repos(token)
+
+
+async def api_github_repos(request: Request) -> Response:
+    """The signed-in user's GitHub repositories, for the new-workspace form."""
+    await require_user(request)
     try:
-        repos = await github(request).repos(token)
+        repos = await github_repos(request)
     except auth.GitHubError as e:
         raise ApiError(502, str(e)) from None
+    if repos is None:
+        raise ApiError(400, "sign in with GitHub (in the browser) to list your repositories")
     return JSONResponse({"repos": repos})
 
 

@@ -822,3 +822,28 @@ async def test_a_user_an_admin_added_is_linked_on_their_first_github_sign_in(
     assert "Signed in as <strong>hubot</strong>" in (await client.get("/")).text
     row = await app.state.db.fetchone("SELECT count(*) AS n, github_id FROM users")
     assert (row["n"], row["github_id"]) == (1, 1000)
+
+
+async def test_the_new_workspace_form_offers_your_allowed_github_repositories(
+    github_site, fake_github, settings
+):
+    _, client = github_site
+    settings.repos.allow = ["https://github.example/octocat/study-1*"]
+    await through_github(client, fake_github)
+    home = await client.get("/")
+    response = await client.post(
+        "/projects/", data={"name": "Octo study", "csrf_token": csrf_of(home)}
+    )
+    assert response.status_code == 303, response.text
+    page = await client.get("/projects/octo-study/new-workspace")
+    assert page.status_code == 200
+    assert 'list="github-repos"' in page.text
+    offered = re.findall(r'<option value="([^"]+)">', page.text)
+    assert "https://github.example/octocat/study-1" in offered
+    assert "https://github.example/octocat/study-12" in offered
+    assert "https://github.example/octocat/study-2" not in offered, "not allowed here"
+
+    fake_github.tokens.clear()  # GitHub refuses: the form still works, without a list
+    page = await client.get("/projects/octo-study/new-workspace")
+    assert page.status_code == 200
+    assert 'list="github-repos"' not in page.text

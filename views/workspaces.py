@@ -8,11 +8,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
+import accounts
+import auth
 import pipeline
 import server
 from graph import Node, render_svg
 from outputs import Manifest
-from repos import RepoError, check_allowed
+from repos import RepoError, check_allowed, is_allowed
 from submit import SubmitError
 from views import STATES_ACTIVE, flash, fragment, is_htmx, redirect
 
@@ -64,11 +66,23 @@ async def new_workspace_page(request: Request) -> Response:
         "form": form,
         "errors": errors,
         "databases": server.app_state(request).settings.databases,
+        "github_repos": await offered_github_repos(request),
         **branch_field,
     }
     return await server.render(
         request, "new_workspace.html", context, status=400 if errors else 200
     )
+
+
+async def offered_github_repos(request: Request) -> list[dict[str, Any]]:
+    """Your GitHub repositories that this site allows, to pick from when signed in with
+    GitHub; none (the field still takes any URL) when GitHub cannot be asked."""
+    try:
+        repos = await accounts.github_repos(request) or []
+    except auth.GitHubError:
+        return []
+    allow = server.app_state(request).settings.repos.allow
+    return [repo for repo in repos if is_allowed(repo["url"], allow)]
 
 
 async def branches(request: Request) -> Response:
