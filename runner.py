@@ -156,6 +156,7 @@ class Scheduler:
         """Stop scheduling, within STOP_TIMEOUT. Containers are left running: the next
         start re-adopts them."""
         self._stopping = True
+        self.wake()
         tasks = [*self._running.values(), *self._tasks]
         for task in tasks:
             task.cancel()
@@ -171,19 +172,24 @@ class Scheduler:
         self._wake.set()
 
     async def _dispatch_loop(self) -> None:
-        while True:
+        # The loop also checks _stopping: on Python 3.11 a cancel that arrives just as the
+        # wait ends can be lost, and a lost cancel must not keep the scheduler running.
+        while not self._stopping:
             try:
-                await asyncio.wait_for(self._wake.wait(), SAFETY_TICK)
+                async with asyncio.timeout(SAFETY_TICK):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 await self.dispatch()
             except Exception:
                 log.exception("scheduler pass failed")
 
     async def _status_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._statuses_stale.wait()
             self._statuses_stale.clear()
             try:
