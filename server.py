@@ -156,12 +156,19 @@ def field(body: dict[str, Any], name: str, kind: type = str, required: bool = Tr
     return value
 
 
+async def _visible(request: Request, row: Row | None, kind: str, key: str) -> Row:
+    """A row the asker looked up by ``key``: 404 when missing, then the project's visibility."""
+    if row is None:
+        raise ApiError(404, f"there is no {kind} {key!r}")
+    await check_can_view(request, row["project_id"])
+    return row
+
+
 async def get_project(request: Request, slug: str) -> Row:
-    project = await app_state(request).db.fetchone("SELECT * FROM projects WHERE slug = ?", (slug,))
-    if project is None:
-        raise ApiError(404, f"there is no project {slug!r}")
-    await check_can_view(request, project["id"])
-    return project
+    project = await app_state(request).db.fetchone(
+        "SELECT *, id AS project_id FROM projects WHERE slug = ?", (slug,)
+    )
+    return await _visible(request, project, "project", slug)
 
 
 async def get_workspace(request: Request, name: str) -> Row:
@@ -170,10 +177,7 @@ async def get_workspace(request: Request, name: str) -> Row:
         "JOIN projects p ON p.id = w.project_id WHERE w.name = ?",
         (name,),
     )
-    if workspace is None:
-        raise ApiError(404, f"there is no workspace {name!r}")
-    await check_can_view(request, workspace["project_id"])
-    return workspace
+    return await _visible(request, workspace, "workspace", name)
 
 
 async def check_can_view(request: Request, project_id: int) -> None:
@@ -199,10 +203,7 @@ async def get_job(request: Request, job_id: str) -> Row:
         "JOIN workspaces w ON w.id = j.workspace_id WHERE j.id = ?",
         (job_id,),
     )
-    if job is None:
-        raise ApiError(404, f"there is no job {job_id!r}")
-    await check_can_view(request, job["project_id"])
-    return job
+    return await _visible(request, job, "job", job_id)
 
 
 async def get_job_request(request: Request, request_id: str) -> Row:
@@ -213,10 +214,7 @@ async def get_job_request(request: Request, request_id: str) -> Row:
             "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
             (int(request_id),),
         )
-    if row is None:
-        raise ApiError(404, f"there is no job request {request_id!r}")
-    await check_can_view(request, row["project_id"])
-    return row
+    return await _visible(request, row, "job request", request_id)
 
 
 # -- actions shared by the API and the pages ---------------------------------------------
