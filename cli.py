@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import secrets
 import sqlite3
 import sys
@@ -142,6 +143,7 @@ def serve(args: argparse.Namespace) -> int:
     from server import create_app
 
     settings = _settings(args)
+    configure_logging()
     asyncio.run(_with_db(settings, lambda db: _first_admin(db, settings)))
     uvicorn.run(
         create_app(settings),
@@ -151,6 +153,16 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
     )
     return 0
+
+
+def configure_logging() -> None:
+    """The site's own log lines (every job state change, sign-ins, emails) on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    site = logging.getLogger("jobsite")
+    site.setLevel(logging.INFO)
+    site.addHandler(handler)
+    site.propagate = False
 
 
 async def _first_admin(db: Database, settings: Settings) -> int:

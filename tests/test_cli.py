@@ -85,3 +85,16 @@ def test_check(tmp_path, capsys):
     assert cli.main(["check", "--project-dir", str(tmp_path)]) == 1
     assert "is not valid" in capsys.readouterr().err
     assert cli.main(["check", "--project-dir", str(tmp_path / "nowhere")]) == 1
+
+
+def test_serve_logs_the_sites_own_lines_on_stderr(capsys):
+    import logging
+
+    site = logging.getLogger("jobsite")
+    before = (list(site.handlers), site.level, site.propagate)
+    try:
+        cli.configure_logging()
+        logging.getLogger("jobsite.runner").info("job=abc status=succeeded")
+        assert "jobsite.runner: job=abc status=succeeded" in capsys.readouterr().err
+    finally:
+        site.handlers[:], site.level, site.propagate = before[0], before[1], before[2]
