@@ -20,6 +20,7 @@ from config import (
     Settings,
     SettingsError,
     Size,
+    human_size,
     load_settings,
     parse_duration,
     parse_size,
@@ -273,7 +274,7 @@ def backup(args: argparse.Namespace) -> int:
     except ops.OpsError as e:
         print(f"jobsite: {e}", file=sys.stderr)
         return 1
-    print(f"Backed up {source} to {dest} ({ops.human_size(dest.stat().st_size)}).")
+    print(f"Backed up {source} to {dest} ({human_size(dest.stat().st_size)}).")
     return 0
 
 

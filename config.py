@@ -77,6 +77,17 @@ def parse_size(value: Any) -> Size:
     return Size(int(float(number) * _SIZE_UNITS[unit]))
 
 
+def human_size(size: float) -> str:
+    """Bytes as people read them, in the binary units settings use: ``512 MiB``, ``1.5 GiB``."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    if unit == "bytes":
+        return f"{size:.0f} bytes"
+    return f"{size:.1f}".removesuffix(".0") + f" {unit}"
+
+
 @dataclass
 class Database:
     description: str

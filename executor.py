@@ -28,7 +28,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from config import Settings
+from config import Settings, human_size
 from outputs import MANIFEST, Manifest, OutputError, check_visibility, match_outputs
 from repos import RepoError, Repos
 
@@ -444,7 +444,7 @@ class Executor:
             return Outcome(
                 "failed",
                 "out_of_memory",
-                f"Job ran out of memory (limit {_human_size(self.settings.job_memory)}) "
+                f"Job ran out of memory (limit {human_size(self.settings.job_memory)}) "
                 "and was stopped",
             )
         if exit.exit_code != 0:
@@ -773,13 +773,6 @@ def _human(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m {seconds % 60}s"
     return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-
-
-def _human_size(size: int) -> str:
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size >= factor:
-            return f"{size / factor:g} {unit}"
-    return f"{size} bytes"
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import Settings
+from config import Settings, human_size
 from db import Database
 
 
@@ -33,14 +33,6 @@ def existing_database(settings: Settings) -> Path:
             f"there is no database at {path}; check data_dir in the settings file (--config)"
         )
     return path
-
-
-def human_size(size: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 # -- backup ----------------------------------------------------------------------------

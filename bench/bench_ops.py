@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ops  # noqa: E402
-from config import load_settings  # noqa: E402
+from config import human_size, load_settings  # noqa: E402
 from db import Database  # noqa: E402
 from metrics import DURATION_BUCKETS, WAIT_BUCKETS, SiteMetrics  # noqa: E402
 
@@ -139,7 +139,7 @@ async def bench_size(jobs: int, repeat: int, work: Path) -> None:
     finally:
         await db.close()
     print(
-        f"{jobs:>9} jobs  db {ops.human_size(size):>10}  "
+        f"{jobs:>9} jobs  db {human_size(size):>10}  "
         f"first scrape {median(first) * 1000:7.1f} ms, later {median(scrape) * 1000:6.1f} ms "
         f"(full scan {median(baseline) * 1000:7.1f} ms: x{median(scrape) / median(baseline):.2f})  "
         f"backup {median(backup) * 1000:8.1f} ms (file copy {median(copy) * 1000:6.1f} ms, "

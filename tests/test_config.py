@@ -90,3 +90,12 @@ def test_site_id_differs_per_data_dir(tmp_path):
     b = load_settings(environ={}, data_dir=str(tmp_path / "b"))
     assert a.site_id != b.site_id
     assert Path(a.data_dir).is_absolute()
+
+
+def test_sizes_read_as_people_write_them():
+    from config import human_size
+
+    assert human_size(512) == "512 bytes"
+    assert human_size(16 * 1024**2) == "16 MiB"
+    assert human_size(1536 * 1024**2) == "1.5 GiB"
+    assert human_size(7.3 * 1024) == "7.3 KiB"
