@@ -2,21 +2,29 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# `make run` needs the runtime dependencies only; `make test` adds the test extras
+RUNTIME := $(VENV)/.installed-runtime
+TESTING := $(VENV)/.installed-test
 
 .PHONY: run test lint format bench images clean chromium
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
 
-run: $(STAMP)
+$(TESTING): $(RUNTIME)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(TESTING)
+
+run: $(RUNTIME)
 	$(BIN)/jobsite serve
 
-test: $(STAMP) chromium
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# pytest (not `python -m pytest`): the checkout itself is not on sys.path, so every test
+# imports the installed package as `jobsite.<name>`
+test: $(TESTING) chromium lint
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The browser tests drive Debian's chromium (never a browser downloaded by Playwright).
 CHROMIUM := /usr/bin/chromium
@@ -33,18 +41,18 @@ chromium:
 	    fi; \
 	fi
 
-lint: $(STAMP)
+lint: $(TESTING)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)
+format: $(TESTING)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-images: $(STAMP)
-	$(BIN)/python -m tests.images
+images: $(TESTING)
+	$(BIN)/python tests/images.py
 
-bench: $(STAMP)
+bench: $(TESTING)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

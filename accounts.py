@@ -12,9 +12,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-import auth
-from db import Database, Row
-from server import (
+from . import auth
+from .db import Database, Row
+from .server import (
     ApiError,
     app_state,
     check_role,
@@ -25,7 +25,7 @@ from server import (
     render,
     require_user,
 )
-from submit import iso
+from .submit import iso
 
 # sign-ins and refusals, for the site's operators (and tools such as fail2ban)
 log = logging.getLogger("jobsite.accounts")

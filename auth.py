@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import config
-from db import Database
+from . import config
+from .db import Database
 
 ROLES = ("developer", "collaborator", "output_viewer")
 TOKEN_PREFIX = "jst_"

@@ -12,10 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import auth
-import ops
-import pipeline
-from config import (
+from . import auth, ops, pipeline
+from .config import (
     Duration,
     Settings,
     SettingsError,
@@ -25,7 +23,7 @@ from config import (
     parse_duration,
     parse_size,
 )
-from db import Database, DatabaseVersionError
+from .db import Database, DatabaseVersionError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +139,7 @@ async def _with_db(settings: Settings, work: Callable) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server import create_app
+    from .server import create_app
 
     settings = _settings(args)
     configure_logging()
@@ -199,7 +197,7 @@ def _size(value: str) -> Size:
 
 
 def run_project(args: argparse.Namespace) -> int:
-    import local_run
+    from . import local_run
 
     limits = {"job_timeout": args.timeout, "job_memory": args.memory, "job_cpus": args.cpus}
     return local_run.main(

@@ -28,9 +28,9 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from config import Settings, human_size
-from outputs import MANIFEST, Manifest, OutputError, check_visibility, match_outputs
-from repos import RepoError, Repos
+from .config import Settings, human_size
+from .outputs import MANIFEST, Manifest, OutputError, check_visibility, match_outputs
+from .repos import RepoError, Repos
 
 CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pipeline
-from config import Settings, load_settings
-from executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
-from outputs import Manifest, pattern_matches
+from . import pipeline
+from .config import Settings, load_settings
+from .executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
+from .outputs import Manifest, pattern_matches
 
 Print = Callable[[str], None]
 

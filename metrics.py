@@ -36,8 +36,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from config import Settings
-from db import Database, Row
+from .config import Settings
+from .db import Database, Row
 
 STATES = ("pending", "running", "succeeded", "failed")
 # seconds; jobs run from seconds to a day, and wait from none to hours

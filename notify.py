@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
-from config import Settings
-from db import Database, Row
-from submit import iso
+from .config import Settings
+from .db import Database, Row
+from .submit import iso
 
 log = logging.getLogger("jobsite.notify")
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import Settings, human_size
-from db import Database
+from .config import Settings, human_size
+from .db import Database
 
 
 class OpsError(Exception):

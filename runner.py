@@ -22,10 +22,10 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from config import Settings
-from db import Database, Row
-from executor import DockerUnavailable, Executor, JobError, JobSpec
-from scheduling import DependencyFailure, JobQueue, Limits, QueuedJob
+from .config import Settings
+from .db import Database, Row
+from .executor import DockerUnavailable, Executor, JobError, JobSpec
+from .scheduling import DependencyFailure, JobQueue, Limits, QueuedJob
 
 log = logging.getLogger("jobsite.runner")
 

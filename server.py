@@ -24,18 +24,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-import auth
-import metrics
-import notify
-import pipeline
-from auth import User
-from config import Settings
-from db import Database, Row
-from executor import Executor
-from outputs import Manifest
-from repos import BranchNotFound, FileNotFound, RepoError, Repos, check_allowed
-from runner import Scheduler
-from submit import SubmitError, iso, job_json, job_request_json, submit
+from . import auth, metrics, notify, pipeline
+from .auth import User
+from .config import Settings
+from .db import Database, Row
+from .executor import Executor
+from .outputs import Manifest
+from .repos import BranchNotFound, FileNotFound, RepoError, Repos, check_allowed
+from .runner import Scheduler
+from .submit import SubmitError, iso, job_json, job_request_json, submit
 
 log = logging.getLogger("jobsite.server")
 
@@ -639,12 +636,9 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     # the account pages and the API description build on the helpers above
-    import accounts
-    import openapi
-
     # imported here, not at the top: the page modules use this module's helpers
-    import views
-    from views import admin, jobs, projects, workspaces
+    from . import accounts, openapi, views
+    from .views import admin, jobs, projects, workspaces
 
     templates = Jinja2Templates(directory=str(ROOT / "templates"))
     views.setup(templates.env)

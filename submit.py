@@ -10,11 +10,11 @@ from typing import Any
 
 import aiosqlite
 
-import pipeline
-from config import Settings
-from db import Database, Row
-from outputs import Manifest
-from repos import Repos
+from . import pipeline
+from .config import Settings
+from .db import Database, Row
+from .outputs import Manifest
+from .repos import Repos
 
 
 class SubmitError(Exception):

@@ -14,20 +14,18 @@ import argparse
 import asyncio
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
+
+from jobsite import auth
+from jobsite.config import load_settings
+from jobsite.server import create_app
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-
-import auth  # noqa: E402
-from config import load_settings  # noqa: E402
-from server import create_app  # noqa: E402
 
 PASSWORD = "a long password"
 

@@ -22,18 +22,16 @@ import random
 import shutil
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from jobsite import ops
+from jobsite.config import human_size, load_settings
+from jobsite.db import Database
+from jobsite.metrics import DURATION_BUCKETS, WAIT_BUCKETS, SiteMetrics
 
-import ops  # noqa: E402
-from config import human_size, load_settings  # noqa: E402
-from db import Database  # noqa: E402
-from metrics import DURATION_BUCKETS, WAIT_BUCKETS, SiteMetrics  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class DockerAnswers:

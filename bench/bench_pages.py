@@ -20,20 +20,20 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
+from jobsite import (
+    auth,
+    server,
+)
+from jobsite.config import load_settings
+from jobsite.graph import Node, render_svg
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-
-import auth  # noqa: E402
-import server  # noqa: E402
-from config import load_settings  # noqa: E402
-from graph import Node, render_svg  # noqa: E402
 
 
 def project_yaml(actions: int) -> str:

@@ -27,11 +27,9 @@ CORPUS = ROOT.parent / "shared/corpus/project-yaml"
 
 
 def ours() -> Callable[[str], object]:
-    sys.path.insert(0, str(ROOT))
-    module = importlib.import_module("pipeline")
-    sys.path.pop(0)
-    sys.modules.pop("pipeline")  # the reference library has the same package name
-    return module.load_pipeline
+    from jobsite.pipeline import load_pipeline
+
+    return load_pipeline
 
 
 def reference(path: str | None) -> Callable[[str], object] | None:

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from tests.images import IMAGES, build_test_images  # noqa: E402
+from images import IMAGES, build_test_images  # noqa: E402
 
 IMAGE = IMAGES[0]  # ghcr.io/opensafely-core/python:v2
 # the test images have no WORKDIR, so each command goes to /workspace itself (opensafely

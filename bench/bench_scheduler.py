@@ -28,20 +28,19 @@ import threading
 import time
 from pathlib import Path
 
+import docker
+import httpx
+
+from jobsite import auth
+from jobsite.config import load_settings
+from jobsite.db import Database
+from jobsite.executor import Executor
+from jobsite.repos import Repos
+from jobsite.runner import Scheduler
+from jobsite.scheduling import JobQueue, Limits, QueuedJob, queue_order
+from jobsite.server import create_app
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import docker  # noqa: E402
-import httpx  # noqa: E402
-
-import auth  # noqa: E402
-from config import load_settings  # noqa: E402
-from db import Database  # noqa: E402
-from executor import Executor  # noqa: E402
-from repos import Repos  # noqa: E402
-from runner import Scheduler  # noqa: E402
-from scheduling import JobQueue, Limits, QueuedJob, queue_order  # noqa: E402
-from server import create_app  # noqa: E402
 
 IMAGE = "ghcr.io/opensafely-core/python:v2"
 JOBS = 10_000
@@ -250,9 +249,9 @@ def bare_docker_run(events: DockerEvents, label: str, n: int) -> tuple[float, fl
 
 
 async def bench_dependency_start(chains: int) -> None:
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import GitRepo
-    from tests.test_runner import add_request
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import GitRepo
+    from test_runner import add_request
 
     client = docker.from_env()
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,9 +12,9 @@ import docker
 import httpx
 import pytest
 
-import auth
-from config import Settings, load_settings
-from server import create_app
+from jobsite import auth
+from jobsite.config import Settings, load_settings
+from jobsite.server import create_app
 
 REQUIRE_DOCKER = os.environ.get("JOBSITE_REQUIRE_DOCKER") == "1"
 
@@ -37,7 +37,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         if REQUIRE_DOCKER:
             pytest.fail("JOBSITE_REQUIRE_DOCKER=1 but no Docker engine answers")
         pytest.skip("no Docker engine answers (set JOBSITE_REQUIRE_DOCKER=1 to fail instead)")
-    from tests.images import build_test_images
+    from images import build_test_images
 
     build_test_images(client)
     yield client

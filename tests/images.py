@@ -4,7 +4,7 @@ site's default image table uses, so jobs find them without a pull (and without a
 Every image runs ``/bin/sh`` with the action's arguments, so a test action such as
 ``python:v2 -c "echo hi > output/a.csv"`` runs a shell command.
 
-Run ``python -m tests.images`` to build them; the test suite builds them when missing.
+Run ``python tests/images.py`` to build them; the test suite builds them when missing.
 """
 
 from __future__ import annotations

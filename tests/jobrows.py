@@ -6,8 +6,8 @@ from __future__ import annotations
 import secrets
 import time
 
-import auth
-from db import Database
+from jobsite import auth
+from jobsite.db import Database
 
 
 class Site:

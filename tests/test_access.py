@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from conftest import GitRepo
 from starlette.routing import Mount, Route
 
-import auth
-from config import GitHub, load_settings
-from server import create_app
-from tests.conftest import GitRepo
+from jobsite import auth
+from jobsite.config import GitHub, load_settings
+from jobsite.server import create_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

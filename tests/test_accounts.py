@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-import auth
-from config import GitHub, Settings
-from server import create_app
+from jobsite import auth
+from jobsite.config import GitHub, Settings
+from jobsite.server import create_app
 
 PASSWORD = "a long password"
 

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-import auth
-from db import Database
+from jobsite import auth
+from jobsite.db import Database
 
 
 @pytest.fixture

@@ -6,10 +6,9 @@ import asyncio
 
 import pytest
 
-import auth
-import cli
-from config import load_settings
-from db import Database
+from jobsite import auth, cli
+from jobsite.config import load_settings
+from jobsite.db import Database
 
 
 @pytest.fixture

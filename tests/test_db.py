@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
-import db as db_module
-from db import Database, DatabaseVersionError, schema_version
+from jobsite import db as db_module
+from jobsite.db import Database, DatabaseVersionError, schema_version
 
 
 async def test_a_new_database_gets_the_schema_in_wal_mode(tmp_path):

@@ -17,10 +17,10 @@ from pathlib import Path
 import docker
 import pytest
 
-import executor as executor_module
-from config import Settings, load_settings
-from executor import CappedLog, DockerUnavailable, Executor, JobError, JobSpec, Outcome
-from repos import Repos
+from jobsite import executor as executor_module
+from jobsite.config import Settings, load_settings
+from jobsite.executor import CappedLog, DockerUnavailable, Executor, JobError, JobSpec, Outcome
+from jobsite.repos import Repos
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
 

@@ -6,7 +6,7 @@ import itertools
 import re
 import xml.etree.ElementTree as ET
 
-from graph import COLUMN_GAP, NODE_HEIGHT, NODE_WIDTH, Node, columns, layout, render_svg
+from jobsite.graph import COLUMN_GAP, NODE_HEIGHT, NODE_WIDTH, Node, columns, layout, render_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

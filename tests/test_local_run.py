@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
-import local_run
+from jobsite import cli, local_run
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
 

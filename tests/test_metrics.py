@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
+from jobrows import Site
 from prometheus_client.parser import text_string_to_metric_families
 
-import metrics
-from server import create_app
-from tests.jobrows import Site
+from jobsite import metrics
+from jobsite.server import create_app
 
 
 def refused_port() -> int:

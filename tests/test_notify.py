@@ -18,13 +18,13 @@ from typing import Any
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
+from jobrows import Site
+from test_api import PROJECT_YAML, setup_workspace, wait_for_request
 
-import notify
-from config import Settings, load_settings
-from db import Database
-from server import create_app
-from tests.jobrows import Site
-from tests.test_api import PROJECT_YAML, setup_workspace, wait_for_request
+from jobsite import notify
+from jobsite.config import Settings, load_settings
+from jobsite.db import Database
+from jobsite.server import create_app
 
 
 def free_port() -> int:
@@ -334,7 +334,7 @@ async def site(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient
 
 
 async def user_headers(app: Any, username: str, email: str | None, admin: bool = False) -> dict:
-    import auth
+    from jobsite import auth
 
     user_id = await auth.create_user(
         app.state.db, username, "pw-1234567", email=email, is_admin=admin

@@ -12,11 +12,10 @@ from schemathesis import GenerationMode
 from schemathesis import checks as st_checks
 from starlette.routing import Route
 
-import auth
-import openapi
-from config import load_settings
-from db import Database
-from server import create_app
+from jobsite import auth, openapi
+from jobsite.config import load_settings
+from jobsite.db import Database
+from jobsite.server import create_app
 
 EXAMPLES = 10  # per operation and mode: enough to find a crash, quick enough for every run
 

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from jobrows import Site
 
-import cli
-from db import Database, schema_version
-from tests.jobrows import Site
+from jobsite import cli
+from jobsite.db import Database, schema_version
 
 DAY = 86400
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from outputs import Manifest, OutputError, check_visibility, match_outputs, pattern_matches
+from jobsite.outputs import Manifest, OutputError, check_visibility, match_outputs, pattern_matches
 
 LIMIT = 1024**2
 

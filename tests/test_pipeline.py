@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import yaml
 
-from pipeline import (
+from jobsite.pipeline import (
     RUN_ALL,
     ActionState,
     Pipeline,

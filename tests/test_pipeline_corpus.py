@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import ProjectValidationError, load_pipeline
+from jobsite.pipeline import ProjectValidationError, load_pipeline
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared/corpus/project-yaml"
 VERDICTS = json.loads((Path(__file__).parent / "data/corpus_verdicts.json").read_text())

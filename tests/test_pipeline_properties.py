@@ -6,7 +6,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import ActionState, ProjectValidationError, load_pipeline, plan
+from jobsite.pipeline import ActionState, ProjectValidationError, load_pipeline, plan
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

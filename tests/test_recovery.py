@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from test_api import setup_workspace, wait_for_request
+from test_runner import job, submit, wait_until
 
-import auth
-from server import create_app
-from tests.test_api import setup_workspace, wait_for_request
-from tests.test_runner import job, submit, wait_until
+from jobsite import auth
+from jobsite.server import create_app
 
 PROJECT_YAML = """\
 version: "4"

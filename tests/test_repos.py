@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from repos import (
+from jobsite.repos import (
     BranchNotFound,
     FileNotFound,
     RepoNotAllowed,

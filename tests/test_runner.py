@@ -13,8 +13,7 @@ import time
 import warnings
 
 import pytest
-
-from tests.test_api import setup_workspace, wait_for_request
+from test_api import setup_workspace, wait_for_request
 
 FAIR_YAML = """\
 version: "4"

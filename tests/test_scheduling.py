@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner import jobs_ahead
-from scheduling import HALF_LIFE, JobQueue, Limits, QueuedJob, decayed, queue_order
+from jobsite.runner import jobs_ahead
+from jobsite.scheduling import HALF_LIFE, JobQueue, Limits, QueuedJob, decayed, queue_order
 
 
 @dataclass

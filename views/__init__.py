@@ -10,8 +10,8 @@ from jinja2 import Environment
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-import server
-from graph import ICONS
+from .. import server
+from ..graph import ICONS
 
 STATES_ACTIVE = ("pending", "running")
 

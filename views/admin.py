@@ -10,11 +10,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-import server
-from auth import User
-from db import Database
-from scheduling import QueuedJob, decayed, queue_order
-from views import flash, fragment, is_htmx, redirect
+from .. import server
+from ..auth import User
+from ..db import Database
+from ..scheduling import QueuedJob, decayed, queue_order
+from . import flash, fragment, is_htmx, redirect
 
 PRIORITY_RANGE = range(-10, 11)
 SHOWN = 100  # jobs listed per part of the queue; the rest are counted

@@ -11,11 +11,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-import server
-from db import Database
-from outputs import Manifest
-from submit import request_status
-from views import STATES_ACTIVE, flash, fragment, is_htmx, local_path, redirect
+from .. import server
+from ..db import Database
+from ..outputs import Manifest
+from ..submit import request_status
+from . import STATES_ACTIVE, flash, fragment, is_htmx, local_path, redirect
 
 PAGE_SIZE = 20
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away

@@ -7,10 +7,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-import server
-from db import Database
-from views import STATES_ACTIVE, flash, fragment, is_htmx, redirect
-from views.jobs import job_request_rows
+from .. import server
+from ..db import Database
+from . import STATES_ACTIVE, flash, fragment, is_htmx, redirect
+from .jobs import job_request_rows
 
 RECENT = 10
 

@@ -8,15 +8,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
-import accounts
-import auth
-import pipeline
-import server
-from graph import Node, render_svg
-from outputs import Manifest
-from repos import RepoError, check_allowed, is_allowed
-from submit import SubmitError
-from views import STATES_ACTIVE, flash, fragment, is_htmx, redirect
+from .. import accounts, auth, pipeline, server
+from ..graph import Node, render_svg
+from ..outputs import Manifest
+from ..repos import RepoError, check_allowed, is_allowed
+from ..submit import SubmitError
+from . import STATES_ACTIVE, flash, fragment, is_htmx, redirect
 
 PREFERRED_BRANCHES = ("main", "master")
 

@@ -31,9 +31,9 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-import auth
-from config import Settings
-from server import create_app
+from jobsite import auth
+from jobsite.config import Settings
+from jobsite.server import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -7,7 +7,7 @@ import socket
 import pytest
 from playwright.sync_api import Browser
 
-from tests.browser.conftest import LiveServer, PageProblems
+from browser.conftest import LiveServer, PageProblems
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
