@@ -1,14 +1,14 @@
-"""Who is asking, and what they may do: passwords, API tokens, sessions, roles, CSRF,
-and signing in with GitHub."""
+"""Who is asking, and what they may do: passwords, API tokens, sessions, roles, and
+signing in with GitHub. (The CSRF checks of web requests are in views.csrf.)"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
-import html
 import json
 import secrets
+import sqlite3
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -16,19 +16,13 @@ from typing import Any
 
 import httpx
 from cryptography.fernet import Fernet, InvalidToken
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import config
 from .db import Database
+from .problems import Conflict, NotAllowed
 
 ROLES = ("developer", "collaborator", "output_viewer")
 TOKEN_PREFIX = "jst_"
-CSRF_FIELD = "csrf_token"
-CSRF_HEADER = "x-csrf-token"
 
 # scrypt cost: n=2**14, r=8 -> 16 MiB and ~50 ms per hash, as OWASP suggests for scrypt
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
@@ -235,114 +229,9 @@ async def revoke_token(db: Database, user_id: int, token_id: int) -> bool:
         return cur.rowcount > 0
 
 
-def csrf_token(request: Request) -> str:
-    """The session's CSRF token, made on first use."""
-    token = request.session.get(CSRF_FIELD)
-    if not token:
-        token = secrets.token_urlsafe(24)
-        request.session[CSRF_FIELD] = token
-    return token
-
-
-def csrf_ok(request: Request, submitted: str | None) -> bool:
-    expected = request.session.get(CSRF_FIELD)
-    return bool(expected and submitted and same_secret(expected, submitted))
-
-
 def same_secret(expected: str, given: str) -> bool:
     """Compared in constant time; as bytes, since any text may be sent."""
     return hmac.compare_digest(expected.encode(), given.encode())
-
-
-CSRF_REFUSED = "the form has expired or came from another site; reload the page and try again"
-_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-
-
-class CSRFMiddleware:
-    """Refuses every unsafe request that relies on the session cookie unless it comes from
-    this site: its Origin (when sent) must be the site's, and it must carry the session's
-    CSRF token, in the X-CSRF-Token header (htmx, fetch) or the csrf_token form field.
-
-    Requests that carry an API token are let through: a browser never adds an
-    Authorization header to a cross-site request by itself. So are requests from a
-    session nobody signed in to, which act for no one (the handler asks them to sign in),
-    except to the sign-in pages, so another site cannot sign a visitor in as someone else.
-    Checking here, below the session middleware and above the routes, covers every
-    route, including ones added later, so no handler can forget.
-    """
-
-    def __init__(self, app: ASGIApp, base_url: str, sign_in_paths: tuple[str, ...]) -> None:
-        self.app = app
-        self.site_origin = _origin(base_url)
-        self.sign_in_paths = sign_in_paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in _SAFE_METHODS:
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        signed_in = "user_id" in scope["session"] or scope["path"] in self.sign_in_paths
-        if headers.get("authorization", "").lower().startswith("bearer ") or not signed_in:
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        origin = headers.get("origin")
-        own_origin = _origin(str(request.base_url))
-        if origin is not None and origin not in (self.site_origin, own_origin):
-            await _answer(scope, receive, send, 403, CSRF_REFUSED)
-            return
-        submitted = headers.get(CSRF_HEADER)
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if submitted is None and content_type in _FORM_TYPES:
-            body = await request.body()
-            try:
-                async with request.form() as form:
-                    value = form.get(CSRF_FIELD)
-                    submitted = value if isinstance(value, str) else None
-            except HTTPException as e:  # too many fields, a part too large
-                await _answer(scope, receive, send, 400, f"the form cannot be read: {e.detail}")
-                return
-            receive = _replay(body, receive)
-        if not csrf_ok(request, submitted):
-            await _answer(scope, receive, send, 403, CSRF_REFUSED)
-            return
-        await self.app(scope, receive, send)
-
-
-async def _answer(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-    """An error from below the app's own error pages: JSON on the API, plain HTML elsewhere."""
-    if scope["path"].startswith("/api/"):
-        response: Response = JSONResponse({"error": message}, status_code=status)
-    else:
-        title = "Not allowed" if status == 403 else "Something is wrong"
-        sentence = message[0].upper() + message[1:].rstrip(".") + "."
-        response = HTMLResponse(
-            f"<!doctype html><title>{title} · jobsite</title>"
-            f'<main><h1>{title}</h1><p role="alert">{html.escape(sentence)}</p>'
-            '<p><a href="/">Back to your projects</a></p></main>',
-            status_code=status,
-        )
-    await response(scope, receive, send)
-
-
-def _origin(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive channel that hands the already-read body to the app once more."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 class RateLimiter:
@@ -513,3 +402,39 @@ class Sealer:
             return self._fernet.decrypt(sealed.encode()).decode()
         except InvalidToken:
             return None
+
+
+async def user_for_github(db: Database, account: GitHubUser, signed_in: User | None) -> int:
+    """The site's user for a GitHub account: the linked one, the signed-in user (who is
+    linking their account), or a new user named after the GitHub login."""
+    linked = await db.fetchone("SELECT id, is_active FROM users WHERE github_id = ?", (account.id,))
+    if linked is not None:
+        if not linked["is_active"]:
+            raise NotAllowed("this account has been deactivated; ask a site admin")
+        return linked["id"]
+    if signed_in is not None:
+        await db.execute("UPDATE users SET github_id = ? WHERE id = ?", (account.id, signed_in.id))
+        return signed_in.id
+    # a user an admin added for this GitHub login, who has no password to sign in with
+    added = await db.fetchone(
+        "SELECT id FROM users WHERE username = ? AND github_id IS NULL "
+        "AND password_hash IS NULL AND is_active = 1",
+        (account.login,),
+    )
+    if added is not None:
+        await db.execute("UPDATE users SET github_id = ? WHERE id = ?", (account.id, added["id"]))
+        return added["id"]
+    try:
+        return await create_user(
+            db,
+            account.login,
+            email=account.email,
+            full_name=account.name,
+            github_id=account.id,
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict(
+            f"a user named {account.login!r} already exists on this site and is not linked "
+            "to your GitHub account. If it is yours, sign in with its password and then "
+            "sign in with GitHub to link them; otherwise ask a site admin."
+        ) from None

@@ -12,9 +12,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-
 TITLE = "jobsite API"
 VERSION = "1"
 
@@ -374,7 +371,3 @@ def _operation(op: Operation) -> dict[str, Any]:
 @functools.cache
 def document() -> dict[str, Any]:
     return build()
-
-
-async def openapi_json(request: Request) -> Response:
-    return JSONResponse(document())

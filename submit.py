@@ -6,7 +6,7 @@ import json
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
@@ -15,6 +15,9 @@ from .config import Settings
 from .db import Database, Row
 from .outputs import Manifest
 from .repos import Repos
+
+if TYPE_CHECKING:
+    from .runner import Scheduler
 
 
 class SubmitError(Exception):
@@ -224,3 +227,20 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+async def cancel(
+    db: Database, scheduler: Scheduler, job_request_id: int, actions: list[str] | None
+) -> list[str]:
+    """Cancel the job request's unfinished jobs: all, or those of the named actions.
+    Returns the ids of the jobs cancelled; the caller checks the asker may cancel."""
+    jobs = await db.fetchall(
+        "SELECT id, action, state FROM jobs WHERE job_request_id = ?", (job_request_id,)
+    )
+    if actions is not None:
+        unknown = set(actions) - {job["action"] for job in jobs}
+        if unknown:
+            raise SubmitError(f"this job request has no job for: {', '.join(sorted(unknown))}")
+        jobs = [job for job in jobs if job["action"] in actions]
+    active = [job["id"] for job in jobs if job["state"] in ("pending", "running")]
+    return await scheduler.cancel(active)

@@ -136,7 +136,7 @@ async def count(app, table: str) -> int:
 
 
 def test_times_read_as_people_say_them():
-    from jobsite.views import ago, human_duration, local_path
+    from jobsite.views.base import ago, human_duration, local_path
 
     assert [ago(1000 - d, 1000) for d in (5, 60, 150)] == ["just now", "1 min ago", "2 min ago"]
     assert [ago(0, 7300), ago(1, 3 * 86400 + 1)] == ["", "3 days ago"]

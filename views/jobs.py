@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,49 +10,29 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from .. import server
-from ..db import Database
+from .. import submit
 from ..outputs import Manifest
-from ..submit import request_status
-from . import STATES_ACTIVE, flash, fragment, is_htmx, local_path, redirect
+from ..queries import job_request_rows
+from .base import (
+    STATES_ACTIVE,
+    HTTPError,
+    check_role,
+    current_user,
+    flash,
+    fragment,
+    get_job,
+    get_job_request,
+    get_workspace,
+    is_htmx,
+    local_path,
+    redirect_to,
+    render,
+    site,
+    url,
+)
 
 PAGE_SIZE = 20
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
-
-
-async def job_request_rows(
-    db: Database, where: str, params: tuple, limit: int, offset: int = 0
-) -> list[dict[str, Any]]:
-    """Job requests matching ``where`` (SQL written in this package; values go in
-    ``params``), with who made them, their jobs and overall status, newest first."""
-    rows = await db.fetchall(
-        "SELECT r.*, w.name AS workspace, u.username FROM job_requests r "
-        "JOIN workspaces w ON w.id = r.workspace_id JOIN users u ON u.id = r.created_by "
-        f"WHERE {where} ORDER BY r.id DESC LIMIT ? OFFSET ?",
-        (*params, limit, offset),
-    )
-    jobs: dict[int, list[dict[str, Any]]] = {row["id"]: [] for row in rows}
-    if rows:
-        marks = ",".join("?" * len(rows))
-        for job in await db.fetchall(
-            f"SELECT * FROM jobs WHERE job_request_id IN ({marks}) ORDER BY created_at",
-            list(jobs),
-        ):
-            jobs[job["job_request_id"]].append(job)
-    result = []
-    for row in rows:
-        status, message = request_status(row, jobs[row["id"]])
-        result.append(
-            {
-                **row,
-                "requested": json.loads(row["requested_actions"]),
-                "jobs": jobs[row["id"]],
-                "status": status,
-                "status_message": message,
-                "succeeded": sum(job["state"] == "succeeded" for job in jobs[row["id"]]),
-            }
-        )
-    return result
 
 
 def _like(text: str) -> str:
@@ -62,8 +41,8 @@ def _like(text: str) -> str:
 
 
 async def logs_page(request: Request) -> Response:
-    workspace = await server.get_workspace(request, request.path_params["workspace"])
-    db: Database = server.app_state(request).db
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    db = site(request).db
     query = request.query_params.get("q", "").strip()
     page_param = request.query_params.get("page", "1")
     page = max(1, int(page_param)) if page_param.isdigit() else 1
@@ -77,7 +56,7 @@ async def logs_page(request: Request) -> Response:
         )
         params += (_like(query), _like(query))
     rows = await job_request_rows(db, where, params, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE)
-    user = await server.current_user(request)
+    user = await current_user(request)
     context = {
         "workspace": workspace,
         "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
@@ -89,16 +68,16 @@ async def logs_page(request: Request) -> Response:
     }
     if is_htmx(request):
         return await fragment(request, "_logs_list.html", context, done=not context["live"])
-    return await server.render(request, "logs.html", context)
+    return await render(request, "logs.html", context)
 
 
 async def job_request_page(request: Request) -> Response:
-    row = await server.get_job_request(request, request.path_params["id"])
+    row = await get_job_request(request, request.path_params["id"])
     if row["workspace"] != request.path_params["workspace"]:
-        raise server.ApiError(404, f"job request {row['id']} belongs to another workspace")
-    db: Database = server.app_state(request).db
+        raise HTTPError(404, f"job request {row['id']} belongs to another workspace")
+    db = site(request).db
     (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
-    user = await server.current_user(request)
+    user = await current_user(request)
     now = time.time()
     events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in job_request["jobs"]}
     for event in await db.fetchall(
@@ -112,29 +91,30 @@ async def job_request_page(request: Request) -> Response:
         "timelines": {
             job["id"]: timeline(events[job["id"]], job, now) for job in job_request["jobs"]
         },
-        "workspace": await server.get_workspace(request, row["workspace"]),
+        "workspace": await get_workspace(request, row["workspace"]),
         "can_cancel": bool(user and user.can_run(row["project_id"])),
         "live": job_request["status"] in STATES_ACTIVE,
         "now": now,
     }
     if is_htmx(request):
         return await fragment(request, "_job_request.html", context, done=not context["live"])
-    return await server.render(request, "job_request.html", context)
+    return await render(request, "job_request.html", context)
 
 
 async def cancel(request: Request) -> Response:
     """Cancel a job request's unfinished jobs: all of them, or the named actions' jobs."""
-    row = await server.get_job_request(request, request.path_params["id"])
-    await server.check_role(request, row["project_id"], "developer")
+    row = await get_job_request(request, request.path_params["id"])
+    await check_role(request, row["project_id"], "developer")
     form = await request.form()
     actions = [str(a) for a in form.getlist("actions")] or None
-    cancelled = await server.cancel_jobs(request, row, actions)
+    state = site(request)
+    cancelled = await submit.cancel(state.db, state.scheduler, row["id"], actions)
     if cancelled:
         flash(request, f"Cancelled {len(cancelled)} job{'s' if len(cancelled) != 1 else ''}.")
     else:
         flash(request, "Nothing to cancel: those jobs have already finished.", "warning")
-    default = f"/{row['workspace']}/logs/{row['id']}"
-    return redirect(local_path(str(form.get("next") or ""), default))
+    default = url(request, "job_request", workspace=row["workspace"], id=str(row["id"]))
+    return redirect_to(local_path(str(form.get("next") or ""), default))
 
 
 def timeline(events: list[dict[str, Any]], job: dict[str, Any], now: float) -> list[dict]:
@@ -152,10 +132,10 @@ def timeline(events: list[dict[str, Any]], job: dict[str, Any], now: float) -> l
 
 
 async def job_page(request: Request) -> Response:
-    job = await server.get_job(request, request.path_params["id"])
-    user = await server.current_user(request)
-    state = server.app_state(request)
-    db: Database = state.db
+    job = await get_job(request, request.path_params["id"])
+    user = await current_user(request)
+    state = site(request)
+    db = state.db
     events = await db.fetchall(
         "SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job["id"],)
     )
@@ -182,11 +162,11 @@ async def job_page(request: Request) -> Response:
         return await fragment(request, "_job_status.html", context, done=not context["live"])
     if can_view_log:
         context["log"] = await read_log(log_path(request, job["id"]))
-    return await server.render(request, "job.html", context)
+    return await render(request, "job.html", context)
 
 
 def log_path(request: Request, job_id: str) -> Path:
-    return server.app_state(request).settings.data_dir / "logs" / f"{job_id}.log"
+    return site(request).settings.data_dir / "logs" / f"{job_id}.log"
 
 
 async def read_log(path: Path) -> dict[str, Any] | None:
@@ -207,13 +187,13 @@ async def read_log(path: Path) -> dict[str, Any] | None:
 
 async def job_log(request: Request) -> Response:
     """A job's log: its end as a fragment for htmx to follow, or the whole file as text."""
-    job = await server.get_job(request, request.path_params["id"])
-    await server.check_role(request, job["project_id"], "output_viewer")
+    job = await get_job(request, request.path_params["id"])
+    await check_role(request, job["project_id"], "output_viewer")
     path = log_path(request, job["id"])
     if is_htmx(request):
         context = {"job": job, "log": await read_log(path), "live": job["state"] in STATES_ACTIVE}
         return await fragment(request, "_log.html", context, done=not context["live"])
     if not path.exists():
-        raise server.ApiError(404, "this job has no log yet: it starts when the job runs")
+        raise HTTPError(404, "this job has no log yet: it starts when the job runs")
     text = await asyncio.to_thread(path.read_text, errors="replace")
     return PlainTextResponse(text, headers={"X-Content-Type-Options": "nosniff"})

@@ -7,18 +7,29 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .. import server
-from ..db import Database
-from . import STATES_ACTIVE, flash, fragment, is_htmx, redirect
-from .jobs import job_request_rows
+from .. import workspaces
+from ..problems import Problem
+from ..queries import job_request_rows
+from .base import (
+    STATES_ACTIVE,
+    current_user,
+    flash,
+    fragment,
+    get_project,
+    is_htmx,
+    redirect,
+    render,
+    require_user,
+    site,
+)
 
 RECENT = 10
 
 
 async def home_context(request: Request) -> dict[str, Any]:
-    user = await server.current_user(request)
-    state = server.app_state(request)
-    db: Database = state.db
+    user = await current_user(request)
+    state = site(request)
+    db = state.db
     mine: list[dict] = []
     others: list[dict] = []
     recent: list[dict] = []
@@ -50,28 +61,28 @@ async def home(request: Request) -> Response:
     context = await home_context(request)
     if is_htmx(request):
         return await fragment(request, "_recent.html", context, done=not context["live"])
-    return await server.render(request, "home.html", context)
+    return await render(request, "home.html", context)
 
 
 async def create_project(request: Request) -> Response:
     """Register a project (from the home page)."""
-    await server.require_user(request)
+    user = await require_user(request)
     form = await request.form()
     name = str(form.get("name") or "")
     try:
-        project = await server.create_project(request, name)
-    except server.ApiError as e:
+        project = await workspaces.create_project(site(request).db, user, name)
+    except Problem as e:
         context = {**await home_context(request), "error": e.message, "name": name}
-        return await server.render(request, "home.html", context, status=e.status)
+        return await render(request, "home.html", context, status=400)
     flash(request, f"Project {project['name']} registered. Create its first workspace.")
-    return redirect(f"/projects/{project['slug']}/")
+    return redirect(request, "project", slug=project["slug"])
 
 
 async def project_page(request: Request) -> Response:
-    project = await server.get_project(request, request.path_params["slug"])
-    user = await server.current_user(request)
-    db: Database = server.app_state(request).db
-    workspaces = await db.fetchall(
+    project = await get_project(request, request.path_params["slug"])
+    user = await current_user(request)
+    db = site(request).db
+    rows = await db.fetchall(
         "SELECT w.*, (SELECT max(r.created_at) FROM job_requests r WHERE r.workspace_id = w.id) "
         "AS last_run FROM workspaces w WHERE w.project_id = ? ORDER BY w.archived, w.name",
         (project["id"],),
@@ -84,8 +95,8 @@ async def project_page(request: Request) -> Response:
     )
     context = {
         "project": project,
-        "workspaces": workspaces,
+        "workspaces": rows,
         "members": members,
         "can_create": bool(user and user.can_run(project["id"])),
     }
-    return await server.render(request, "project.html", context)
+    return await render(request, "project.html", context)

@@ -8,19 +8,39 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
-from .. import accounts, auth, pipeline, server
+from .. import auth, pipeline, submit, workspaces
 from ..graph import Node, render_svg
 from ..outputs import Manifest
+from ..problems import FieldProblems
 from ..repos import RepoError, check_allowed, is_allowed
 from ..submit import SubmitError
-from . import STATES_ACTIVE, flash, fragment, is_htmx, redirect
+from .base import (
+    STATES_ACTIVE,
+    HTTPError,
+    asker_github_repos,
+    check_role,
+    current_user,
+    flash,
+    fragment,
+    get_project,
+    get_workspace,
+    is_htmx,
+    redirect,
+    render,
+    site,
+    status_label,
+    url,
+)
 
 PREFERRED_BRANCHES = ("main", "master")
 
 
+# -- a new workspace ----------------------------------------------------------------------
+
+
 async def load_branches(request: Request, repo: str, wanted: str = "") -> dict[str, Any]:
     """The repo's branches with one preselected, or why they cannot be listed."""
-    state = server.app_state(request)
+    state = site(request)
     try:
         check_allowed(repo, state.settings.repos.allow)
         names = await state.repos.branches(repo)
@@ -40,21 +60,17 @@ async def load_branches(request: Request, repo: str, wanted: str = "") -> dict[s
     }
 
 
-async def new_workspace_page(request: Request) -> Response:
-    project = await server.get_project(request, request.path_params["slug"])
-    await server.check_role(request, project["id"], "developer")
-    form: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    if request.method == "POST":
-        form = {key: str(value) for key, value in (await request.form()).items()}
-        if not form.get("load_branches"):
-            try:
-                workspace = await server.create_workspace(request, project, form)
-            except server.FormError as e:
-                errors = e.errors
-            else:
-                flash(request, f"Workspace {workspace['name']} created. Choose actions to run.")
-                return redirect(f"/{workspace['name']}/")
+async def new_workspace_page(
+    request: Request,
+    project: Any = None,
+    form: dict[str, str] | None = None,
+    errors: dict[str, str] | None = None,
+) -> Response:
+    if project is None:
+        project = await get_project(request, request.path_params["slug"])
+        await check_role(request, project["id"], "developer")
+    form = form or {}
+    errors = errors or {}
     branch_field: dict[str, Any] = {"branches": [], "selected": None, "branch_error": None}
     if form.get("repo", "").strip():
         branch_field = await load_branches(request, form["repo"].strip(), form.get("branch", ""))
@@ -62,121 +78,162 @@ async def new_workspace_page(request: Request) -> Response:
         "project": project,
         "form": form,
         "errors": errors,
-        "databases": server.app_state(request).settings.databases,
+        "databases": site(request).settings.databases,
         "github_repos": await offered_github_repos(request),
         **branch_field,
     }
-    return await server.render(
-        request, "new_workspace.html", context, status=400 if errors else 200
-    )
+    return await render(request, "new_workspace.html", context, status=400 if errors else 200)
+
+
+async def create_workspace(request: Request) -> Response:
+    """The new-workspace form sent: create it, or show the form again with what is wrong
+    (or with the branches of the repo entered, when the browser could not fetch them)."""
+    project = await get_project(request, request.path_params["slug"])
+    user = await check_role(request, project["id"], "developer")
+    form = {key: str(value) for key, value in (await request.form()).items()}
+    if form.get("load_branches"):
+        return await new_workspace_page(request, project, form)
+    state = site(request)
+    try:
+        name = await workspaces.create_workspace(
+            state.db, state.settings, state.repos, user, project["id"], form
+        )
+    except FieldProblems as e:
+        return await new_workspace_page(request, project, form, e.errors)
+    flash(request, f"Workspace {name} created. Choose actions to run.")
+    return redirect(request, "workspace", workspace=name)
 
 
 async def offered_github_repos(request: Request) -> list[dict[str, Any]]:
     """Your GitHub repositories that this site allows, to pick from when signed in with
     GitHub; none (the field still takes any URL) when GitHub cannot be asked."""
     try:
-        repos = await accounts.github_repos(request) or []
+        repos = await asker_github_repos(request) or []
     except auth.GitHubError:
         return []
-    allow = server.app_state(request).settings.repos.allow
+    allow = site(request).settings.repos.allow
     return [repo for repo in repos if is_allowed(repo["url"], allow)]
 
 
 async def branches(request: Request) -> Response:
     """The branch field of the new workspace form, for the repo just entered (htmx)."""
-    project = await server.get_project(request, request.path_params["slug"])
-    await server.check_role(request, project["id"], "developer")
+    project = await get_project(request, request.path_params["slug"])
+    await check_role(request, project["id"], "developer")
     repo = request.query_params.get("repo", "").strip()
     if repo:
         context = await load_branches(request, repo, request.query_params.get("branch", ""))
     else:
         context = {"branches": [], "selected": None, "branch_error": None}
-    return await server.render(request, "_branch_field.html", {**context, "errors": {}})
+    return await render(request, "_branch_field.html", {**context, "errors": {}})
+
+
+# -- the workspace page -------------------------------------------------------------------
 
 
 def action_views(found: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{**a, "label": server.status_label(a["status"])} for a in found["actions"]]
+    return [{**a, "label": status_label(a["status"])} for a in found["actions"]]
 
 
-def graph_svg(actions: list[dict[str, Any]]) -> Any:
+def graph_svg(request: Request, actions: list[dict[str, Any]]) -> Any:
     nodes = [
         Node(
             name=a["name"],
             needs=tuple(a["needs"]),
             state=a["state"],
             label=a["label"],
-            href=f"/jobs/{a['job_id']}" if a["job_id"] else None,
+            href=url(request, "job", id=a["job_id"]) if a["job_id"] else None,
         )
         for a in actions
     ]
     return render_svg(nodes, title="Pipeline")
 
 
-async def workspace_page(request: Request) -> Response:
-    workspace = await server.get_workspace(request, request.path_params["workspace"])
-    user = await server.current_user(request)
+async def workspace_page(
+    request: Request,
+    workspace: Any = None,
+    error: str | None = None,
+    selected: list[str] | None = None,
+    force: bool = False,
+    notify: bool | None = None,
+) -> Response:
+    """The workspace's actions with their latest jobs; for htmx, only their status."""
+    if workspace is None:
+        workspace = await get_workspace(request, request.path_params["workspace"])
+    user = await current_user(request)
     polling = is_htmx(request) and request.method == "GET"
-    error = None
-    selected: list[str] = []
-    force = False
-    notify = bool(workspace["notify_default"])
-    if request.method == "POST":
-        await server.check_role(request, workspace["project_id"], "developer")
-        form = await request.form()
-        selected = [str(a) for a in form.getlist("actions")]
-        force = bool(form.get("force_run_dependencies"))
-        notify = bool(form.get("notify"))
-        try:
-            request_id = await server.create_job_request(
-                request, workspace, selected, force=force, notify=notify
-            )
-        except (SubmitError, RepoError, pipeline.ProjectValidationError) as e:
-            error = str(e)
-        else:
-            row = await server.app_state(request).db.fetchone(
-                "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
-            )
-            flash(
-                request,
-                row["status_message"] or "Job request submitted",
-                "info" if row["status"] == "created" else "warning",
-            )
-            return redirect(f"/{workspace['name']}/logs/{request_id}")
-    found = await server.workspace_actions(request, workspace, fetch=not polling)
+    state = site(request)
+    found = await workspaces.workspace_actions(
+        state.db, state.repos, state.projects, workspace, fetch=not polling
+    )
     actions = action_views(found)
     live = any(a["state"] in STATES_ACTIVE for a in actions)
     context = {
         "workspace": workspace,
         "found": found,
         "actions": actions,
-        "graph": graph_svg(actions) if actions else None,
+        "graph": graph_svg(request, actions) if actions else None,
         "live": live,
         "error": error,
-        "selected": selected,
+        "selected": selected or [],
         "force": force,
-        "notify": notify,
+        "notify": bool(workspace["notify_default"]) if notify is None else notify,
         "can_run": bool(user and user.can_run(workspace["project_id"])),
         "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
     }
     if polling:
         context["oob"] = True
         return await fragment(request, "_workspace_status.html", context, done=not live)
-    return await server.render(request, "workspace.html", context, status=400 if error else 200)
+    return await render(request, "workspace.html", context, status=400 if error else 200)
+
+
+async def create_job_request(request: Request) -> Response:
+    """The workspace form sent: submit the ticked actions, or show why not."""
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    user = await check_role(request, workspace["project_id"], "developer")
+    form = await request.form()
+    selected = [str(a) for a in form.getlist("actions")]
+    force = bool(form.get("force_run_dependencies"))
+    notify = bool(form.get("notify"))
+    state = site(request)
+    try:
+        request_id = await submit.submit(
+            state.db,
+            state.settings,
+            state.repos,
+            workspace,
+            user.id,
+            selected,
+            force_run_dependencies=force,
+            notify=notify,
+        )
+    except (SubmitError, RepoError, pipeline.ProjectValidationError) as e:
+        return await workspace_page(request, workspace, str(e), selected, force, notify)
+    state.scheduler.wake()
+    row = await state.db.fetchone(
+        "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
+    )
+    assert row is not None
+    flash(
+        request,
+        row["status_message"] or "Job request submitted",
+        "info" if row["status"] == "created" else "warning",
+    )
+    return redirect(request, "job_request", workspace=workspace["name"], id=str(request_id))
 
 
 async def archive(request: Request) -> Response:
-    workspace = await server.get_workspace(request, request.path_params["workspace"])
-    await server.check_role(request, workspace["project_id"], "developer")
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    await check_role(request, workspace["project_id"], "developer")
     archived = (await request.form()).get("archived") == "1"
-    await server.app_state(request).db.execute(
-        "UPDATE workspaces SET archived = ? WHERE id = ?", (int(archived), workspace["id"])
-    )
+    await workspaces.set_archived(site(request).db, workspace["id"], archived)
     if archived:
         flash(request, f"Workspace {workspace['name']} archived: its logs stay, no new jobs run.")
     else:
         flash(request, f"Workspace {workspace['name']} unarchived: jobs can run again.")
-    return redirect(f"/{workspace['name']}/")
+    return redirect(request, "workspace", workspace=workspace["name"])
 
+
+# -- outputs ------------------------------------------------------------------------------
 
 # a file served from a workspace is always a download, never a page of this site
 DOWNLOAD_HEADERS = {
@@ -187,31 +244,29 @@ DOWNLOAD_HEADERS = {
 
 async def outputs(request: Request) -> Response:
     """The workspace's outputs (no path), or one visible moderately_sensitive file."""
-    workspace = await server.get_workspace(request, request.path_params["workspace"])
-    await server.check_role(request, workspace["project_id"], "output_viewer")
-    ws_dir = server.app_state(request).settings.data_dir / "workspaces" / workspace["name"]
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    await check_role(request, workspace["project_id"], "output_viewer")
+    ws_dir = site(request).settings.data_dir / "workspaces" / workspace["name"]
     manifest = Manifest.load(ws_dir)
     path = request.path_params["path"]
     if not path:
         files = sorted(
             manifest.data["files"].items(), key=lambda item: (item[1]["action"], item[0])
         )
-        return await server.render(
-            request, "outputs.html", {"workspace": workspace, "files": files}
-        )
+        return await render(request, "outputs.html", {"workspace": workspace, "files": files})
     entry = manifest.data["files"].get(path)
     if entry is None:
-        raise server.ApiError(404, f"{workspace['name']} has no output {path!r}")
+        raise HTTPError(404, f"{workspace['name']} has no output {path!r}")
     if entry["level"] != "moderately_sensitive":
-        raise server.ApiError(403, f"{path} is {entry['level']}: such outputs are never served")
+        raise HTTPError(403, f"{path} is {entry['level']}: such outputs are never served")
     if not entry.get("visible"):
         reason = entry.get("not_visible_because") or "it did not pass the checks"
-        raise server.ApiError(403, f"{path} is not shown: {reason}")
+        raise HTTPError(403, f"{path} is not shown: {reason}")
     root = ws_dir.resolve()
     file = ws_dir / path
     resolved = file.resolve()
     if file.is_symlink() or not resolved.is_relative_to(root) or not resolved.is_file():
-        raise server.ApiError(404, f"{path} is no longer in the workspace; run its action again")
+        raise HTTPError(404, f"{path} is no longer in the workspace; run its action again")
     return FileResponse(
         resolved,
         filename=Path(path).name,

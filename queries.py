@@ -1,0 +1,100 @@
+"""The reads that several parts of the site share: each written once, here."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .db import Database
+from .scheduling import QueuedJob, decayed, queue_order
+from .submit import request_status
+
+# the latest job of each action in a workspace (one row per action that ever ran)
+LATEST_JOB_PER_ACTION = (
+    "SELECT * FROM jobs j WHERE workspace_id = ? AND created_at = "
+    "(SELECT max(created_at) FROM jobs WHERE workspace_id = j.workspace_id "
+    "AND action = j.action)"
+)
+
+
+async def job_request_rows(
+    db: Database, where: str, params: tuple, limit: int, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Job requests matching ``where`` (SQL written in this package; values go in
+    ``params``), with who made them, their jobs and overall status, newest first."""
+    rows = await db.fetchall(
+        "SELECT r.*, w.name AS workspace, u.username FROM job_requests r "
+        "JOIN workspaces w ON w.id = r.workspace_id JOIN users u ON u.id = r.created_by "
+        f"WHERE {where} ORDER BY r.id DESC LIMIT ? OFFSET ?",
+        (*params, limit, offset),
+    )
+    jobs: dict[int, list[dict[str, Any]]] = {row["id"]: [] for row in rows}
+    if rows:
+        marks = ",".join("?" * len(rows))
+        for job in await db.fetchall(
+            f"SELECT * FROM jobs WHERE job_request_id IN ({marks}) ORDER BY created_at",
+            list(jobs),
+        ):
+            jobs[job["job_request_id"]].append(job)
+    result = []
+    for row in rows:
+        status, message = request_status(row, jobs[row["id"]])
+        result.append(
+            {
+                **row,
+                "requested": json.loads(row["requested_actions"]),
+                "jobs": jobs[row["id"]],
+                "status": status,
+                "status_message": message,
+                "succeeded": sum(job["state"] == "succeeded" for job in jobs[row["id"]]),
+            }
+        )
+    return result
+
+
+async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
+    """Running jobs, then runnable jobs in the order the scheduler would start them,
+    then jobs still waiting on their dependencies."""
+    rows = await db.fetchall(
+        "SELECT j.id, j.action, j.state, j.status_code, j.status_message, j.user_id, "
+        "j.requires_db, j.created_at, j.started_at, j.job_request_id, r.priority, "
+        "w.name AS workspace, u.username FROM jobs j "
+        "JOIN job_requests r ON r.id = j.job_request_id "
+        "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = j.user_id "
+        "WHERE j.state IN ('pending', 'running') ORDER BY j.created_at"
+    )
+    running = [row for row in rows if row["state"] == "running"]
+    blocked = [row for row in rows if row["status_code"] == "waiting_on_dependencies"]
+    runnable = {
+        row["id"]: row
+        for row in rows
+        if row["state"] == "pending" and row["status_code"] != "waiting_on_dependencies"
+    }
+    now = time.time()
+    usage = {
+        row["user_id"]: decayed(row["usage"], row["updated_at"], now)
+        for row in await db.fetchall("SELECT user_id, usage, updated_at FROM user_usage")
+    }
+    per_user: dict[int, int] = {}
+    for row in running:
+        per_user[row["user_id"]] = per_user.get(row["user_id"], 0) + 1
+    ordered = queue_order(
+        [
+            QueuedJob(
+                r["id"],
+                r["user_id"],
+                priority=r["priority"],
+                created_at=r["created_at"],
+                requires_db=bool(r["requires_db"]),
+            )
+            for r in runnable.values()
+        ],
+        per_user,
+        usage,
+    )
+    return {
+        "running": running,
+        "queued": [runnable[job.id] for job in ordered],
+        "blocked": blocked,
+    }

@@ -1,0 +1,299 @@
+"""The JSON API (``/api/v1``): bearer tokens, JSON bodies, errors as ``{"error": ...}``.
+
+Each handler checks who is asking, reads its input, calls the core and answers JSON; the
+routes are named in server.ROUTES and described in openapi.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from .. import auth, metrics, notify, openapi, submit, workspaces
+from ..db import Row
+from ..outputs import Manifest
+from ..submit import iso
+from .base import (
+    HTTPError,
+    asker_github_repos,
+    check_role,
+    current_user,
+    field,
+    get_job,
+    get_job_request,
+    get_project,
+    get_workspace,
+    json_body,
+    require_admin,
+    require_user,
+    site,
+    via_token,
+)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def api(handler: Handler) -> Handler:
+    """An API endpoint: whoever the token names is known (or refused) before anything else."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        await current_user(request)
+        return await handler(request)
+
+    return endpoint
+
+
+@api
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi.document())
+
+
+# -- projects and members -----------------------------------------------------------------
+
+
+@api
+async def create_project(request: Request) -> Response:
+    user = await require_user(request)
+    body = await json_body(request)
+    project = await workspaces.create_project(site(request).db, user, field(body, "name"))
+    return JSONResponse({"slug": project["slug"], "name": project["name"]}, status_code=201)
+
+
+@api
+async def members(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    rows = await workspaces.members_of(site(request).db, project["id"])
+    return JSONResponse(
+        {"members": [{"username": m["username"], "roles": workspaces.roles_list(m)} for m in rows]}
+    )
+
+
+@api
+async def add_member(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    user = await check_role(request, project["id"], "developer")
+    body = await json_body(request)
+    username = field(body, "username")
+    roles = field(body, "roles", list)
+    if not roles:
+        raise HTTPError(400, "roles must name at least one role; to remove a member use DELETE")
+    await workspaces.set_member(site(request).db, user, project["id"], username, roles)
+    return JSONResponse({"username": username, "roles": sorted(set(roles))})
+
+
+@api
+async def remove_member(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    username = request.path_params["username"]
+    user = await check_role(request, project["id"], "developer")
+    rows = await workspaces.members_of(site(request).db, project["id"])
+    if username.lower() not in {m["username"].lower() for m in rows}:
+        raise HTTPError(404, f"{username!r} is not a member of this project")
+    await workspaces.set_member(site(request).db, user, project["id"], username, [])
+    return Response(status_code=204)
+
+
+@api
+async def github_repos(request: Request) -> Response:
+    """The signed-in user's GitHub repositories, for the new-workspace form."""
+    await require_user(request)
+    try:
+        repos = await asker_github_repos(request)
+    except auth.GitHubError as e:
+        raise HTTPError(502, str(e)) from None
+    if repos is None:
+        raise HTTPError(400, "sign in with GitHub (in the browser) to list your repositories")
+    return JSONResponse({"repos": repos})
+
+
+# -- workspaces ---------------------------------------------------------------------------
+
+
+def workspace_json(workspace: Row) -> dict[str, Any]:
+    return {
+        "name": workspace["name"],
+        "project": workspace["project_slug"],
+        "repo": workspace["repo"],
+        "branch": workspace["branch"],
+        "database": workspace["database"],
+        "purpose": workspace["purpose"],
+        "archived": bool(workspace["archived"]),
+        "created_at": iso(workspace["created_at"]),
+    }
+
+
+@api
+async def create_workspace(request: Request) -> Response:
+    project = await get_project(request, request.path_params["slug"])
+    body = await json_body(request)
+    for name in ("name", "repo", "branch", "database"):
+        field(body, name)
+    user = await check_role(request, project["id"], "developer")
+    state = site(request)
+    name = await workspaces.create_workspace(
+        state.db, state.settings, state.repos, user, project["id"], body
+    )
+    return JSONResponse(workspace_json(await get_workspace(request, name)), status_code=201)
+
+
+@api
+async def workspace(request: Request) -> Response:
+    row = await get_workspace(request, request.path_params["name"])
+    state = site(request)
+    found = await workspaces.workspace_actions(state.db, state.repos, state.projects, row)
+    return JSONResponse(
+        {
+            **workspace_json(row),
+            "sha": found["sha"],
+            "project_yaml_error": found["error"],
+            "actions": [
+                {"name": a["name"], "needs": a["needs"], "status": a["status"]}
+                for a in found["actions"]
+            ],
+        }
+    )
+
+
+@api
+async def outputs(request: Request) -> Response:
+    row = await get_workspace(request, request.path_params["name"])
+    await check_role(request, row["project_id"], "output_viewer")
+    ws_dir = site(request).settings.data_dir / "workspaces" / row["name"]
+    return JSONResponse(Manifest.load(ws_dir).data)
+
+
+# -- job requests and jobs ----------------------------------------------------------------
+
+
+@api
+async def create_job_request(request: Request) -> Response:
+    row = await get_workspace(request, request.path_params["name"])
+    user = await check_role(request, row["project_id"], "developer")
+    body = await json_body(request)
+    actions = field(body, "actions", list)
+    if not all(isinstance(a, str) for a in actions):
+        raise HTTPError(400, "actions must be a list of action names")
+    force = bool(field(body, "force_run_dependencies", bool, required=False))
+    notify_me = field(body, "notify", bool, required=False)
+    if notify_me is None:
+        notify_me = bool(row["notify_default"])
+    state = site(request)
+    request_id = await submit.submit(
+        state.db,
+        state.settings,
+        state.repos,
+        row,
+        user.id,
+        actions,
+        force_run_dependencies=force,
+        notify=notify_me,
+    )
+    state.scheduler.wake()
+    return JSONResponse(await submit.job_request_json(state.db, request_id), status_code=201)
+
+
+@api
+async def job_request(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    return JSONResponse(await submit.job_request_json(site(request).db, row["id"]))
+
+
+@api
+async def cancel(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    body = await json_body(request) if await request.body() else {}
+    actions = field(body, "actions", list, required=False)
+    await check_role(request, row["project_id"], "developer")
+    state = site(request)
+    cancelled = await submit.cancel(state.db, state.scheduler, row["id"], actions)
+    data = await submit.job_request_json(state.db, row["id"])
+    data["cancelled"] = cancelled
+    if not cancelled:
+        data["message"] = "Nothing to cancel: those jobs have already finished"
+    return JSONResponse(data)
+
+
+@api
+async def job(request: Request) -> Response:
+    row = await get_job(request, request.path_params["id"])
+    return JSONResponse({**submit.job_json(row), "workspace": row["workspace"]})
+
+
+@api
+async def job_log(request: Request) -> Response:
+    row = await get_job(request, request.path_params["id"])
+    await check_role(request, row["project_id"], "output_viewer")
+    path = site(request).settings.data_dir / "logs" / f"{row['id']}.log"
+    if not path.exists():
+        raise HTTPError(404, "this job has no log yet; it is written when the job finishes")
+    return PlainTextResponse(await asyncio.to_thread(path.read_text, errors="replace"))
+
+
+# -- the queue (site admins) --------------------------------------------------------------
+
+
+@api
+async def queue(request: Request) -> Response:
+    await require_admin(request, "control the queue")
+    limit = request.query_params.get("limit", "1000")
+    if not limit.isdigit():
+        raise HTTPError(400, "limit must be a whole number of jobs")
+    return JSONResponse(site(request).scheduler.snapshot(int(limit)))
+
+
+@api
+async def pause_queue(request: Request) -> Response:
+    await require_admin(request, "control the queue")
+    await site(request).scheduler.set_paused(True)
+    return JSONResponse({"paused": True, "message": "Queue paused: running jobs go on"})
+
+
+@api
+async def resume_queue(request: Request) -> Response:
+    await require_admin(request, "control the queue")
+    await site(request).scheduler.set_paused(False)
+    return JSONResponse({"paused": False, "message": "Queue resumed"})
+
+
+@api
+async def priority(request: Request) -> Response:
+    row = await get_job_request(request, request.path_params["id"])
+    await require_admin(request, "control the queue")
+    value = (await json_body(request)).get("priority")
+    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > 1000:
+        raise HTTPError(400, "priority must be a whole number from -1000 to 1000 (default 0)")
+    await site(request).scheduler.set_priority(row["id"], value)
+    return JSONResponse({"id": row["id"], "priority": value})
+
+
+@api
+async def outbox(request: Request) -> Response:
+    await require_admin(request, "see the outbox")
+    state = site(request)
+    return JSONResponse(await notify.outbox_json(state.db, state.settings))
+
+
+async def metrics_page(request: Request) -> Response:
+    """Prometheus metrics, for an admin's API token or a scraper on this machine."""
+    if not metrics.is_loopback(request.client.host if request.client else None):
+        try:
+            user = await current_user(request)
+        except HTTPError as e:
+            return PlainTextResponse(f"{e.message}\n", status_code=e.status)
+        if user is None or not user.is_admin or not via_token(request):
+            return PlainTextResponse(
+                "metrics are served to this machine (loopback) or with a site admin's API token\n",
+                status_code=403,
+            )
+    body = await site(request).metrics.render()
+    return Response(body, media_type=metrics.CONTENT_TYPE)

@@ -1,0 +1,451 @@
+"""What every page and API handler shares: the site's typed state, the HTTP error, who is
+asking and what they may do, lookups by name, and rendering (pages, htmx fragments,
+redirects, flashes, named URLs).
+
+Handlers receive a Starlette ``Request``; everything below this module is plain Python
+that knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.parse
+from typing import Any
+
+from jinja2 import pass_context
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.templating import Jinja2Templates
+
+from .. import auth, pipeline
+from ..auth import RateLimiter, Sealer, User
+from ..config import Settings
+from ..db import Database, Row
+from ..executor import Executor
+from ..graph import ICONS
+from ..metrics import SiteMetrics
+from ..notify import Notifier
+from ..problems import Conflict, NotAllowed, NotFound, Problem
+from ..repos import RepoError, Repos
+from ..runner import Scheduler
+from ..submit import SubmitError
+from ..workspaces import ParsedProjects
+from . import csrf
+
+STATES_ACTIVE = ("pending", "running")
+
+
+class Site:
+    """Everything a handler may use, one per app (it is ``app.state``).
+
+    The first four are made with the app; the rest by the lifespan, while the site runs.
+    """
+
+    db: Database
+    repos: Repos
+    executor: Executor
+    scheduler: Scheduler
+    notifier: Notifier
+    metrics: SiteMetrics
+
+    def __init__(
+        self,
+        settings: Settings,
+        templates: Jinja2Templates,
+        login_limiter: RateLimiter,
+        sealer: Sealer,
+    ) -> None:
+        self.settings = settings
+        self.templates = templates
+        self.login_limiter = login_limiter
+        self.sealer = sealer
+        self.projects = ParsedProjects()
+
+
+def site(request: Request) -> Site:
+    return request.app.state
+
+
+class HTTPError(Exception):
+    """An error for the person asking: answered as JSON on the API, as a page elsewhere."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# what each kind of refusal from the core is, in HTTP
+PROBLEM_STATUS: dict[type[Problem], int] = {NotFound: 404, NotAllowed: 403, Conflict: 409}
+HANDLED_ERRORS = (
+    HTTPError,
+    Problem,
+    RepoError,
+    SubmitError,
+    HTTPException,
+    pipeline.ProjectValidationError,
+)
+
+
+def as_http(exc: Exception) -> HTTPError:
+    """The status and message an error from below is answered with."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, Problem):
+        return HTTPError(PROBLEM_STATUS.get(type(exc), 400), exc.message)
+    if isinstance(exc, HTTPException):
+        return HTTPError(exc.status_code, exc.detail)
+    return HTTPError(400, str(exc))
+
+
+# -- who is asking ------------------------------------------------------------------------
+
+
+async def current_user(request: Request) -> User | None:
+    """The signed-in user (session cookie or API token), looked up once per request."""
+    if hasattr(request.state, "user"):
+        return request.state.user
+    state = site(request)
+    user = None
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        user = await auth.authenticate_token(state.db, header[7:].strip())
+        if user is None:
+            raise HTTPError(
+                401, "the API token is not valid; create a new one on your account page"
+            )
+        request.state.via_token = True
+    elif "user_id" in request.session:
+        user = await auth.load_session_user(state.db, request.session)
+        if user is None:
+            request.session.clear()
+    request.state.user = user
+    return user
+
+
+def via_token(request: Request) -> bool:
+    """Whether the asker authenticated with an API token (not a browser session)."""
+    return getattr(request.state, "via_token", False)
+
+
+async def require_user(request: Request) -> User:
+    user = await current_user(request)
+    if user is None:
+        raise HTTPError(401, "sign in first")
+    await check_csrf(request)
+    return user
+
+
+async def require_admin(request: Request, to: str) -> User:
+    """A site admin, or 403 saying only admins can do ``to`` ("control the queue")."""
+    user = await require_user(request)
+    if not user.is_admin:
+        raise HTTPError(403, f"only site admins can {to}")
+    return user
+
+
+async def check_csrf(request: Request) -> None:
+    """Unsafe requests authenticated by the session cookie must carry the CSRF token."""
+    if request.method in ("GET", "HEAD", "OPTIONS") or via_token(request):
+        return
+    submitted = request.headers.get(csrf.CSRF_HEADER)
+    if submitted is None and "form" in request.headers.get("content-type", ""):
+        form = await request.form()
+        submitted = form.get(csrf.CSRF_FIELD)
+    if not csrf.csrf_ok(request, submitted):
+        raise HTTPError(403, "the form has expired or came from another site; reload the page")
+
+
+async def check_can_view(request: Request, project_id: int) -> None:
+    user = await current_user(request)  # a bad token is refused even where none is needed
+    if site(request).settings.public_status:
+        return
+    if user is None:
+        raise HTTPError(401, "sign in to see this project")
+    if not user.is_member(project_id):
+        raise HTTPError(403, "only members of this project can see it")
+
+
+async def check_role(request: Request, project_id: int, *roles: str) -> User:
+    user = await require_user(request)
+    if not user.has_role(project_id, *roles):
+        raise HTTPError(403, f"you need the {' or '.join(roles)} role on this project to do that")
+    return user
+
+
+GITHUB_TOKEN = "github_token"  # the session key of the asker's sealed GitHub token
+
+
+def github(request: Request) -> auth.GitHub:
+    settings = site(request).settings.github
+    if not settings.enabled:
+        raise HTTPError(404, "signing in with GitHub is not set up on this site")
+    return auth.GitHub(settings)
+
+
+async def asker_github_repos(request: Request) -> list[dict[str, Any]] | None:
+    """The asker's GitHub repositories, or None when they did not sign in with GitHub.
+    Raises auth.GitHubError when GitHub refuses or cannot be reached."""
+    sealed = request.session.get(GITHUB_TOKEN)
+    token = site(request).sealer.unseal(sealed) if sealed else None
+    if token is None:
+        return None
+    return await github(request).repos(token)
+
+
+def in_sqlite_range(number: int) -> bool:
+    """Whether a number from an address can be an SQLite row id (asking for a larger one
+    is an error in SQLite, not an empty answer)."""
+    return 0 <= number < 2**63
+
+
+# -- lookups by name ----------------------------------------------------------------------
+
+
+async def _visible(request: Request, row: Row | None, kind: str, key: str) -> Row:
+    """A row the asker looked up by ``key``: 404 when missing, then the project's visibility."""
+    if row is None:
+        raise HTTPError(404, f"there is no {kind} {key!r}")
+    await check_can_view(request, row["project_id"])
+    return row
+
+
+async def get_project(request: Request, slug: str) -> Row:
+    project = await site(request).db.fetchone(
+        "SELECT *, id AS project_id FROM projects WHERE slug = ?", (slug,)
+    )
+    return await _visible(request, project, "project", slug)
+
+
+async def get_workspace(request: Request, name: str) -> Row:
+    workspace = await site(request).db.fetchone(
+        "SELECT w.*, p.slug AS project_slug, p.name AS project_name FROM workspaces w "
+        "JOIN projects p ON p.id = w.project_id WHERE w.name = ?",
+        (name,),
+    )
+    return await _visible(request, workspace, "workspace", name)
+
+
+async def get_job(request: Request, job_id: str) -> Row:
+    job = await site(request).db.fetchone(
+        "SELECT j.*, w.name AS workspace, w.project_id FROM jobs j "
+        "JOIN workspaces w ON w.id = j.workspace_id WHERE j.id = ?",
+        (job_id,),
+    )
+    return await _visible(request, job, "job", job_id)
+
+
+async def get_job_request(request: Request, request_id: str) -> Row:
+    row = None
+    if request_id.isdigit() and in_sqlite_range(int(request_id)):
+        row = await site(request).db.fetchone(
+            "SELECT r.*, w.name AS workspace, w.project_id FROM job_requests r "
+            "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
+            (int(request_id),),
+        )
+    return await _visible(request, row, "job request", request_id)
+
+
+# -- reading requests ---------------------------------------------------------------------
+
+
+def is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def is_htmx(request: Request) -> bool:
+    """An htmx request wanting a fragment (restoring history wants the whole page)."""
+    headers = request.headers
+    return headers.get("hx-request") == "true" and not headers.get("hx-history-restore-request")
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HTTPError(400, "the request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    return body
+
+
+def field(body: dict[str, Any], name: str, kind: type = str, required: bool = True) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise HTTPError(400, f"{name} is required")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise HTTPError(400, f"{name} must be a {kind.__name__}")
+    return value
+
+
+def local_path(target: str | None, default: str) -> str:
+    """``target`` when it is a path on this site, else ``default`` (no open redirects)."""
+    # browsers read "/\host" as "//host", another site
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return default
+
+
+# -- answering ----------------------------------------------------------------------------
+
+
+def url(request: Request, name: str, **params: Any) -> str:
+    """The path of the named route (server.ROUTES), its parameters escaped."""
+    return request.app.url_path_for(name, **_path_params(params))
+
+
+def _path_params(params: dict[str, Any]) -> dict[str, Any]:
+    # an output's path keeps its slashes; every other value is one path segment
+    return {
+        key: urllib.parse.quote(value, safe="/" if key == "path" else "")
+        if isinstance(value, str)
+        else value
+        for key, value in params.items()
+    }
+
+
+async def render(
+    request: Request, name: str, context: dict[str, Any], status: int = 200
+) -> Response:
+    user = await current_user(request)
+    context = {
+        "user": user,
+        "csrf_token": csrf.csrf_token(request),
+        "settings": site(request).settings,
+        # messages from the previous request are shown once, on the next full page
+        "flashes": [] if name.startswith("_") else request.session.pop("flash", []),
+        **context,
+    }
+    response = site(request).templates.TemplateResponse(request, name, context, status_code=status)
+    response.headers["Vary"] = "HX-Request, Cookie"
+    return response
+
+
+async def fragment(request: Request, name: str, context: dict[str, Any], done: bool) -> Response:
+    """A partial for htmx; HTTP 286 tells htmx to stop polling once nothing shown can change."""
+    response = await render(request, name, context)
+    if done:
+        response.status_code = 286
+    return response
+
+
+def flash(request: Request, message: str, kind: str = "info") -> None:
+    """A message shown once, on the next full page."""
+    # assigned, not appended in place: the session notices assignments only
+    request.session["flash"] = [
+        *request.session.get("flash", []),
+        {"message": message, "kind": kind},
+    ]
+
+
+def redirect(request: Request, name: str, fragment_id: str = "", **params: Any) -> Response:
+    """See Other: to the named route (and an anchor on it)."""
+    target = url(request, name, **params) + (f"#{fragment_id}" if fragment_id else "")
+    return RedirectResponse(target, status_code=303)
+
+
+def redirect_to(path: str) -> Response:
+    """See Other: to a URL the handler built, or a path checked to be on this site
+    (see local_path)."""
+    return RedirectResponse(path, status_code=303)
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    error = as_http(exc)
+    status, message = error.status, error.message
+    if is_api(request):
+        return JSONResponse({"error": message}, status_code=status)
+    if status == 401:
+        login = url(request, "login") + "?next=" + urllib.parse.quote(request.url.path)
+        if request.headers.get("hx-request"):  # a poll must not swap the sign-in page in
+            return Response(message, status_code=401, headers={"HX-Redirect": login})
+        return RedirectResponse(login, status_code=303)
+    return await render(request, "error.html", {"status": status, "message": message}, status)
+
+
+# -- templates ----------------------------------------------------------------------------
+
+
+def status_label(code: str | None) -> str:
+    if code is None:
+        return "Not run"
+    return code.replace("_", " ").capitalize()
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def runtime(job: dict[str, Any], now: float | None = None) -> str:
+    """How long a job ran (or has been running) so far."""
+    if not job.get("started_at"):
+        return ""
+    end = job.get("completed_at") or (now or time.time())
+    return human_duration(end - job["started_at"])
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    """How long ago, in the largest whole unit: "just now", "5 min ago", "3 days ago"."""
+    if not ts:
+        return ""
+    seconds = max(0, (now or time.time()) - ts)
+    for unit, size in (("day", 86400), ("hour", 3600), ("min", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 and unit != 'min' else ''} ago"
+    return "just now"
+
+
+def when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else ""
+
+
+def iso(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
+
+
+def dom_id(prefix: str, name: str) -> str:
+    """A valid, stable HTML id for any name (action names may hold any character)."""
+    return f"{prefix}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+def commit_url(repo: str, sha: str) -> str | None:
+    """A link to the commit on its forge, for the forges whose URL scheme is known."""
+    if repo.startswith("https://github.com/"):
+        return f"{repo.removesuffix('.git').rstrip('/')}/commit/{sha}"
+    return None
+
+
+@pass_context
+def _url(context: Any, name: str, **params: Any) -> str:
+    return url(context["request"], name, **params)
+
+
+def templates(directory: str) -> Jinja2Templates:
+    """The page templates, with the helpers they use."""
+    result = Jinja2Templates(directory=directory)
+    result.env.globals.update(
+        url=_url,
+        status_label=status_label,
+        status_icon=lambda state: ICONS.get(state, ICONS[None]),
+        runtime=runtime,
+        when=when,
+        ago=ago,
+        iso=iso,
+        dom_id=dom_id,
+        commit_url=commit_url,
+        human_duration=human_duration,
+    )
+    return result
