@@ -42,6 +42,7 @@ chromium:
 	fi
 
 lint: $(TESTING)
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
