@@ -88,10 +88,6 @@ class User:
     # project id -> roles held there
     roles: dict[int, set[str]] = field(default_factory=dict)
 
-    @property
-    def display_name(self) -> str:
-        return self.full_name or self.username
-
     def has_role(self, project_id: int, *roles: str) -> bool:
         if self.is_admin:
             return True

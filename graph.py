@@ -144,12 +144,6 @@ def _order(
         sweep(list(range(len(cols) - 2, -1, -1)), after)
 
 
-def columns(nodes: list[Node]) -> list[list[str]]:
-    """Action names by column, in their order top to bottom."""
-    cols, _ = _columns(nodes)
-    return [[item for item in col if isinstance(item, str)] for col in cols]
-
-
 def _height(item: Item) -> float:
     return NODE_HEIGHT if isinstance(item, str) else WAYPOINT_HEIGHT
 

@@ -109,25 +109,6 @@ class Pipeline:
     actions: dict[str, Action]
     warnings: tuple[str, ...] = ()
 
-    def dependencies(self, action: str) -> list[str]:
-        """All actions `action` needs, directly or not, each after its own needs."""
-        if action not in self.actions:
-            raise UnknownActionError(_unknown_actions_message([action], self.actions))
-        order: list[str] = []
-        done: set[str] = {action}
-        stack: list[tuple[str, Iterator[str]]] = [(action, iter(self.actions[action].needs))]
-        while stack:
-            name, needs = stack[-1]
-            need = next(needs, None)
-            if need is None:
-                stack.pop()
-                if stack:
-                    order.append(name)
-            elif need not in done:
-                done.add(need)
-                stack.append((need, iter(self.actions[need].needs)))
-        return order
-
 
 def load_pipeline(text: str) -> Pipeline:
     """Parse and validate project.yaml text; raise ProjectValidationError listing every problem."""

@@ -6,9 +6,19 @@ import itertools
 import re
 import xml.etree.ElementTree as ET
 
-from jobsite.graph import COLUMN_GAP, NODE_HEIGHT, NODE_WIDTH, Node, columns, layout, render_svg
+from jobsite.graph import COLUMN_GAP, NODE_HEIGHT, NODE_WIDTH, Node, layout, render_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
+
+
+def columns(nodes: list[Node]) -> list[list[str]]:
+    """Action names by column as drawn, left to right, each top to bottom."""
+    by_x: dict[float, list] = {}
+    for placed in layout(nodes).nodes:
+        by_x.setdefault(placed.x, []).append(placed)
+    return [
+        [p.node.name for p in sorted(col, key=lambda p: p.y)] for _, col in sorted(by_x.items())
+    ]
 
 
 def test_each_action_sits_one_column_after_its_deepest_dependency():

@@ -165,21 +165,6 @@ def test_version_may_be_written_as_a_string():
     assert load_pipeline(project("4.0", a=action())).version == 4.0
 
 
-def test_dependencies_are_transitive_and_ordered():
-    text = project(
-        a=action("python:v2 a.py"),
-        b=action("python:v2 b.py", needs=["a"]),
-        c=action("python:v2 c.py", needs=["a"]),
-        d=action("python:v2 d.py", needs=["c", "b"]),
-        e=action("python:v2 e.py"),
-    )
-    pipeline = load_pipeline(text)
-    assert pipeline.dependencies("d") == ["a", "c", "b"]
-    assert pipeline.dependencies("a") == []
-    with pytest.raises(UnknownActionError, match="`nope`"):
-        pipeline.dependencies("nope")
-
-
 def test_repeated_needs_count_once():
     text = project(a=action("python:v2 a.py"), b=action("python:v2 b.py", needs=["a", "a"]))
     assert load_pipeline(text).actions["b"].needs == ("a",)
