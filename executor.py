@@ -31,6 +31,7 @@ import requests.exceptions
 from .config import Settings, human_size
 from .outputs import MANIFEST, Manifest, OutputError, check_visibility, match_outputs
 from .repos import RepoError, Repos
+from .states import State, StatusCode
 
 CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited
@@ -209,9 +210,13 @@ class Executor:
                 await asyncio.to_thread(_chown_tree, workdir, uid, gid)
             self._prepared_at[job.id] = time.time()
         except RepoError as e:
-            raise JobError("internal_error", f"Could not prepare the job's files: {e}") from e
+            raise JobError(
+                StatusCode.INTERNAL_ERROR, f"Could not prepare the job's files: {e}"
+            ) from e
         except OSError as e:
-            raise JobError("internal_error", _os_error_message(e, "prepare the job's files")) from e
+            raise JobError(
+                StatusCode.INTERNAL_ERROR, _os_error_message(e, "prepare the job's files")
+            ) from e
         return workdir
 
     def _copy_inputs(self, job: JobSpec, workdir: Path) -> None:
@@ -222,7 +227,7 @@ class Executor:
                 src = ws / rel
                 if not src.is_file():
                     raise JobError(
-                        "internal_error",
+                        StatusCode.INTERNAL_ERROR,
                         f"Input file {rel} is missing from the workspace; it should have been "
                         f"made by action {action}. Run {action} again (or tick Force run "
                         "dependencies).",
@@ -311,7 +316,7 @@ class Executor:
     def _pull(self, image: str) -> None:
         if not self.settings.allow_pull:
             raise JobError(
-                "internal_error",
+                StatusCode.INTERNAL_ERROR,
                 f"Image {image} is not on this machine and pulling is turned off "
                 "(allow_pull: false). An admin must load the image.",
             )
@@ -319,7 +324,7 @@ class Executor:
         try:
             self._api().pull(repository, tag=tag)
         except docker.errors.APIError as e:
-            raise JobError("internal_error", f"Could not pull image {image}: {e}") from e
+            raise JobError(StatusCode.INTERNAL_ERROR, f"Could not pull image {image}: {e}") from e
 
     async def wait(self, job: JobSpec, started_at: float) -> ContainerExit:
         """Wait for the container to exit, killing it past its time limit, while its log
@@ -415,19 +420,21 @@ class Executor:
         outcome = self._judge(job, exit, log_text)
         outcome.exit_code = exit.exit_code
         outcome.image_id = exit.image_id
-        if outcome.state == "succeeded":
+        if outcome.state == State.SUCCEEDED:
             try:
                 outcome.outputs = await asyncio.to_thread(
                     self._collect_outputs, job, log_text, exit, outcome
                 )
             except (JobError, OutputError) as e:
-                outcome = Outcome("failed", e.status_code, e.message, exit.exit_code, exit.image_id)
+                outcome = Outcome(
+                    State.FAILED, e.status_code, e.message, exit.exit_code, exit.image_id
+                )
             except OSError as e:
                 message = _os_error_message(e, "copy the job's outputs into the workspace")
                 outcome = Outcome(
-                    "failed", "internal_error", message, exit.exit_code, exit.image_id
+                    State.FAILED, StatusCode.INTERNAL_ERROR, message, exit.exit_code, exit.image_id
                 )
-        if outcome.state != "succeeded":
+        if outcome.state != State.SUCCEEDED:
             summary = _summary(job, exit, outcome)
             await asyncio.to_thread(_append, self.log_path(job.id), summary)
         return outcome
@@ -435,15 +442,15 @@ class Executor:
     def _judge(self, job: JobSpec, exit: ContainerExit, log_text: str) -> Outcome:
         if exit.timed_out:
             return Outcome(
-                "failed",
-                "timed_out",
+                State.FAILED,
+                StatusCode.TIMED_OUT,
                 f"Job ran longer than its time limit of {_human(self.time_limit(job))} "
                 "and was stopped",
             )
         if exit.exit_code == 137 and exit.oom_killed:
             return Outcome(
-                "failed",
-                "out_of_memory",
+                State.FAILED,
+                StatusCode.OUT_OF_MEMORY,
                 f"Job ran out of memory (limit {human_size(self.settings.job_memory)}) "
                 "and was stopped",
             )
@@ -453,8 +460,8 @@ class Executor:
             message = f"Job exited with an error (exit code {exit.exit_code})"
             if tail:
                 message += ": " + " | ".join(tail)
-            return Outcome("failed", "nonzero_exit", message[:1000])
-        return Outcome("succeeded", "succeeded", "Completed successfully")
+            return Outcome(State.FAILED, StatusCode.NONZERO_EXIT, message[:1000])
+        return Outcome(State.SUCCEEDED, StatusCode.SUCCEEDED, StatusCode.SUCCEEDED.message)
 
     def _collect_outputs(
         self, job: JobSpec, log_text: str, exit: ContainerExit, outcome: Outcome
@@ -630,11 +637,13 @@ class _Staging:
         """Copy an output in without following a link; returns (tmp path, size, sha256)."""
         src = workdir / rel
         if not os.path.realpath(src).startswith(os.path.realpath(workdir) + os.sep):
-            raise OutputError("internal_error", f"Output {rel} resolves outside the job's files")
+            raise OutputError(
+                StatusCode.INTERNAL_ERROR, f"Output {rel} resolves outside the job's files"
+            )
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OutputError("internal_error", f"Output {rel} is not a regular file")
+                raise OutputError(StatusCode.INTERNAL_ERROR, f"Output {rel} is not a regular file")
             tmp, _ = self._tmp_for(rel)
             digest = hashlib.sha256()
             size = 0
@@ -692,7 +701,7 @@ def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 
 def _not_started(e: docker.errors.APIError) -> JobError:
     return JobError(
-        "internal_error",
+        StatusCode.INTERNAL_ERROR,
         f"Docker could not start the job's container: {e.explanation or e}. If this is about "
         "a limit, check the settings job_memory and job_cpus (--memory and --cpus of "
         "jobsite run).",

@@ -30,6 +30,7 @@ from . import pipeline
 from .config import Settings, load_settings
 from .executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
 from .outputs import Manifest, pattern_matches
+from .states import State, StatusCode
 
 Print = Callable[[str], None]
 
@@ -47,7 +48,7 @@ class Result:
 
     @property
     def succeeded(self) -> bool:
-        return self.status_code == "succeeded"
+        return self.status_code == StatusCode.SUCCEEDED
 
 
 def main(
@@ -130,7 +131,9 @@ class LocalRun:
         recorded = manifest.data["actions"]
         return {
             name: pipeline.ActionState(
-                "succeeded", recorded[name]["job"], manifest.outputs_exist(self.project_dir, name)
+                State.SUCCEEDED,
+                recorded[name]["job"],
+                manifest.outputs_exist(self.project_dir, name),
             )
             for name in project.actions
             if name in recorded
@@ -176,11 +179,11 @@ class LocalRun:
             failed_needs = [n for n in planned.needs_new if not results[n].succeeded]
             if failed_needs or stopped:
                 if failed_needs:
-                    code = "dependency_failed"
+                    code = StatusCode.DEPENDENCY_FAILED
                     message = f"Not run: it needs {', '.join(failed_needs)}, which did not succeed"
                     self.out(f"{job.action}: {code}: {message}")
                 else:
-                    code = "not_run"
+                    code = StatusCode.NOT_RUN
                     message = "Not run: an earlier action failed (use --continue-on-error to go on)"
                 results[job.action] = Result(job.action, code, message)
                 self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
@@ -248,15 +251,17 @@ class LocalRun:
             say(f"{job.action}: finalizing")
             outcome = await self.executor.finalize(job, exit, {})
         except JobError as e:
-            outcome = Outcome("failed", e.status_code, e.message)
+            outcome = Outcome(State.FAILED, e.status_code, e.message)
         except DockerUnavailable as e:
-            outcome = Outcome("failed", "internal_error", f"{e}. Start Docker and run again.")
+            outcome = Outcome(
+                State.FAILED, StatusCode.INTERNAL_ERROR, f"{e}. Start Docker and run again."
+            )
         except BaseException:  # Ctrl-C, or anything unforeseen: leave no container behind
             await asyncio.shield(self._stop(job.id))
             raise
         # the container and temporary files go while the next job starts
         self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
-        logged = outcome.state == "succeeded"
+        logged = outcome.state == State.SUCCEEDED
         if not logged:
             logged = await asyncio.to_thread(self._keep_failed_log, job)
         result = Result(

@@ -22,6 +22,7 @@ import aiosmtplib
 
 from .config import Settings
 from .db import Database, Row
+from .states import State, StatusCode
 from .submit import iso
 
 log = logging.getLogger("jobsite.notify")
@@ -33,9 +34,9 @@ MAX_RETRY_DELAY = 3600.0
 
 def status_word(state: str, status_code: str) -> str:
     """The one word a subject line starts with."""
-    if state == "succeeded":
+    if state == State.SUCCEEDED:
         return "Succeeded"
-    if status_code == "cancelled_by_user":
+    if status_code == StatusCode.CANCELLED_BY_USER:
         return "Cancelled"
     return "Failed"
 

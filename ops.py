@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import Settings, human_size
 from .db import Database
+from .states import ACTIVE_STATES
 
 
 class OpsError(Exception):
@@ -112,7 +113,7 @@ async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prun
     }
     for job_id, path in sorted(leftovers.items()):
         state = states.get(job_id)
-        if state in ("pending", "running"):
+        if state in ACTIVE_STATES:
             continue  # a pending job may be starting: its dir is being made right now
         why = f"temporary dir of job {job_id} ({state})" if state else "not a job this site knows"
         found.append(Prunable(path, _size(path), why))

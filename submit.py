@@ -15,6 +15,7 @@ from .config import Settings
 from .db import Database, Row
 from .outputs import Manifest
 from .repos import Repos
+from .states import State, StatusCode
 
 
 class SubmitError(Exception):
@@ -147,15 +148,15 @@ async def submit(
                     json.dumps(list(action.needs)),
                     json.dumps(wait_for),
                     int(action.is_database_action),
-                    "Created",
+                    StatusCode.CREATED.message,
                     created,
                     created,
                 ),
             )
             await conn.execute(
                 "INSERT INTO job_events (job_id, status_code, status_message, at) "
-                "VALUES (?, 'created', 'Created', ?)",
-                (job_id, created),
+                "VALUES (?, ?, ?, ?)",
+                (job_id, StatusCode.CREATED, StatusCode.CREATED.message, created),
             )
     return request_id
 
@@ -192,16 +193,16 @@ def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:
     if request["status"] == "nothing_to_do" or not jobs:
         return "nothing_to_do", request["status_message"]
     states = [job["state"] for job in jobs]
-    succeeded = states.count("succeeded")
-    if "running" in states:
-        return "running", f"{succeeded} of {len(jobs)} jobs succeeded so far"
-    if "pending" in states:
-        return "pending", f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    succeeded = states.count(State.SUCCEEDED)
+    if State.RUNNING in states:
+        return State.RUNNING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    if State.PENDING in states:
+        return State.PENDING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
     if succeeded == len(jobs):
-        return "succeeded", "The job succeeded" if len(
+        return State.SUCCEEDED, "The job succeeded" if len(
             jobs
         ) == 1 else f"All {len(jobs)} jobs succeeded"
-    return "failed", f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
+    return State.FAILED, f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
 
 
 def job_json(job: Row) -> dict[str, Any]:
