@@ -13,17 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from . import auth, ops, pipeline
-from .config import (
-    Duration,
-    Settings,
-    SettingsError,
-    Size,
-    human_size,
-    load_settings,
-    parse_duration,
-    parse_size,
-)
+from .config import Settings, SettingsError, load_settings
 from .db import Database, DatabaseVersionError
+from .units import Duration, Size, human_size, parse_duration, parse_size
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,10 +28,11 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from .config import Settings, human_size
+from .config import Settings
 from .outputs import MANIFEST, Manifest, OutputError, check_visibility, match_outputs
 from .repos import RepoError, Repos
 from .states import State, StatusCode
+from .units import human_size, iso, precise_duration
 
 CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited
@@ -444,7 +445,7 @@ class Executor:
             return Outcome(
                 State.FAILED,
                 StatusCode.TIMED_OUT,
-                f"Job ran longer than its time limit of {_human(self.time_limit(job))} "
+                f"Job ran longer than its time limit of {precise_duration(self.time_limit(job))} "
                 "and was stopped",
             )
         if exit.exit_code == 137 and exit.oom_killed:
@@ -730,9 +731,9 @@ def _summary(job: JobSpec, exit: ContainerExit, outcome: Outcome) -> str:
         f"run:             {job.run_command}",
         f"image:           {job.image} ({exit.image_id or 'unknown id'})",
         f"exit code:       {exit.exit_code}",
-        f"started:         {_iso(exit.started_at)}",
-        f"finished:        {_iso(exit.finished_at)}",
-        f"duration:        {_human(max(0.0, exit.finished_at - exit.started_at))}",
+        f"started:         {iso(exit.started_at)}",
+        f"finished:        {iso(exit.finished_at)}",
+        f"duration:        {precise_duration(max(0.0, exit.finished_at - exit.started_at))}",
         f"status:          {outcome.status_code}: {outcome.status_message}",
     ]
     if outcome.outputs:
@@ -767,21 +768,6 @@ def _docker_time(value: str | None) -> float:
     head, _, frac = value.rstrip("Z").partition(".")
     text = f"{head}.{(frac + '000000')[:6]}+00:00"
     return datetime.fromisoformat(text).timestamp()
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _human(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60}m"
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:

@@ -23,7 +23,7 @@ import aiosmtplib
 from .config import Settings
 from .db import Database, Row
 from .states import State, StatusCode
-from .submit import iso
+from .units import elapsed, iso_ms, when
 
 log = logging.getLogger("jobsite.notify")
 
@@ -41,17 +41,6 @@ def status_word(state: str, status_code: str) -> str:
     return "Failed"
 
 
-def elapsed(seconds: float) -> str:
-    seconds = round(max(0.0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes}m {seconds}s"
-    if minutes:
-        return f"{minutes}m {seconds}s"
-    return f"{seconds}s"
-
-
 def job_email(job: Row, base_url: str) -> tuple[str, str]:
     """Subject and body of the email about a finished ``job`` (a row with its workspace)."""
     word = status_word(job["state"], job["status_code"])
@@ -60,9 +49,7 @@ def job_email(job: Row, base_url: str) -> tuple[str, str]:
         took = "did not start"
     else:
         took = elapsed((job["completed_at"] or time.time()) - job["started_at"])
-    finished = time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(job["completed_at"] or time.time())
-    )
+    finished = when(job["completed_at"] or time.time())
     body = (
         f"The job for action {job['action']} in workspace {job['workspace']} has finished.\n"
         "\n"
@@ -239,9 +226,9 @@ async def outbox_json(db: Database, settings: Settings, limit: int = 100) -> dic
                 "status": _outbox_status(row, settings),
                 "attempts": row["attempts"],
                 "last_error": row["last_error"],
-                "next_attempt_at": None if row["sent_at"] else iso(row["next_attempt_at"]),
-                "sent_at": iso(row["sent_at"]),
-                "created_at": iso(row["created_at"]),
+                "next_attempt_at": None if row["sent_at"] else iso_ms(row["next_attempt_at"]),
+                "sent_at": iso_ms(row["sent_at"]),
+                "created_at": iso_ms(row["created_at"]),
             }
             for row in rows
         ],

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Settings, human_size
+from .config import Settings
 from .db import Database
 from .states import ACTIVE_STATES
+from .units import human_size
 
 
 class OpsError(Exception):

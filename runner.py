@@ -27,6 +27,7 @@ from .db import Database, Row
 from .executor import DockerUnavailable, Executor, JobError, JobSpec
 from .scheduling import DependencyFailure, JobQueue, Limits, QueuedJob
 from .states import MESSAGES, State, StatusCode
+from .units import disk_space
 
 log = logging.getLogger("jobsite.runner")
 
@@ -53,14 +54,6 @@ def jobs_ahead(count: int) -> str:
         step = 10 ** (len(str(count)) - 2)
         return f"more than {count // step * step:,} jobs ahead of this one"
     return f"{count} job{'' if count == 1 else 's'} ahead of this one"
-
-
-def human_size(size: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def log_line(**fields: Any) -> str:
@@ -218,8 +211,8 @@ class Scheduler:
             if free < needed:
                 return (
                     StatusCode.WAITING_ON_DISK,
-                    f"Waiting for free disk space: {human_size(free)} free in the site's data "
-                    f"directory, {human_size(needed)} needed to start a job",
+                    f"Waiting for free disk space: {disk_space(free)} free in the site's data "
+                    f"directory, {disk_space(needed)} needed to start a job",
                 )
         return None
 

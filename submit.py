@@ -17,6 +17,9 @@ from .outputs import Manifest
 from .repos import Repos
 from .states import State, StatusCode
 
+# the JSON API's times; accounts.py and server.py still import it from here
+from .units import iso_ms as iso
+
 
 class SubmitError(Exception):
     """The submission cannot be accepted; the message tells the user why and what to do."""
@@ -219,9 +222,3 @@ def job_json(job: Row) -> dict[str, Any]:
         "completed_at": iso(job["completed_at"]),
         "exit_code": job["exit_code"],
     }
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 from jinja2 import Environment
@@ -12,6 +11,8 @@ from starlette.responses import RedirectResponse, Response
 
 from .. import server
 from ..graph import ICONS
+from ..units import ago, human_duration, runtime, when
+from ..units import iso as rfc3339
 
 STATES_ACTIVE = ("pending", "running")
 
@@ -50,43 +51,8 @@ def local_path(target: str | None, default: str) -> str:
     return default
 
 
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(max(0, seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-
-
-def runtime(job: dict[str, Any], now: float | None = None) -> str:
-    """How long a job ran (or has been running) so far."""
-    if not job.get("started_at"):
-        return ""
-    end = job.get("completed_at") or (now or time.time())
-    return human_duration(end - job["started_at"])
-
-
-def ago(ts: float | None, now: float | None = None) -> str:
-    """How long ago, in the largest whole unit: "just now", "5 min ago", "3 days ago"."""
-    if not ts:
-        return ""
-    seconds = max(0, (now or time.time()) - ts)
-    for unit, size in (("day", 86400), ("hour", 3600), ("min", 60)):
-        if seconds >= size:
-            n = int(seconds // size)
-            return f"{n} {unit}{'s' if n != 1 and unit != 'min' else ''} ago"
-    return "just now"
-
-
-def when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else ""
-
-
 def iso(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
+    return rfc3339(ts) if ts else ""
 
 
 def dom_id(prefix: str, name: str) -> str:
