@@ -14,6 +14,7 @@ from typing import Any
 
 from . import auth, ops, pipeline
 from .config import Settings, SettingsError, load_settings
+from .datadir import DataDir
 from .db import Database, DatabaseVersionError
 from .units import Duration, Size, human_size, parse_duration, parse_size
 
@@ -121,7 +122,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def _with_db(settings: Settings, work: Callable) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = await Database.open(settings.data_dir / "db.sqlite", readers=1)
+    db = await Database.open(DataDir(settings.data_dir).db, readers=1)
     try:
         return await work(db)
     finally:

@@ -29,7 +29,8 @@ import docker.errors
 import requests.exceptions
 
 from .config import Settings
-from .outputs import MANIFEST, Manifest, OutputError, check_visibility, match_outputs
+from .datadir import MANIFEST, DataDir, action_log_name
+from .outputs import Manifest, OutputError, check_visibility, match_outputs
 from .repos import RepoError, Repos
 from .states import State, StatusCode
 from .units import human_size, iso, precise_duration
@@ -110,7 +111,7 @@ class Executor:
     def __init__(self, settings: Settings, repos: Repos | None = None) -> None:
         self.settings = settings
         self.repos = repos
-        self.data_dir = settings.data_dir
+        self.data = DataDir(settings.data_dir)
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
         # one manifest update at a time per workspace: jobs of one workspace may end together
@@ -121,20 +122,11 @@ class Executor:
 
     # -- paths -----------------------------------------------------------------
 
-    def job_dir(self, job_id: str) -> Path:
-        return self.data_dir / "jobs" / job_id
-
-    def log_path(self, job_id: str) -> Path:
-        return self.data_dir / "logs" / f"{job_id}.log"
-
-    def workspace_dir(self, workspace: str) -> Path:
-        return self.data_dir / "workspaces" / workspace
-
     def container_name(self, job_id: str) -> str:
         return f"jobsite-{job_id}"
 
     def _workspace(self, job: JobSpec) -> Path:
-        return job.workspace_dir or self.workspace_dir(job.workspace)
+        return job.workspace_dir or self.data.workspace(job.workspace)
 
     def time_limit(self, job: JobSpec) -> float:
         """The site's limit, or the job's own when that is shorter."""
@@ -195,7 +187,7 @@ class Executor:
     async def prepare(self, job: JobSpec) -> Path:
         """An empty dir holding the repo at the commit (or the checkout's files) and the
         recorded outputs of the job's direct dependencies."""
-        workdir = self.job_dir(job.id)
+        workdir = self.data.job_dir(job.id)
         try:
             if workdir.exists():
                 await asyncio.to_thread(shutil.rmtree, workdir)
@@ -282,7 +274,7 @@ class Executor:
                 mem_limit=s.job_memory,
                 memswap_limit=s.job_memory,
                 nano_cpus=int(s.job_cpus * 1e9),
-                binds={str(self.job_dir(job.id)): {"bind": CONTAINER_WORKDIR, "mode": "rw"}},
+                binds={str(self.data.job_dir(job.id)): {"bind": CONTAINER_WORKDIR, "mode": "rw"}},
             )
 
             def create() -> dict:
@@ -350,7 +342,7 @@ class Executor:
             self._api().wait(self.container_name(job_id))
 
     def _follow_log(self, job_id: str) -> None:
-        path = self.log_path(job_id)
+        path = self.data.log(job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._docker_calls(), CappedLog(path, self.settings.log_limit) as log:
             stream = self._api().logs(
@@ -417,7 +409,7 @@ class Executor:
 
         Only a successful job changes the workspace, and it changes it whole or not at all.
         """
-        log_text = await asyncio.to_thread(_read_text, self.log_path(job.id))
+        log_text = await asyncio.to_thread(_read_text, self.data.log(job.id))
         outcome = self._judge(job, exit, log_text)
         outcome.exit_code = exit.exit_code
         outcome.image_id = exit.image_id
@@ -437,7 +429,7 @@ class Executor:
                 )
         if outcome.state != State.SUCCEEDED:
             summary = _summary(job, exit, outcome)
-            await asyncio.to_thread(_append, self.log_path(job.id), summary)
+            await asyncio.to_thread(_append, self.data.log(job.id), summary)
         return outcome
 
     def _judge(self, job: JobSpec, exit: ContainerExit, log_text: str) -> Outcome:
@@ -469,7 +461,7 @@ class Executor:
     ) -> dict[str, str]:
         """Copy matched files into the workspace, staged first so that a failure part way
         (a full disk, say) leaves the workspace as it was."""
-        workdir = self.job_dir(job.id)
+        workdir = self.data.job_dir(job.id)
         matched = match_outputs(
             workdir,
             job.outputs,
@@ -498,7 +490,7 @@ class Executor:
                     }
                 outcome.outputs = dict(matched)
                 summary = _summary(job, exit, outcome)
-                staging.write(f"metadata/{job.action}.log", (log_text + summary).encode())
+                staging.write(action_log_name(job.action), (log_text + summary).encode())
                 manifest.record_action(job.action, job.id, job.sha, files)
                 staging.write(MANIFEST, manifest.dumps().encode())
             except BaseException:
@@ -507,7 +499,7 @@ class Executor:
             staging.commit()
             for rel in previous - set(matched):
                 (ws / rel).unlink(missing_ok=True)
-        _append(self.log_path(job.id), summary)
+        _append(self.data.log(job.id), summary)
         return dict(matched)
 
     def _workspace_lock(self, ws: Path) -> threading.Lock:
@@ -526,7 +518,7 @@ class Executor:
                 self._remove_container(job_id)
             except DockerUnavailable:
                 pass
-            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            shutil.rmtree(self.data.job_dir(job_id), ignore_errors=True)
 
         await asyncio.to_thread(clean)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from . import pipeline
 from .config import Settings, load_settings
+from .datadir import DataDir, action_log_name
 from .executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
 from .outputs import Manifest, pattern_matches
 from .states import State, StatusCode
@@ -270,7 +271,7 @@ class LocalRun:
             outcome.status_message,
             outcome.outputs,
             time.monotonic() - began,
-            f"metadata/{job.action}.log" if logged else None,
+            action_log_name(job.action) if logged else None,
         )
         if result.succeeded:
             say(f"{job.action}: succeeded in {result.seconds:.1f}s")
@@ -290,10 +291,10 @@ class LocalRun:
     def _keep_failed_log(self, job: JobSpec) -> bool:
         """A failed job changes no outputs, but its log (if it got as far as having one) goes
         where a developer looks next."""
-        log = self.executor.log_path(job.id)
+        log = DataDir(self.settings.data_dir).log(job.id)
         if not log.exists():
             return False
-        target = self.project_dir / "metadata" / f"{job.action}.log"
+        target = self.project_dir / action_log_name(job.action)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{job.id}.tmp")
         shutil.copyfile(log, tmp)

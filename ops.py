@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
+from .datadir import DataDir
 from .db import Database
 from .states import ACTIVE_STATES
 from .units import human_size
@@ -29,7 +30,7 @@ class OpsError(Exception):
 
 
 def existing_database(settings: Settings) -> Path:
-    path = settings.data_dir / "db.sqlite"
+    path = DataDir(settings.data_dir).db
     if not path.exists():
         raise OpsError(
             f"there is no database at {path}; check data_dir in the settings file (--config)"
@@ -86,7 +87,8 @@ async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prun
     and temporary dirs of jobs that are not running."""
     found = []
     now = time.time()
-    logs_dir = data_dir / "logs"
+    layout = DataDir(data_dir)
+    logs_dir = layout.logs
     logs = {p.stem: p for p in logs_dir.glob("*.log")} if logs_dir.is_dir() else {}
     finished = await _rows(
         db,
@@ -104,7 +106,7 @@ async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prun
             )
         )
 
-    jobs_dir = data_dir / "jobs"
+    jobs_dir = layout.jobs
     leftovers = {p.name: p for p in jobs_dir.iterdir()} if jobs_dir.is_dir() else {}
     states = {
         row["id"]: row["state"]

@@ -12,9 +12,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from .datadir import MANIFEST
 from .states import StatusCode
-
-MANIFEST = "metadata/manifest.json"
 
 # what an output viewer may see in the browser (DESIGN section 10)
 VIEWABLE_TYPES = {

@@ -27,6 +27,7 @@ from starlette.templating import Jinja2Templates
 from . import auth, metrics, notify, pipeline
 from .auth import User
 from .config import Settings
+from .datadir import DataDir
 from .db import Database, Row
 from .executor import Executor
 from .outputs import Manifest
@@ -63,7 +64,7 @@ def slugify(name: str) -> str:
 
 def secret_key(data_dir: Path) -> str:
     """The session signing key, made on first start and kept private to the site."""
-    path = data_dir / "secret.key"
+    path = DataDir(data_dir).secret_key
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
@@ -615,8 +616,8 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        db = await Database.open(settings.data_dir / "db.sqlite")
-        repos = Repos(settings.data_dir / "repos", timeout=settings.repos.fetch_timeout)
+        db = await Database.open(DataDir(settings.data_dir).db)
+        repos = Repos(DataDir(settings.data_dir).repos, timeout=settings.repos.fetch_timeout)
         executor = Executor(settings, repos)
         notifier = notify.Notifier(db, settings)
         scheduler = Scheduler(db, settings, executor, on_job_finished=notifier.job_finished)

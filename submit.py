@@ -12,6 +12,7 @@ import aiosqlite
 
 from . import pipeline
 from .config import Settings
+from .datadir import DataDir
 from .db import Database, Row
 from .outputs import Manifest
 from .repos import Repos
@@ -75,7 +76,7 @@ async def workspace_state(
 ) -> dict[str, pipeline.ActionState]:
     async with db.transaction() as conn:
         return await _workspace_state(
-            conn, settings.data_dir / "workspaces" / workspace["name"], workspace["id"]
+            conn, DataDir(settings.data_dir).workspace(workspace["name"]), workspace["id"]
         )
 
 
@@ -96,7 +97,7 @@ async def submit(
     if not actions:
         raise SubmitError("choose at least one action to run")
     sha, project = await load_project(repos, workspace["repo"], workspace["branch"])
-    workspace_dir = settings.data_dir / "workspaces" / workspace["name"]
+    workspace_dir = DataDir(settings.data_dir).workspace(workspace["name"])
     now = time.time()
     async with db.transaction() as conn:
         state = await _workspace_state(conn, workspace_dir, workspace["id"])

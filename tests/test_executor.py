@@ -132,7 +132,7 @@ async def test_container_runs_locked_down_as_seen_from_inside(
 
     outcome = await run(executor, job, look_at_container)
     assert outcome.status_code == "succeeded", outcome
-    log = (executor.log_path(job.id)).read_text()
+    log = (executor.data.log(job.id)).read_text()
     lines = {}
     for line in log.splitlines():
         text = line.split(" ", 1)[-1]
@@ -229,7 +229,7 @@ async def test_outputs_go_to_the_workspace_with_logs_and_manifest(settings, stud
     assert manifest["actions"]["generate"]["files"] == sorted(outcome.outputs)
 
     log = (ws / "metadata/generate.log").read_text()
-    assert log == executor.log_path(job.id).read_text()
+    assert log == executor.data.log(job.id).read_text()
     first = log.splitlines()[0]
     assert first.endswith(" made outputs") and first[:4].isdigit()  # timestamped
     for expected in (
@@ -244,7 +244,7 @@ async def test_outputs_go_to_the_workspace_with_logs_and_manifest(settings, stud
     ):
         assert expected in log
     assert "image:           ghcr.io/opensafely-core/python:v2 (sha256:" in log
-    assert not executor.job_dir(job.id).exists()
+    assert not executor.data.job_dir(job.id).exists()
 
 
 async def test_rerun_drops_outputs_the_new_run_did_not_make(settings, study, make_executor):
@@ -298,10 +298,10 @@ async def test_failed_jobs_leave_the_workspace_byte_identical(
     assert snapshot(workspace(settings)) == before
 
     for job in (failing, unmatched, cancelled):
-        assert not executor.job_dir(job.id).exists()
+        assert not executor.data.job_dir(job.id).exists()
         with pytest.raises(docker.errors.NotFound):
             docker_client.containers.get(f"jobsite-{job.id}")
-        assert "---- jobsite summary ----" in executor.log_path(job.id).read_text()
+        assert "---- jobsite summary ----" in executor.data.log(job.id).read_text()
 
 
 async def test_job_past_its_time_limit_is_stopped(settings, study, make_executor):
@@ -353,7 +353,7 @@ async def test_log_streams_while_the_job_runs_and_is_capped(settings, study, mak
 
     async def watch():
         nonlocal ticks, seen_live
-        path = executor.log_path(job.id)
+        path = executor.data.log(job.id)
         while True:
             ticks += 1
             if path.exists() and "first line" in path.read_text():
@@ -368,7 +368,7 @@ async def test_log_streams_while_the_job_runs_and_is_capped(settings, study, mak
     assert outcome.status_code == "succeeded", outcome
     assert seen_live  # the log was readable while the container ran
     assert ticks > 20  # the event loop kept running meanwhile
-    log = executor.log_path(job.id).read_text()
+    log = executor.data.log(job.id).read_text()
     body = log.split("---- jobsite summary ----")[0]
     assert len(body.encode()) < 4000 + 200
     assert "first line" in body and "last line" in body
@@ -407,7 +407,7 @@ async def test_missing_input_names_the_file_and_its_action(settings, study, make
     assert outcome.state == "failed"
     assert "output/a.csv is missing" in outcome.status_message
     assert "made by action generate" in outcome.status_message
-    assert not executor.job_dir(use.id).exists()
+    assert not executor.data.job_dir(use.id).exists()
 
 
 async def test_full_disk_while_preparing_fails_clearly(settings, study, make_executor, monkeypatch):
@@ -427,7 +427,7 @@ async def test_full_disk_while_preparing_fails_clearly(settings, study, make_exe
     assert outcome.status_code == "internal_error"
     assert outcome.status_message.startswith("The disk is full: could not prepare")
     assert snapshot(workspace(settings)) == before
-    assert not executor.job_dir(use.id).exists()
+    assert not executor.data.job_dir(use.id).exists()
 
 
 async def test_full_disk_while_collecting_outputs_changes_nothing(
@@ -531,7 +531,7 @@ async def test_a_new_process_adopts_a_finished_container(settings, study, make_e
     outcome = await run_adopted(second, job, started)
     assert outcome.status_code == "succeeded", outcome
     assert (workspace(settings) / "output/a.csv").read_text() == "adopted\n"
-    assert " done\n" in second.log_path(job.id).read_text()
+    assert " done\n" in second.data.log(job.id).read_text()
 
 
 async def run_adopted(executor: Executor, job: JobSpec, started: float) -> Outcome:
