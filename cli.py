@@ -191,11 +191,13 @@ def _size(value: str) -> Size:
 
 def run_project(args: argparse.Namespace) -> int:
     from . import local_run
+    from .local_docker import LocalDockerExecutor
 
     limits = {"job_timeout": args.timeout, "job_memory": args.memory, "job_cpus": args.cpus}
     return local_run.main(
         args.project_dir,
         args.actions,
+        make_executor=LocalDockerExecutor,
         config=args.config,
         force_run_dependencies=args.force_run_dependencies,
         continue_on_error=args.continue_on_error,

@@ -56,6 +56,7 @@ def main(
     project_dir: Path,
     actions: list[str],
     *,
+    make_executor: Callable[[Settings], Executor],
     config: str | None = None,
     force_run_dependencies: bool = False,
     continue_on_error: bool = False,
@@ -65,7 +66,7 @@ def main(
     """Run the pipeline of the checkout at ``project_dir``; the exit status of ``jobsite run``."""
     with tempfile.TemporaryDirectory(prefix="jobsite-run-") as scratch:
         settings = load_settings(config, data_dir=scratch, **(overrides or {}))
-        run = LocalRun(project_dir.resolve(), settings, out)
+        run = LocalRun(project_dir.resolve(), settings, make_executor(settings), out)
         try:
             return asyncio.run(run.run(actions, force_run_dependencies, continue_on_error))
         except KeyboardInterrupt:
@@ -74,11 +75,13 @@ def main(
 
 
 class LocalRun:
-    def __init__(self, project_dir: Path, settings: Settings, out: Print) -> None:
+    def __init__(
+        self, project_dir: Path, settings: Settings, executor: Executor, out: Print
+    ) -> None:
         self.project_dir = project_dir
         self.settings = settings
         self.out = out
-        self.executor = Executor(settings)
+        self.executor = executor
         self.cleanups: list[asyncio.Task] = []
         self.ahead: asyncio.Future[None] | None = None  # creating the next job's container
         self.ran_jobs = False
@@ -98,7 +101,7 @@ class LocalRun:
         if self.ahead is not None:
             await asyncio.gather(self.ahead, return_exceptions=True)
         with contextlib.suppress(DockerUnavailable):
-            for job_id in await self.executor.site_containers():
+            for job_id in await self.executor.adopt():
                 await self.executor.cleanup(job_id)
 
     async def _run(self, requested: list[str], force: bool, continue_on_error: bool) -> int:
@@ -116,7 +119,7 @@ class LocalRun:
         images = self._images(project, plan)
         if images is None:
             return 1
-        if not await self.executor.docker_available():
+        if not await self.executor.available():
             self.out(
                 "Error: Docker is not running, or this user may not use it. Start Docker "
                 "(and check `docker info` works), then run again."
@@ -250,7 +253,7 @@ class LocalRun:
                 self.ahead = asyncio.ensure_future(self._create_ahead(next_job))
             exit = await self.executor.wait(job, started)
             say(f"{job.action}: finalizing")
-            outcome = await self.executor.finalize(job, exit, {})
+            outcome = await self.executor.collect(job, exit)
         except JobError as e:
             outcome = Outcome(State.FAILED, e.status_code, e.message)
         except DockerUnavailable as e:
@@ -285,7 +288,7 @@ class LocalRun:
 
     async def _stop(self, job_id: str) -> None:
         with contextlib.suppress(DockerUnavailable):
-            await self.executor.stop(job_id)
+            await self.executor.cancel(job_id)
         await self.executor.cleanup(job_id)
 
     def _keep_failed_log(self, job: JobSpec) -> bool:

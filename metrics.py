@@ -24,7 +24,6 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -38,6 +37,7 @@ from prometheus_client.utils import floatToGoString
 
 from .config import Settings
 from .db import Database, Row
+from .executor import Executor
 from .states import State, StatusCode
 
 # seconds; jobs run from seconds to a day, and wait from none to hours
@@ -147,7 +147,7 @@ JOB_FIGURES = "SELECT state, status_code, created_at, started_at, completed_at F
 class SiteMetrics(Collector):
     """The site's figures. ``await render()`` reads them and returns the exposition text."""
 
-    def __init__(self, db: Database, settings: Settings, executor: Any) -> None:
+    def __init__(self, db: Database, settings: Settings, executor: Executor) -> None:
         self.db = db
         self.settings = settings
         self.executor = executor
@@ -247,6 +247,6 @@ class SiteMetrics(Collector):
 
     async def _docker_up(self) -> bool:
         try:
-            return await asyncio.wait_for(self.executor.docker_available(), DOCKER_CHECK_TIMEOUT)
+            return await asyncio.wait_for(self.executor.available(), DOCKER_CHECK_TIMEOUT)
         except TimeoutError:
             return False

@@ -202,7 +202,7 @@ class Scheduler:
     async def _blocked(self) -> tuple[str, str] | None:
         """Why no job may start now (Docker away, disk nearly full), or None."""
         if not self.docker_ok:
-            self.docker_ok = await self.executor.docker_available()
+            self.docker_ok = await self.executor.available()
             if not self.docker_ok:
                 return (StatusCode.WAITING_ON_DOCKER, StatusCode.WAITING_ON_DOCKER.message)
         needed = self.settings.min_free_disk
@@ -638,18 +638,18 @@ class Scheduler:
             await self.executor.start(spec)
             self._phase[job_id] = StatusCode.EXECUTING
             if job_id in self._cancel_requested:  # cancelled while the container started
-                await self.executor.stop(job_id)
+                await self.executor.cancel(job_id)
             await self.set_status(job_id, StatusCode.EXECUTING)
         else:
             started = row["started_at"] or started
             if job_id in self._cancel_requested:  # cancelled just before the restart
-                await self.executor.stop(job_id)
+                await self.executor.cancel(job_id)
         exit = await self.executor.wait(spec, started)
         if job_id in self._cancel_requested:
             return (*cancelled, {"exit_code": exit.exit_code})
         self._phase[job_id] = StatusCode.FINALIZING
         await self.set_status(job_id, StatusCode.FINALIZING)
-        outcome = await self.executor.finalize(spec, exit, {"started_at": started})
+        outcome = await self.executor.collect(spec, exit)
         fields = {"exit_code": outcome.exit_code, "image_id": outcome.image_id}
         return outcome.state, outcome.status_code, outcome.status_message, fields
 
@@ -682,7 +682,7 @@ class Scheduler:
                 log.info(log_line(job=job_id, event="cancel", note="stopping its container"))
                 if self._phase.get(job_id) == StatusCode.EXECUTING:
                     try:
-                        await self.executor.stop(job_id)
+                        await self.executor.cancel(job_id)
                     except DockerUnavailable:
                         pass
                 cancelled.append(job_id)
@@ -700,7 +700,7 @@ class Scheduler:
         if not running:
             return {}
         try:
-            containers = await self.executor.site_containers()
+            containers = await self.executor.adopt()
         except DockerUnavailable:
             containers = None
             self.docker_ok = False

@@ -29,7 +29,7 @@ from .auth import User
 from .config import Settings
 from .datadir import DataDir
 from .db import Database, Row
-from .executor import Executor
+from .local_docker import LocalDockerExecutor
 from .outputs import Manifest
 from .repos import BranchNotFound, FileNotFound, RepoError, Repos, check_allowed
 from .runner import Scheduler
@@ -618,7 +618,7 @@ def create_app(settings: Settings) -> Starlette:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = await Database.open(DataDir(settings.data_dir).db)
         repos = Repos(DataDir(settings.data_dir).repos, timeout=settings.repos.fetch_timeout)
-        executor = Executor(settings, repos)
+        executor = LocalDockerExecutor(settings, repos)
         notifier = notify.Notifier(db, settings)
         scheduler = Scheduler(db, settings, executor, on_job_finished=notifier.job_finished)
         app.state.db = db

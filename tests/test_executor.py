@@ -17,9 +17,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from jobsite import executor as executor_module
+from jobsite import local_docker as executor_module
 from jobsite.config import Settings, load_settings
-from jobsite.executor import CappedLog, DockerUnavailable, Executor, JobError, JobSpec, Outcome
+from jobsite.executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
+from jobsite.local_docker import CappedLog, LocalDockerExecutor
 from jobsite.repos import Repos
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
@@ -39,9 +40,9 @@ async def study(make_repo, settings):
 @pytest.fixture
 def make_executor(settings: Settings, study):
     """Executors over the test's site, with settings overridden; closed at the end."""
-    made: list[Executor] = []
+    made: list[LocalDockerExecutor] = []
 
-    def make(**overrides) -> Executor:
+    def make(**overrides) -> LocalDockerExecutor:
         base = {"job_memory": settings.job_memory, "job_cpus": settings.job_cpus}
         site = load_settings(
             environ={},
@@ -49,7 +50,7 @@ def make_executor(settings: Settings, study):
             site_id=settings.site_id,
             **{**base, **overrides},
         )
-        made.append(Executor(site, study[1]))
+        made.append(LocalDockerExecutor(site, study[1]))
         return made[-1]
 
     yield make
@@ -84,7 +85,7 @@ async def run(executor: Executor, job: JobSpec, before_cleanup=None) -> Outcome:
         exit = await executor.wait(job, started)
         if before_cleanup:
             await before_cleanup()
-        return await executor.finalize(job, exit, {})
+        return await executor.collect(job, exit)
     except JobError as e:
         return Outcome("failed", e.status_code, e.message)
     finally:
@@ -291,8 +292,8 @@ async def test_failed_jobs_leave_the_workspace_byte_identical(
     started = time.time()
     await executor.start(cancelled)
     await asyncio.sleep(0.5)
-    await executor.stop(cancelled.id)
-    outcome = await executor.finalize(cancelled, await executor.wait(cancelled, started), {})
+    await executor.cancel(cancelled.id)
+    outcome = await executor.collect(cancelled, await executor.wait(cancelled, started))
     await executor.cleanup(cancelled.id)
     assert outcome.state == "failed"
     assert snapshot(workspace(settings)) == before
@@ -357,7 +358,7 @@ async def test_log_streams_while_the_job_runs_and_is_capped(settings, study, mak
         while True:
             ticks += 1
             if path.exists() and "first line" in path.read_text():
-                seen_live = seen_live or await executor.container_state(job.id) == "running"
+                seen_live = seen_live or (await executor.adopt()).get(job.id) == "running"
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch())
@@ -461,7 +462,7 @@ async def test_docker_down_raises_docker_unavailable(
     await executor.prepare(job)
     with pytest.raises(DockerUnavailable):
         await executor.start(job)
-    assert not await executor.docker_available()
+    assert not await executor.available()
     await executor.cleanup(job.id)
     gc.collect()  # the unclosed sockets are reported now, while the warning is ignored
 
@@ -536,8 +537,8 @@ async def test_a_new_process_adopts_a_finished_container(settings, study, make_e
 
 async def run_adopted(executor: Executor, job: JobSpec, started: float) -> Outcome:
     try:
-        assert await executor.container_state(job.id) in ("running", "exited")
-        return await executor.finalize(job, await executor.wait(job, started), {})
+        assert (await executor.adopt()).get(job.id) in ("running", "exited")
+        return await executor.collect(job, await executor.wait(job, started))
     finally:
         await executor.cleanup(job.id)
 
