@@ -71,15 +71,6 @@ async def _workspace_state(
     }
 
 
-async def workspace_state(
-    db: Database, settings: Settings, workspace: Row
-) -> dict[str, pipeline.ActionState]:
-    async with db.transaction() as conn:
-        return await _workspace_state(
-            conn, DataDir(settings.data_dir).workspace(workspace["name"]), workspace["id"]
-        )
-
-
 async def submit(
     db: Database,
     settings: Settings,
