@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from . import auth, ops, pipeline
-from .config import (
-    Duration,
-    Settings,
-    SettingsError,
-    Size,
-    human_size,
-    load_settings,
-    parse_duration,
-    parse_size,
-)
+from .config import Settings, SettingsError, load_settings
+from .datadir import DataDir
 from .db import Database, DatabaseVersionError
+from .units import Duration, Size, human_size, parse_duration, parse_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +122,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def _with_db(settings: Settings, work: Callable) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = await Database.open(settings.data_dir / "db.sqlite", readers=1)
+    db = await Database.open(DataDir(settings.data_dir).db, readers=1)
     try:
         return await work(db)
     finally:
@@ -198,11 +191,13 @@ def _size(value: str) -> Size:
 
 def run_project(args: argparse.Namespace) -> int:
     from . import local_run
+    from .local_docker import LocalDockerExecutor
 
     limits = {"job_timeout": args.timeout, "job_memory": args.memory, "job_cpus": args.cpus}
     return local_run.main(
         args.project_dir,
         args.actions,
+        make_executor=LocalDockerExecutor,
         config=args.config,
         force_run_dependencies=args.force_run_dependencies,
         continue_on_error=args.continue_on_error,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .units import Duration, Size, parse_duration, parse_size
 
 ENV_PREFIX = "JOBSITE_"
 
@@ -39,53 +40,6 @@ DEFAULT_IMAGES = {
 
 class SettingsError(Exception):
     """A setting is unknown or has the wrong type; the message names the key."""
-
-
-class Duration(float):
-    """Seconds, written as a number or a number with a unit: ``90s``, ``30m``, ``24h``, ``2d``."""
-
-
-class Size(int):
-    """Bytes, written as a number or a number with a unit: ``512M``, ``4G``."""
-
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_duration(value: Any) -> Duration:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 90s, 30m or 24h")
-    if isinstance(value, int | float):
-        return Duration(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value).lower())
-    if not match:
-        raise ValueError(f"{value!r} is not a duration such as 90s, 30m or 24h")
-    number, unit = match.groups()
-    return Duration(float(number) * _DURATION_UNITS[unit or "s"])
-
-
-def parse_size(value: Any) -> Size:
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 512M or 4G")
-    if isinstance(value, int):
-        return Size(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
-    if not match:
-        raise ValueError(f"{value!r} is not a size such as 512M or 4G")
-    number, unit = match.groups()
-    return Size(int(float(number) * _SIZE_UNITS[unit]))
-
-
-def human_size(size: float) -> str:
-    """Bytes as people read them, in the binary units settings use: ``512 MiB``, ``1.5 GiB``."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            break
-        size /= 1024
-    if unit == "bytes":
-        return f"{size:.0f} bytes"
-    return f"{size:.1f}".removesuffix(".0") + f" {unit}"
 
 
 @dataclass

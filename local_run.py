@@ -28,8 +28,10 @@ from typing import Any
 
 from . import pipeline
 from .config import Settings, load_settings
+from .datadir import DataDir, action_log_name
 from .executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
 from .outputs import Manifest, pattern_matches
+from .states import State, StatusCode
 
 Print = Callable[[str], None]
 
@@ -47,13 +49,14 @@ class Result:
 
     @property
     def succeeded(self) -> bool:
-        return self.status_code == "succeeded"
+        return self.status_code == StatusCode.SUCCEEDED
 
 
 def main(
     project_dir: Path,
     actions: list[str],
     *,
+    make_executor: Callable[[Settings], Executor],
     config: str | None = None,
     force_run_dependencies: bool = False,
     continue_on_error: bool = False,
@@ -63,7 +66,7 @@ def main(
     """Run the pipeline of the checkout at ``project_dir``; the exit status of ``jobsite run``."""
     with tempfile.TemporaryDirectory(prefix="jobsite-run-") as scratch:
         settings = load_settings(config, data_dir=scratch, **(overrides or {}))
-        run = LocalRun(project_dir.resolve(), settings, out)
+        run = LocalRun(project_dir.resolve(), settings, make_executor(settings), out)
         try:
             return asyncio.run(run.run(actions, force_run_dependencies, continue_on_error))
         except KeyboardInterrupt:
@@ -72,11 +75,13 @@ def main(
 
 
 class LocalRun:
-    def __init__(self, project_dir: Path, settings: Settings, out: Print) -> None:
+    def __init__(
+        self, project_dir: Path, settings: Settings, executor: Executor, out: Print
+    ) -> None:
         self.project_dir = project_dir
         self.settings = settings
         self.out = out
-        self.executor = Executor(settings)
+        self.executor = executor
         self.cleanups: list[asyncio.Task] = []
         self.ahead: asyncio.Future[None] | None = None  # creating the next job's container
         self.ran_jobs = False
@@ -96,7 +101,7 @@ class LocalRun:
         if self.ahead is not None:
             await asyncio.gather(self.ahead, return_exceptions=True)
         with contextlib.suppress(DockerUnavailable):
-            for job_id in await self.executor.site_containers():
+            for job_id in await self.executor.adopt():
                 await self.executor.cleanup(job_id)
 
     async def _run(self, requested: list[str], force: bool, continue_on_error: bool) -> int:
@@ -114,7 +119,7 @@ class LocalRun:
         images = self._images(project, plan)
         if images is None:
             return 1
-        if not await self.executor.docker_available():
+        if not await self.executor.available():
             self.out(
                 "Error: Docker is not running, or this user may not use it. Start Docker "
                 "(and check `docker info` works), then run again."
@@ -130,7 +135,9 @@ class LocalRun:
         recorded = manifest.data["actions"]
         return {
             name: pipeline.ActionState(
-                "succeeded", recorded[name]["job"], manifest.outputs_exist(self.project_dir, name)
+                State.SUCCEEDED,
+                recorded[name]["job"],
+                manifest.outputs_exist(self.project_dir, name),
             )
             for name in project.actions
             if name in recorded
@@ -176,11 +183,11 @@ class LocalRun:
             failed_needs = [n for n in planned.needs_new if not results[n].succeeded]
             if failed_needs or stopped:
                 if failed_needs:
-                    code = "dependency_failed"
+                    code = StatusCode.DEPENDENCY_FAILED
                     message = f"Not run: it needs {', '.join(failed_needs)}, which did not succeed"
                     self.out(f"{job.action}: {code}: {message}")
                 else:
-                    code = "not_run"
+                    code = StatusCode.NOT_RUN
                     message = "Not run: an earlier action failed (use --continue-on-error to go on)"
                 results[job.action] = Result(job.action, code, message)
                 self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
@@ -246,17 +253,19 @@ class LocalRun:
                 self.ahead = asyncio.ensure_future(self._create_ahead(next_job))
             exit = await self.executor.wait(job, started)
             say(f"{job.action}: finalizing")
-            outcome = await self.executor.finalize(job, exit, {})
+            outcome = await self.executor.collect(job, exit)
         except JobError as e:
-            outcome = Outcome("failed", e.status_code, e.message)
+            outcome = Outcome(State.FAILED, e.status_code, e.message)
         except DockerUnavailable as e:
-            outcome = Outcome("failed", "internal_error", f"{e}. Start Docker and run again.")
+            outcome = Outcome(
+                State.FAILED, StatusCode.INTERNAL_ERROR, f"{e}. Start Docker and run again."
+            )
         except BaseException:  # Ctrl-C, or anything unforeseen: leave no container behind
             await asyncio.shield(self._stop(job.id))
             raise
         # the container and temporary files go while the next job starts
         self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
-        logged = outcome.state == "succeeded"
+        logged = outcome.state == State.SUCCEEDED
         if not logged:
             logged = await asyncio.to_thread(self._keep_failed_log, job)
         result = Result(
@@ -265,7 +274,7 @@ class LocalRun:
             outcome.status_message,
             outcome.outputs,
             time.monotonic() - began,
-            f"metadata/{job.action}.log" if logged else None,
+            action_log_name(job.action) if logged else None,
         )
         if result.succeeded:
             say(f"{job.action}: succeeded in {result.seconds:.1f}s")
@@ -279,16 +288,16 @@ class LocalRun:
 
     async def _stop(self, job_id: str) -> None:
         with contextlib.suppress(DockerUnavailable):
-            await self.executor.stop(job_id)
+            await self.executor.cancel(job_id)
         await self.executor.cleanup(job_id)
 
     def _keep_failed_log(self, job: JobSpec) -> bool:
         """A failed job changes no outputs, but its log (if it got as far as having one) goes
         where a developer looks next."""
-        log = self.executor.log_path(job.id)
+        log = DataDir(self.settings.data_dir).log(job.id)
         if not log.exists():
             return False
-        target = self.project_dir / "metadata" / f"{job.action}.log"
+        target = self.project_dir / action_log_name(job.action)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{job.id}.tmp")
         shutil.copyfile(log, tmp)

@@ -24,7 +24,6 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -38,8 +37,9 @@ from prometheus_client.utils import floatToGoString
 
 from .config import Settings
 from .db import Database, Row
+from .executor import Executor
+from .states import State, StatusCode
 
-STATES = ("pending", "running", "succeeded", "failed")
 # seconds; jobs run from seconds to a day, and wait from none to hours
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 WAIT_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 24 * 3600)
@@ -104,7 +104,10 @@ class Tally:
 
     def add(self, job: Row) -> None:
         self.by_state[job["state"]] += 1
-        if job["state"] == "pending" and job["status_code"] != "waiting_on_dependencies":
+        if (
+            job["state"] == State.PENDING
+            and job["status_code"] != StatusCode.WAITING_ON_DEPENDENCIES
+        ):
             self.queued += 1
         if job["completed_at"] is not None:
             self.by_status_code[job["status_code"]] += 1
@@ -144,7 +147,7 @@ JOB_FIGURES = "SELECT state, status_code, created_at, started_at, completed_at F
 class SiteMetrics(Collector):
     """The site's figures. ``await render()`` reads them and returns the exposition text."""
 
-    def __init__(self, db: Database, settings: Settings, executor: Any) -> None:
+    def __init__(self, db: Database, settings: Settings, executor: Executor) -> None:
         self.db = db
         self.settings = settings
         self.executor = executor
@@ -198,7 +201,7 @@ class SiteMetrics(Collector):
     async def _read(self) -> list[Metric]:
         tally = await self._jobs()
         jobs = GaugeMetricFamily("jobsite_jobs", "Jobs in each state", labels=["state"])
-        for state in STATES:
+        for state in State:
             jobs.add_metric([state], tally.by_state[state])
         finished = CounterMetricFamily(
             "jobsite_jobs_finished",
@@ -244,6 +247,6 @@ class SiteMetrics(Collector):
 
     async def _docker_up(self) -> bool:
         try:
-            return await asyncio.wait_for(self.executor.docker_available(), DOCKER_CHECK_TIMEOUT)
+            return await asyncio.wait_for(self.executor.available(), DOCKER_CHECK_TIMEOUT)
         except TimeoutError:
             return False

@@ -22,7 +22,8 @@ import aiosmtplib
 
 from .config import Settings
 from .db import Database, Row
-from .submit import iso
+from .states import State, StatusCode
+from .units import elapsed, iso_ms, when
 
 log = logging.getLogger("jobsite.notify")
 
@@ -33,22 +34,11 @@ MAX_RETRY_DELAY = 3600.0
 
 def status_word(state: str, status_code: str) -> str:
     """The one word a subject line starts with."""
-    if state == "succeeded":
+    if state == State.SUCCEEDED:
         return "Succeeded"
-    if status_code == "cancelled_by_user":
+    if status_code == StatusCode.CANCELLED_BY_USER:
         return "Cancelled"
     return "Failed"
-
-
-def elapsed(seconds: float) -> str:
-    seconds = round(max(0.0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes}m {seconds}s"
-    if minutes:
-        return f"{minutes}m {seconds}s"
-    return f"{seconds}s"
 
 
 def job_email(job: Row, base_url: str) -> tuple[str, str]:
@@ -59,9 +49,7 @@ def job_email(job: Row, base_url: str) -> tuple[str, str]:
         took = "did not start"
     else:
         took = elapsed((job["completed_at"] or time.time()) - job["started_at"])
-    finished = time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(job["completed_at"] or time.time())
-    )
+    finished = when(job["completed_at"] or time.time())
     body = (
         f"The job for action {job['action']} in workspace {job['workspace']} has finished.\n"
         "\n"
@@ -238,9 +226,9 @@ async def outbox_json(db: Database, settings: Settings, limit: int = 100) -> dic
                 "status": _outbox_status(row, settings),
                 "attempts": row["attempts"],
                 "last_error": row["last_error"],
-                "next_attempt_at": None if row["sent_at"] else iso(row["next_attempt_at"]),
-                "sent_at": iso(row["sent_at"]),
-                "created_at": iso(row["created_at"]),
+                "next_attempt_at": None if row["sent_at"] else iso_ms(row["next_attempt_at"]),
+                "sent_at": iso_ms(row["sent_at"]),
+                "created_at": iso_ms(row["created_at"]),
             }
             for row in rows
         ],

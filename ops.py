@@ -18,8 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Settings, human_size
+from .config import Settings
+from .datadir import DataDir
 from .db import Database
+from .states import ACTIVE_STATES
+from .units import human_size
 
 
 class OpsError(Exception):
@@ -27,7 +30,7 @@ class OpsError(Exception):
 
 
 def existing_database(settings: Settings) -> Path:
-    path = settings.data_dir / "db.sqlite"
+    path = DataDir(settings.data_dir).db
     if not path.exists():
         raise OpsError(
             f"there is no database at {path}; check data_dir in the settings file (--config)"
@@ -84,7 +87,8 @@ async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prun
     and temporary dirs of jobs that are not running."""
     found = []
     now = time.time()
-    logs_dir = data_dir / "logs"
+    layout = DataDir(data_dir)
+    logs_dir = layout.logs
     logs = {p.stem: p for p in logs_dir.glob("*.log")} if logs_dir.is_dir() else {}
     finished = await _rows(
         db,
@@ -102,7 +106,7 @@ async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prun
             )
         )
 
-    jobs_dir = data_dir / "jobs"
+    jobs_dir = layout.jobs
     leftovers = {p.name: p for p in jobs_dir.iterdir()} if jobs_dir.is_dir() else {}
     states = {
         row["id"]: row["state"]
@@ -112,7 +116,7 @@ async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prun
     }
     for job_id, path in sorted(leftovers.items()):
         state = states.get(job_id)
-        if state in ("pending", "running"):
+        if state in ACTIVE_STATES:
             continue  # a pending job may be starting: its dir is being made right now
         why = f"temporary dir of job {job_id} ({state})" if state else "not a job this site knows"
         found.append(Prunable(path, _size(path), why))

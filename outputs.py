@@ -12,7 +12,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "metadata/manifest.json"
+from .datadir import MANIFEST
+from .states import StatusCode
 
 # what an output viewer may see in the browser (DESIGN section 10)
 VIEWABLE_TYPES = {
@@ -91,7 +92,7 @@ def match_outputs(
             hint = f" (files the job made that look close: {', '.join(close)})" if close else ""
             lines.append(f"{pattern}{hint}")
         raise OutputError(
-            "unmatched_patterns",
+            StatusCode.UNMATCHED_PATTERNS,
             "No outputs found matching patterns: " + "; ".join(lines),
         )
     return matched
@@ -105,7 +106,7 @@ def _refuse_linked_dirs(pattern: str, links: list[str]) -> None:
         for link in links:
             if pattern_matches(prefix, link):
                 raise OutputError(
-                    "internal_error",
+                    StatusCode.INTERNAL_ERROR,
                     f"{link} is a symbolic link, where output pattern {pattern} expects a "
                     "directory. jobsite does not follow links: write outputs as regular "
                     "files in real directories inside the workspace.",
@@ -115,18 +116,19 @@ def _refuse_linked_dirs(pattern: str, links: list[str]) -> None:
 def _check_output(path: str, st: os.stat_result, max_size: int) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise OutputError(
-            "internal_error",
+            StatusCode.INTERNAL_ERROR,
             f"Output {path} is a symbolic link; jobsite does not follow links. Write outputs "
             "as regular files inside the workspace.",
         )
     if not stat.S_ISREG(st.st_mode):
         kind = "a fifo" if stat.S_ISFIFO(st.st_mode) else "a device, socket or other special file"
         raise OutputError(
-            "internal_error", f"Output {path} is {kind}, not a regular file; it was not copied."
+            StatusCode.INTERNAL_ERROR,
+            f"Output {path} is {kind}, not a regular file; it was not copied.",
         )
     if st.st_size > max_size:
         raise OutputError(
-            "internal_error",
+            StatusCode.INTERNAL_ERROR,
             f"Output {path} is {st.st_size} bytes, larger than the site's limit of "
             f"{max_size} bytes for one output file",
         )

@@ -26,6 +26,8 @@ from .config import Settings
 from .db import Database, Row
 from .executor import DockerUnavailable, Executor, JobError, JobSpec
 from .scheduling import DependencyFailure, JobQueue, Limits, QueuedJob
+from .states import MESSAGES, State, StatusCode
+from .units import disk_space
 
 log = logging.getLogger("jobsite.runner")
 
@@ -33,25 +35,6 @@ SAFETY_TICK = 5.0
 STATUS_INTERVAL = 0.5  # seconds between two rewrites of waiting jobs' statuses
 STOP_TIMEOUT = 5.0  # the longest stop() waits for job tasks to wind down
 MAX_ATTEMPTS = 2  # a job caught preparing by a restart is retried once
-
-STATUS_MESSAGES = {
-    "created": "Created",
-    "waiting_on_dependencies": "Waiting on dependencies",
-    "waiting_on_workers": "Waiting for a free worker",
-    "waiting_on_docker": "Waiting for Docker to be available",
-    "waiting_on_disk": "Waiting for free disk space",
-    "preparing": "Preparing the job's files",
-    "executing": "Running",
-    "finalizing": "Collecting outputs",
-    "succeeded": "Completed successfully",
-    "nonzero_exit": "Job exited with an error",
-    "unmatched_patterns": "No outputs found matching the action's patterns",
-    "cancelled_by_user": "Cancelled by user",
-    "dependency_failed": "A job this one needs did not succeed",
-    "timed_out": "Job ran longer than its time limit",
-    "out_of_memory": "Job ran out of memory",
-    "internal_error": "Internal error",
-}
 
 PENDING_COLUMNS = (
     "j.id, j.user_id, j.job_request_id, j.action, j.wait_for, j.requires_db, "
@@ -71,14 +54,6 @@ def jobs_ahead(count: int) -> str:
         step = 10 ** (len(str(count)) - 2)
         return f"more than {count // step * step:,} jobs ahead of this one"
     return f"{count} job{'' if count == 1 else 's'} ahead of this one"
-
-
-def human_size(size: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def log_line(**fields: Any) -> str:
@@ -144,7 +119,7 @@ class Scheduler:
         await self._load_new_jobs()
         for job_id, container in adopt.items():
             log.info(log_line(job=job_id, event="re-adopted", container=container))
-            self._phase[job_id] = "executing"
+            self._phase[job_id] = StatusCode.EXECUTING
             self._start_task(job_id, self._run(job_id, adopt=container))
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="jobsite-scheduler"),
@@ -221,23 +196,23 @@ class Scheduler:
         now = time.time()
         while (job := self.queue.pick(now, self.limits)) is not None:
             self.queue.start(job.id, now)
-            self._phase[job.id] = "preparing"
+            self._phase[job.id] = StatusCode.PREPARING
             self._start_task(job.id, self._run(job.id))
 
     async def _blocked(self) -> tuple[str, str] | None:
         """Why no job may start now (Docker away, disk nearly full), or None."""
         if not self.docker_ok:
-            self.docker_ok = await self.executor.docker_available()
+            self.docker_ok = await self.executor.available()
             if not self.docker_ok:
-                return ("waiting_on_docker", STATUS_MESSAGES["waiting_on_docker"])
+                return (StatusCode.WAITING_ON_DOCKER, StatusCode.WAITING_ON_DOCKER.message)
         needed = self.settings.min_free_disk
         if needed:
             free = shutil.disk_usage(self.settings.data_dir).free
             if free < needed:
                 return (
-                    "waiting_on_disk",
-                    f"Waiting for free disk space: {human_size(free)} free in the site's data "
-                    f"directory, {human_size(needed)} needed to start a job",
+                    StatusCode.WAITING_ON_DISK,
+                    f"Waiting for free disk space: {disk_space(free)} free in the site's data "
+                    f"directory, {disk_space(needed)} needed to start a job",
                 )
         return None
 
@@ -279,19 +254,19 @@ class Scheduler:
             for dep in needs[job.id]:
                 if self.queue.get(dep) is not None:
                     job.waiting_on.add(dep)
-                elif ended.get(dep, {}).get("state") != "succeeded":
+                elif ended.get(dep, {}).get("state") != State.SUCCEEDED:
                     failed = ended.get(dep) or {"id": dep, "action": "(unknown)"}
                     break
             if failed is None:
                 self.queue.add(job)
                 if not first_load:
-                    self._log_status(job, "pending", *job.status)
+                    self._log_status(job, State.PENDING, *job.status)
             else:
                 failures.append((job, failed))
-                ended[job.id] = {"id": job.id, "action": job.action, "state": "failed"}
+                ended[job.id] = {"id": job.id, "action": job.action, "state": State.FAILED}
         for job, dependency in failures:
             message = dependency_message(dependency["action"], dependency["id"])
-            await self._end_pending(job, "dependency_failed", message)
+            await self._end_pending(job, StatusCode.DEPENDENCY_FAILED, message)
 
     async def _ended_jobs(self, job_ids: set[str]) -> dict[str, Row]:
         """The jobs among ``job_ids`` that are no longer in the queue, with their states.
@@ -341,7 +316,7 @@ class Scheduler:
             )
         for job, code, message in changes:
             if job.status is None or job.status[0] != code:
-                self._log_status(job, "pending", code, message)
+                self._log_status(job, State.PENDING, code, message)
             job.status = (code, message)
         return len(changes)
 
@@ -356,30 +331,30 @@ class Scheduler:
             if job.waiting_on:
                 names = sorted({self.queue.get(dep).action for dep in job.waiting_on})
                 message = f"Waiting on dependencies: {', '.join(names)}"
-                statuses.append((job, "waiting_on_dependencies", message))
+                statuses.append((job, StatusCode.WAITING_ON_DEPENDENCIES, message))
         return statuses
 
     def _waiting_status(self, job: QueuedJob, position: int) -> tuple[str, str]:
         ahead = jobs_ahead(position)
         if self.paused:
-            return ("waiting_on_workers", f"The queue is paused by a site admin; {ahead}")
+            return (StatusCode.WAITING_ON_WORKERS, f"The queue is paused by a site admin; {ahead}")
         if self.blocked is not None:
             return self.blocked
         cap = self.settings.max_jobs_per_user
         if cap is not None and self.queue.running_count(job.user_id) >= cap:
             return (
-                "waiting_on_workers",
+                StatusCode.WAITING_ON_WORKERS,
                 f"Waiting: {job.username} has {cap} job{'' if cap == 1 else 's'} running, the "
                 f"most one user may run at once; {ahead}",
             )
         db_cap = self.settings.max_db_workers
         if job.requires_db and db_cap is not None and self.queue.db_running >= db_cap:
             return (
-                "waiting_on_workers",
+                StatusCode.WAITING_ON_WORKERS,
                 f"Waiting: {db_cap} database jobs are running, the most the site runs at "
                 f"once; {ahead}",
             )
-        return ("waiting_on_workers", f"Waiting for a free worker: {ahead}")
+        return (StatusCode.WAITING_ON_WORKERS, f"Waiting for a free worker: {ahead}")
 
     def _log_status(self, job: QueuedJob | Row, state: str, code: str, message: str) -> None:
         get = job.get if isinstance(job, dict) else lambda key: getattr(job, key)
@@ -406,7 +381,7 @@ class Scheduler:
     ) -> None:
         """Record a job's new status (and state), with a timeline event when the code
         changes, and log it."""
-        message = STATUS_MESSAGES.get(code, code) if message is None else message
+        message = MESSAGES.get(code, code) if message is None else message
         now = time.time()
         async with self.db.transaction() as conn:
             cur = await conn.execute(
@@ -440,20 +415,20 @@ class Scheduler:
             await conn.execute(
                 "UPDATE jobs SET state = 'failed', status_code = ?, status_message = ?, "
                 "cancelled = cancelled OR ?, completed_at = ?, updated_at = ? WHERE id = ?",
-                (code, message, code == "cancelled_by_user", now, now, job.id),
+                (code, message, code == StatusCode.CANCELLED_BY_USER, now, now, job.id),
             )
             await conn.execute(
                 "INSERT INTO job_events (job_id, status_code, status_message, at) "
                 "VALUES (?, ?, ?, ?)",
                 (job.id, code, message, now),
             )
-        self._log_status(job, "failed", code, message)
+        self._log_status(job, State.FAILED, code, message)
         await self._after_job(job.id)
 
     async def _fail_dependents(self, failures: list[DependencyFailure]) -> None:
         for failure in failures:
             message = dependency_message(failure.dependency.action, failure.dependency.id)
-            await self._end_pending(failure.job, "dependency_failed", message)
+            await self._end_pending(failure.job, StatusCode.DEPENDENCY_FAILED, message)
 
     async def _after_job(self, job_id: str) -> None:
         if self.on_job_finished is not None:
@@ -467,7 +442,7 @@ class Scheduler:
         fields.setdefault("completed_at", time.time())
         await self.set_status(job_id, code, message, state=state, **fields)
         job = self.queue.running.get(job_id)
-        failures = self.queue.finish(job_id, time.time(), succeeded=state == "succeeded")
+        failures = self.queue.finish(job_id, time.time(), succeeded=state == State.SUCCEEDED)
         self._phase.pop(job_id, None)
         self._cancel_requested.discard(job_id)
         self.wake()
@@ -532,7 +507,7 @@ class Scheduler:
             for position, (job, code, message) in enumerate(self.waiting_statuses(now)[:limit])
         ]
         running = [
-            {**describe(job), "phase": self._phase.get(job.id, "executing")}
+            {**describe(job), "phase": self._phase.get(job.id, StatusCode.EXECUTING)}
             for job in sorted(self.queue.running.values(), key=lambda j: j.started_at or 0)
         ]
         return {
@@ -602,20 +577,20 @@ class Scheduler:
         except DockerUnavailable as e:
             self.docker_ok = False
             await self._cleanup(job_id)
-            await self._requeue(job_id, f"{STATUS_MESSAGES['waiting_on_docker']}: {e}")
+            await self._requeue(job_id, f"{StatusCode.WAITING_ON_DOCKER.message}: {e}")
             return
         except JobError as e:
-            ending = ("failed", e.status_code, e.message, {})
+            ending = (State.FAILED, e.status_code, e.message, {})
         except Exception as e:
             log.error("job %s failed inside jobsite:\n%s", job_id, traceback.format_exc())
             message = (
                 f"Internal error: {type(e).__name__}: {e}. The site admin can find the "
                 "details in the server log."
             )
-            ending = ("failed", "internal_error", message, {})
+            ending = (State.FAILED, StatusCode.INTERNAL_ERROR, message, {})
         state, code, message, fields = ending
         fields["completed_at"] = time.time()  # the outputs are in place: the job is done
-        if state == "succeeded":
+        if state == State.SUCCEEDED:
             # its outputs are in the workspace: dependents start while the container goes
             self.queue.release_dependents(job_id)
             self.wake()
@@ -630,26 +605,30 @@ class Scheduler:
             log.exception("cleaning up after job %s failed", job_id)
 
     async def _requeue(self, job_id: str, message: str) -> None:
-        await self.set_status(job_id, "waiting_on_docker", message, state="pending")
+        await self.set_status(job_id, StatusCode.WAITING_ON_DOCKER, message, state=State.PENDING)
         self._phase.pop(job_id, None)
         self.queue.requeue(job_id, time.time())
         job = self.queue.pending[job_id]
-        job.status = ("waiting_on_docker", message)
+        job.status = (StatusCode.WAITING_ON_DOCKER, message)
         self.wake()
 
     async def _execute(
         self, job_id: str, adopt: str | None
     ) -> tuple[str, str, str, dict[str, Any]]:
         """Steps 1 to 5 of a job; returns (state, status code, message, fields to record)."""
-        cancelled = ("failed", "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"])
+        cancelled = (
+            State.FAILED,
+            StatusCode.CANCELLED_BY_USER,
+            StatusCode.CANCELLED_BY_USER.message,
+        )
         started = time.time()
         row = await self._job_row(job_id)
         spec = self.job_spec(row)
         if adopt is None:
             await self.set_status(
                 job_id,
-                "preparing",
-                state="running",
+                StatusCode.PREPARING,
+                state=State.RUNNING,
                 started_at=started,
                 attempts=row["attempts"] + 1,
             )
@@ -657,20 +636,20 @@ class Scheduler:
             if job_id in self._cancel_requested:
                 return (*cancelled, {})
             await self.executor.start(spec)
-            self._phase[job_id] = "executing"
+            self._phase[job_id] = StatusCode.EXECUTING
             if job_id in self._cancel_requested:  # cancelled while the container started
-                await self.executor.stop(job_id)
-            await self.set_status(job_id, "executing")
+                await self.executor.cancel(job_id)
+            await self.set_status(job_id, StatusCode.EXECUTING)
         else:
             started = row["started_at"] or started
             if job_id in self._cancel_requested:  # cancelled just before the restart
-                await self.executor.stop(job_id)
+                await self.executor.cancel(job_id)
         exit = await self.executor.wait(spec, started)
         if job_id in self._cancel_requested:
             return (*cancelled, {"exit_code": exit.exit_code})
-        self._phase[job_id] = "finalizing"
-        await self.set_status(job_id, "finalizing")
-        outcome = await self.executor.finalize(spec, exit, {"started_at": started})
+        self._phase[job_id] = StatusCode.FINALIZING
+        await self.set_status(job_id, StatusCode.FINALIZING)
+        outcome = await self.executor.collect(spec, exit)
         fields = {"exit_code": outcome.exit_code, "image_id": outcome.image_id}
         return outcome.state, outcome.status_code, outcome.status_message, fields
 
@@ -684,24 +663,26 @@ class Scheduler:
             if job_id in self.queue.pending:
                 job, failures = self.queue.remove(job_id)
                 await self._end_pending(
-                    job, "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
+                    job, StatusCode.CANCELLED_BY_USER, StatusCode.CANCELLED_BY_USER.message
                 )
                 cancelled.append(job_id)
                 for failure in failures:  # a dependent cancelled too says so, not that it failed
                     if failure.job.id in asked:
                         await self._end_pending(
-                            failure.job, "cancelled_by_user", STATUS_MESSAGES["cancelled_by_user"]
+                            failure.job,
+                            StatusCode.CANCELLED_BY_USER,
+                            StatusCode.CANCELLED_BY_USER.message,
                         )
                         cancelled.append(failure.job.id)
                     else:
                         await self._fail_dependents([failure])
-            elif job_id in self.queue.running and self._phase.get(job_id) != "finalizing":
+            elif job_id in self.queue.running and self._phase.get(job_id) != StatusCode.FINALIZING:
                 self._cancel_requested.add(job_id)
                 await self.db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))
                 log.info(log_line(job=job_id, event="cancel", note="stopping its container"))
-                if self._phase.get(job_id) == "executing":
+                if self._phase.get(job_id) == StatusCode.EXECUTING:
                     try:
-                        await self.executor.stop(job_id)
+                        await self.executor.cancel(job_id)
                     except DockerUnavailable:
                         pass
                 cancelled.append(job_id)
@@ -719,7 +700,7 @@ class Scheduler:
         if not running:
             return {}
         try:
-            containers = await self.executor.site_containers()
+            containers = await self.executor.adopt()
         except DockerUnavailable:
             containers = None
             self.docker_ok = False
@@ -731,32 +712,35 @@ class Scheduler:
             if containers is None:
                 await self.set_status(
                     job_id,
-                    "waiting_on_docker",
+                    StatusCode.WAITING_ON_DOCKER,
                     "The server restarted and Docker is not reachable; the job will start "
                     "again when it is",
-                    state="pending",
+                    state=State.PENDING,
                 )
                 continue
             container = containers.get(job_id)
-            if container is not None and row["status_code"] in ("executing", "finalizing"):
+            if container is not None and row["status_code"] in (
+                StatusCode.EXECUTING,
+                StatusCode.FINALIZING,
+            ):
                 adopt[job_id] = container
                 continue
             await self.executor.cleanup(job_id)
             if row["attempts"] < MAX_ATTEMPTS:
                 await self.set_status(
                     job_id,
-                    "created",
+                    StatusCode.CREATED,
                     "The server restarted before this job started; it will be tried again",
-                    state="pending",
+                    state=State.PENDING,
                     started_at=None,
                 )
             else:
                 await self.set_status(
                     job_id,
-                    "internal_error",
+                    StatusCode.INTERNAL_ERROR,
                     "The server restarted while this job was starting, for the second time; "
                     "it was not tried again. Submit it again to retry.",
-                    state="failed",
+                    state=State.FAILED,
                     completed_at=time.time(),
                 )
         return adopt

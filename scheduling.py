@@ -114,9 +114,6 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def is_runnable(self, job: QueuedJob) -> bool:
-        return job.id in self.pending and not job.waiting_on
-
     def runnable(self) -> list[QueuedJob]:
         return [job for job in self.pending.values() if not job.waiting_on]
 

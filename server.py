@@ -16,8 +16,9 @@ from starlette.staticfiles import StaticFiles
 
 from . import auth, metrics, notify
 from .config import Settings
+from .datadir import DataDir
 from .db import Database
-from .executor import Executor
+from .local_docker import LocalDockerExecutor
 from .repos import Repos
 from .runner import Scheduler
 from .views import accounts, admin, api, base, jobs, projects, workspaces
@@ -111,11 +112,11 @@ ROUTES: list[BaseRoute] = [
 ]
 
 
-def secret_key(data_dir: Path) -> str:
+def secret_key(data: DataDir) -> str:
     """The session signing key, made on first start and kept private to the site."""
-    path = data_dir / "secret.key"
+    path = data.secret_key
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data.root.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(48))
     return path.read_text().strip()
@@ -124,10 +125,10 @@ def secret_key(data_dir: Path) -> str:
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        site.db = db = await Database.open(settings.data_dir / "db.sqlite")
-        site.repos = Repos(settings.data_dir / "repos", timeout=settings.repos.fetch_timeout)
-        site.executor = Executor(settings, site.repos)
+        site.data.root.mkdir(parents=True, exist_ok=True)
+        site.db = db = await Database.open(site.data.db)
+        site.repos = Repos(site.data.repos, timeout=settings.repos.fetch_timeout)
+        site.executor = LocalDockerExecutor(settings, site.repos)
         site.notifier = notify.Notifier(db, settings)
         site.scheduler = Scheduler(
             db, settings, site.executor, on_job_finished=site.notifier.job_finished
@@ -142,7 +143,7 @@ def create_app(settings: Settings) -> Starlette:
             await site.notifier.stop()
             await db.close()
 
-    key = secret_key(settings.data_dir)
+    key = secret_key(DataDir(settings.data_dir))
     site = base.Site(
         settings,
         templates=base.templates(str(ROOT / "templates")),

@@ -12,9 +12,12 @@ import aiosqlite
 
 from . import pipeline
 from .config import Settings
+from .datadir import DataDir
 from .db import Database, Row
 from .outputs import Manifest
 from .repos import Repos
+from .states import ACTIVE_STATES, State, StatusCode
+from .units import iso_ms
 
 if TYPE_CHECKING:
     from .runner import Scheduler
@@ -69,15 +72,6 @@ async def _workspace_state(
     }
 
 
-async def workspace_state(
-    db: Database, settings: Settings, workspace: Row
-) -> dict[str, pipeline.ActionState]:
-    async with db.transaction() as conn:
-        return await _workspace_state(
-            conn, settings.data_dir / "workspaces" / workspace["name"], workspace["id"]
-        )
-
-
 async def submit(
     db: Database,
     settings: Settings,
@@ -95,7 +89,7 @@ async def submit(
     if not actions:
         raise SubmitError("choose at least one action to run")
     sha, project = await load_project(repos, workspace["repo"], workspace["branch"])
-    workspace_dir = settings.data_dir / "workspaces" / workspace["name"]
+    workspace_dir = DataDir(settings.data_dir).workspace(workspace["name"])
     now = time.time()
     async with db.transaction() as conn:
         state = await _workspace_state(conn, workspace_dir, workspace["id"])
@@ -150,15 +144,15 @@ async def submit(
                     json.dumps(list(action.needs)),
                     json.dumps(wait_for),
                     int(action.is_database_action),
-                    "Created",
+                    StatusCode.CREATED.message,
                     created,
                     created,
                 ),
             )
             await conn.execute(
                 "INSERT INTO job_events (job_id, status_code, status_message, at) "
-                "VALUES (?, 'created', 'Created', ?)",
-                (job_id, created),
+                "VALUES (?, ?, ?, ?)",
+                (job_id, StatusCode.CREATED, StatusCode.CREATED.message, created),
             )
     return request_id
 
@@ -183,7 +177,7 @@ async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | No
         "sha": row["sha"],
         "requested_actions": json.loads(row["requested_actions"]),
         "force_run_dependencies": bool(row["force_run_dependencies"]),
-        "created_at": iso(row["created_at"]),
+        "created_at": iso_ms(row["created_at"]),
         "status": status,
         "status_message": message,
         "jobs": [job_json(job) for job in jobs],
@@ -195,16 +189,16 @@ def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:
     if request["status"] == "nothing_to_do" or not jobs:
         return "nothing_to_do", request["status_message"]
     states = [job["state"] for job in jobs]
-    succeeded = states.count("succeeded")
-    if "running" in states:
-        return "running", f"{succeeded} of {len(jobs)} jobs succeeded so far"
-    if "pending" in states:
-        return "pending", f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    succeeded = states.count(State.SUCCEEDED)
+    if State.RUNNING in states:
+        return State.RUNNING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    if State.PENDING in states:
+        return State.PENDING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
     if succeeded == len(jobs):
-        return "succeeded", "The job succeeded" if len(
+        return State.SUCCEEDED, "The job succeeded" if len(
             jobs
         ) == 1 else f"All {len(jobs)} jobs succeeded"
-    return "failed", f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
+    return State.FAILED, f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
 
 
 def job_json(job: Row) -> dict[str, Any]:
@@ -216,17 +210,11 @@ def job_json(job: Row) -> dict[str, Any]:
         "state": job["state"],
         "status_code": job["status_code"],
         "status_message": job["status_message"],
-        "created_at": iso(job["created_at"]),
-        "started_at": iso(job["started_at"]),
-        "completed_at": iso(job["completed_at"]),
+        "created_at": iso_ms(job["created_at"]),
+        "started_at": iso_ms(job["started_at"]),
+        "completed_at": iso_ms(job["completed_at"]),
         "exit_code": job["exit_code"],
     }
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 async def cancel(
@@ -242,5 +230,5 @@ async def cancel(
         if unknown:
             raise SubmitError(f"this job request has no job for: {', '.join(sorted(unknown))}")
         jobs = [job for job in jobs if job["action"] in actions]
-    active = [job["id"] for job in jobs if job["state"] in ("pending", "running")]
+    active = [job["id"] for job in jobs if job["state"] in ACTIVE_STATES]
     return await scheduler.cancel(active)

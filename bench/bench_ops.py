@@ -27,15 +27,16 @@ import time
 from pathlib import Path
 
 from jobsite import ops
-from jobsite.config import human_size, load_settings
+from jobsite.config import load_settings
 from jobsite.db import Database
 from jobsite.metrics import DURATION_BUCKETS, WAIT_BUCKETS, SiteMetrics
+from jobsite.units import human_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class DockerAnswers:
-    async def docker_available(self) -> bool:
+    async def available(self) -> bool:
         return True
 
 

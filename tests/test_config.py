@@ -93,7 +93,7 @@ def test_site_id_differs_per_data_dir(tmp_path):
 
 
 def test_sizes_read_as_people_write_them():
-    from jobsite.config import human_size
+    from jobsite.units import human_size
 
     assert human_size(512) == "512 bytes"
     assert human_size(16 * 1024**2) == "16 MiB"

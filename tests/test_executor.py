@@ -17,9 +17,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from jobsite import executor as executor_module
+from jobsite import local_docker as executor_module
 from jobsite.config import Settings, load_settings
-from jobsite.executor import CappedLog, DockerUnavailable, Executor, JobError, JobSpec, Outcome
+from jobsite.executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
+from jobsite.local_docker import CappedLog, LocalDockerExecutor
 from jobsite.repos import Repos
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
@@ -39,9 +40,9 @@ async def study(make_repo, settings):
 @pytest.fixture
 def make_executor(settings: Settings, study):
     """Executors over the test's site, with settings overridden; closed at the end."""
-    made: list[Executor] = []
+    made: list[LocalDockerExecutor] = []
 
-    def make(**overrides) -> Executor:
+    def make(**overrides) -> LocalDockerExecutor:
         base = {"job_memory": settings.job_memory, "job_cpus": settings.job_cpus}
         site = load_settings(
             environ={},
@@ -49,7 +50,7 @@ def make_executor(settings: Settings, study):
             site_id=settings.site_id,
             **{**base, **overrides},
         )
-        made.append(Executor(site, study[1]))
+        made.append(LocalDockerExecutor(site, study[1]))
         return made[-1]
 
     yield make
@@ -84,7 +85,7 @@ async def run(executor: Executor, job: JobSpec, before_cleanup=None) -> Outcome:
         exit = await executor.wait(job, started)
         if before_cleanup:
             await before_cleanup()
-        return await executor.finalize(job, exit, {})
+        return await executor.collect(job, exit)
     except JobError as e:
         return Outcome("failed", e.status_code, e.message)
     finally:
@@ -132,7 +133,7 @@ async def test_container_runs_locked_down_as_seen_from_inside(
 
     outcome = await run(executor, job, look_at_container)
     assert outcome.status_code == "succeeded", outcome
-    log = (executor.log_path(job.id)).read_text()
+    log = (executor.data.log(job.id)).read_text()
     lines = {}
     for line in log.splitlines():
         text = line.split(" ", 1)[-1]
@@ -229,7 +230,7 @@ async def test_outputs_go_to_the_workspace_with_logs_and_manifest(settings, stud
     assert manifest["actions"]["generate"]["files"] == sorted(outcome.outputs)
 
     log = (ws / "metadata/generate.log").read_text()
-    assert log == executor.log_path(job.id).read_text()
+    assert log == executor.data.log(job.id).read_text()
     first = log.splitlines()[0]
     assert first.endswith(" made outputs") and first[:4].isdigit()  # timestamped
     for expected in (
@@ -244,7 +245,7 @@ async def test_outputs_go_to_the_workspace_with_logs_and_manifest(settings, stud
     ):
         assert expected in log
     assert "image:           ghcr.io/opensafely-core/python:v2 (sha256:" in log
-    assert not executor.job_dir(job.id).exists()
+    assert not executor.data.job_dir(job.id).exists()
 
 
 async def test_rerun_drops_outputs_the_new_run_did_not_make(settings, study, make_executor):
@@ -291,17 +292,17 @@ async def test_failed_jobs_leave_the_workspace_byte_identical(
     started = time.time()
     await executor.start(cancelled)
     await asyncio.sleep(0.5)
-    await executor.stop(cancelled.id)
-    outcome = await executor.finalize(cancelled, await executor.wait(cancelled, started), {})
+    await executor.cancel(cancelled.id)
+    outcome = await executor.collect(cancelled, await executor.wait(cancelled, started))
     await executor.cleanup(cancelled.id)
     assert outcome.state == "failed"
     assert snapshot(workspace(settings)) == before
 
     for job in (failing, unmatched, cancelled):
-        assert not executor.job_dir(job.id).exists()
+        assert not executor.data.job_dir(job.id).exists()
         with pytest.raises(docker.errors.NotFound):
             docker_client.containers.get(f"jobsite-{job.id}")
-        assert "---- jobsite summary ----" in executor.log_path(job.id).read_text()
+        assert "---- jobsite summary ----" in executor.data.log(job.id).read_text()
 
 
 async def test_job_past_its_time_limit_is_stopped(settings, study, make_executor):
@@ -353,11 +354,11 @@ async def test_log_streams_while_the_job_runs_and_is_capped(settings, study, mak
 
     async def watch():
         nonlocal ticks, seen_live
-        path = executor.log_path(job.id)
+        path = executor.data.log(job.id)
         while True:
             ticks += 1
             if path.exists() and "first line" in path.read_text():
-                seen_live = seen_live or await executor.container_state(job.id) == "running"
+                seen_live = seen_live or (await executor.adopt()).get(job.id) == "running"
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch())
@@ -368,7 +369,7 @@ async def test_log_streams_while_the_job_runs_and_is_capped(settings, study, mak
     assert outcome.status_code == "succeeded", outcome
     assert seen_live  # the log was readable while the container ran
     assert ticks > 20  # the event loop kept running meanwhile
-    log = executor.log_path(job.id).read_text()
+    log = executor.data.log(job.id).read_text()
     body = log.split("---- jobsite summary ----")[0]
     assert len(body.encode()) < 4000 + 200
     assert "first line" in body and "last line" in body
@@ -407,7 +408,7 @@ async def test_missing_input_names_the_file_and_its_action(settings, study, make
     assert outcome.state == "failed"
     assert "output/a.csv is missing" in outcome.status_message
     assert "made by action generate" in outcome.status_message
-    assert not executor.job_dir(use.id).exists()
+    assert not executor.data.job_dir(use.id).exists()
 
 
 async def test_full_disk_while_preparing_fails_clearly(settings, study, make_executor, monkeypatch):
@@ -427,7 +428,7 @@ async def test_full_disk_while_preparing_fails_clearly(settings, study, make_exe
     assert outcome.status_code == "internal_error"
     assert outcome.status_message.startswith("The disk is full: could not prepare")
     assert snapshot(workspace(settings)) == before
-    assert not executor.job_dir(use.id).exists()
+    assert not executor.data.job_dir(use.id).exists()
 
 
 async def test_full_disk_while_collecting_outputs_changes_nothing(
@@ -461,7 +462,7 @@ async def test_docker_down_raises_docker_unavailable(
     await executor.prepare(job)
     with pytest.raises(DockerUnavailable):
         await executor.start(job)
-    assert not await executor.docker_available()
+    assert not await executor.available()
     await executor.cleanup(job.id)
     gc.collect()  # the unclosed sockets are reported now, while the warning is ignored
 
@@ -531,13 +532,13 @@ async def test_a_new_process_adopts_a_finished_container(settings, study, make_e
     outcome = await run_adopted(second, job, started)
     assert outcome.status_code == "succeeded", outcome
     assert (workspace(settings) / "output/a.csv").read_text() == "adopted\n"
-    assert " done\n" in second.log_path(job.id).read_text()
+    assert " done\n" in second.data.log(job.id).read_text()
 
 
 async def run_adopted(executor: Executor, job: JobSpec, started: float) -> Outcome:
     try:
-        assert await executor.container_state(job.id) in ("running", "exited")
-        return await executor.finalize(job, await executor.wait(job, started), {})
+        assert (await executor.adopt()).get(job.id) in ("running", "exited")
+        return await executor.collect(job, await executor.wait(job, started))
     finally:
         await executor.cleanup(job.id)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobsite import cli, local_run
+from jobsite.local_docker import LocalDockerExecutor
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
 
@@ -219,7 +220,7 @@ def test_docker_down_is_said_plainly(checkout, jobsite_run, monkeypatch, tmp_pat
 async def test_stopping_a_run_leaves_no_container_behind(checkout, settings, docker_client):
     root = checkout(CHAIN.replace("analysis/tool.sh", "sleep 30"))
     printed: list[str] = []
-    run = local_run.LocalRun(root, settings, printed.append)
+    run = local_run.LocalRun(root, settings, LocalDockerExecutor(settings), printed.append)
     task = asyncio.create_task(run.run(["analyse"], False, False))
     while "generate: executing" not in " ".join(printed):
         await asyncio.sleep(0.05)

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from .. import auth, workspaces
 from ..db import Database, Row
 from ..problems import Problem
-from ..submit import iso
+from ..units import iso_ms
 from . import csrf
 from .base import (
     GITHUB_TOKEN,
@@ -145,8 +145,8 @@ async def account_page(request: Request, **context: Any) -> Response:
     tokens = [
         {
             **token,
-            "created_at": iso(token["created_at"]),
-            "last_used_at": iso(token["last_used_at"]),
+            "created_at": iso_ms(token["created_at"]),
+            "last_used_at": iso_ms(token["last_used_at"]),
         }
         for token in await db.fetchall(
             "SELECT id, name, created_at, last_used_at FROM api_tokens WHERE user_id = ? "

@@ -35,7 +35,7 @@ async def admin_page(request: Request) -> Response:
         **{part: rows[:SHOWN] for part, rows in jobs.items()},
         "counts": {part: len(rows) for part, rows in jobs.items()},
         "paused": state.scheduler.paused,
-        "docker_ok": await state.executor.docker_available(),
+        "docker_ok": await state.executor.available(),
         "disk": {
             "free": disk.free,
             "total": disk.total,

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .. import auth, metrics, notify, openapi, submit, workspaces
 from ..db import Row
 from ..outputs import Manifest
-from ..submit import iso
+from ..units import iso_ms
 from .base import (
     HTTPError,
     asker_github_repos,
@@ -128,7 +128,7 @@ def workspace_json(workspace: Row) -> dict[str, Any]:
         "database": workspace["database"],
         "purpose": workspace["purpose"],
         "archived": bool(workspace["archived"]),
-        "created_at": iso(workspace["created_at"]),
+        "created_at": iso_ms(workspace["created_at"]),
     }
 
 
@@ -168,7 +168,7 @@ async def workspace(request: Request) -> Response:
 async def outputs(request: Request) -> Response:
     row = await get_workspace(request, request.path_params["name"])
     await check_role(request, row["project_id"], "output_viewer")
-    ws_dir = site(request).settings.data_dir / "workspaces" / row["name"]
+    ws_dir = site(request).data.workspace(row["name"])
     return JSONResponse(Manifest.load(ws_dir).data)
 
 
@@ -233,7 +233,7 @@ async def job(request: Request) -> Response:
 async def job_log(request: Request) -> Response:
     row = await get_job(request, request.path_params["id"])
     await check_role(request, row["project_id"], "output_viewer")
-    path = site(request).settings.data_dir / "logs" / f"{row['id']}.log"
+    path = site(request).data.log(row["id"])
     if not path.exists():
         raise HTTPError(404, "this job has no log yet; it is written when the job finishes")
     return PlainTextResponse(await asyncio.to_thread(path.read_text, errors="replace"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import urllib.parse
 from typing import Any
 
@@ -23,6 +22,7 @@ from starlette.templating import Jinja2Templates
 from .. import auth, pipeline
 from ..auth import RateLimiter, Sealer, User
 from ..config import Settings
+from ..datadir import DataDir
 from ..db import Database, Row
 from ..executor import Executor
 from ..graph import ICONS
@@ -31,17 +31,18 @@ from ..notify import Notifier
 from ..problems import Conflict, NotAllowed, NotFound, Problem
 from ..repos import RepoError, Repos
 from ..runner import Scheduler
+from ..states import status_label
 from ..submit import SubmitError
+from ..units import ago, human_duration, iso, runtime, when
 from ..workspaces import ParsedProjects
 from . import csrf
-
-STATES_ACTIVE = ("pending", "running")
 
 
 class Site:
     """Everything a handler may use, one per app (it is ``app.state``).
 
-    The first four are made with the app; the rest by the lifespan, while the site runs.
+    The settings and what follows from them are made with the app; the rest by the
+    lifespan, while the site runs.
     """
 
     db: Database
@@ -59,6 +60,7 @@ class Site:
         sealer: Sealer,
     ) -> None:
         self.settings = settings
+        self.data = DataDir(settings.data_dir)
         self.templates = templates
         self.login_limiter = login_limiter
         self.sealer = sealer
@@ -371,51 +373,6 @@ async def handle_error(request: Request, exc: Exception) -> Response:
 # -- templates ----------------------------------------------------------------------------
 
 
-def status_label(code: str | None) -> str:
-    if code is None:
-        return "Not run"
-    return code.replace("_", " ").capitalize()
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(max(0, seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-
-
-def runtime(job: dict[str, Any], now: float | None = None) -> str:
-    """How long a job ran (or has been running) so far."""
-    if not job.get("started_at"):
-        return ""
-    end = job.get("completed_at") or (now or time.time())
-    return human_duration(end - job["started_at"])
-
-
-def ago(ts: float | None, now: float | None = None) -> str:
-    """How long ago, in the largest whole unit: "just now", "5 min ago", "3 days ago"."""
-    if not ts:
-        return ""
-    seconds = max(0, (now or time.time()) - ts)
-    for unit, size in (("day", 86400), ("hour", 3600), ("min", 60)):
-        if seconds >= size:
-            n = int(seconds // size)
-            return f"{n} {unit}{'s' if n != 1 and unit != 'min' else ''} ago"
-    return "just now"
-
-
-def when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else ""
-
-
-def iso(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""
-
-
 def dom_id(prefix: str, name: str) -> str:
     """A valid, stable HTML id for any name (action names may hold any character)."""
     return f"{prefix}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
@@ -443,7 +400,7 @@ def templates(directory: str) -> Jinja2Templates:
         runtime=runtime,
         when=when,
         ago=ago,
-        iso=iso,
+        iso=lambda ts: iso(ts) or "",
         dom_id=dom_id,
         commit_url=commit_url,
         human_duration=human_duration,

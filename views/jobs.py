@@ -13,8 +13,8 @@ from starlette.responses import PlainTextResponse, Response
 from .. import submit
 from ..outputs import Manifest
 from ..queries import job_request_rows
+from ..states import ACTIVE_STATES
 from .base import (
-    STATES_ACTIVE,
     HTTPError,
     check_role,
     current_user,
@@ -64,7 +64,7 @@ async def logs_page(request: Request) -> Response:
         "query": query,
         "page": page,
         "has_more": len(rows) > PAGE_SIZE,
-        "live": any(r["status"] in STATES_ACTIVE for r in rows[:PAGE_SIZE]),
+        "live": any(r["status"] in ACTIVE_STATES for r in rows[:PAGE_SIZE]),
     }
     if is_htmx(request):
         return await fragment(request, "_logs_list.html", context, done=not context["live"])
@@ -93,7 +93,7 @@ async def job_request_page(request: Request) -> Response:
         },
         "workspace": await get_workspace(request, row["workspace"]),
         "can_cancel": bool(user and user.can_run(row["project_id"])),
-        "live": job_request["status"] in STATES_ACTIVE,
+        "live": job_request["status"] in ACTIVE_STATES,
         "now": now,
     }
     if is_htmx(request):
@@ -123,7 +123,7 @@ def timeline(events: list[dict[str, Any]], job: dict[str, Any], now: float) -> l
     for i, event in enumerate(events):
         if i + 1 < len(events):
             until = events[i + 1]["at"]
-        elif job["state"] in STATES_ACTIVE:
+        elif job["state"] in ACTIVE_STATES:
             until = now
         else:
             until = None
@@ -142,7 +142,7 @@ async def job_page(request: Request) -> Response:
     can_view_log = bool(user and user.can_view_outputs(job["project_id"]))
     files = []
     if can_view_log:
-        manifest = Manifest.load(state.settings.data_dir / "workspaces" / job["workspace"])
+        manifest = Manifest.load(state.data.workspace(job["workspace"]))
         files = sorted(
             (path, entry)
             for path, entry in manifest.data["files"].items()
@@ -155,7 +155,7 @@ async def job_page(request: Request) -> Response:
         "can_view_log": can_view_log,
         "can_cancel": bool(user and user.can_run(job["project_id"])),
         "files": files,
-        "live": job["state"] in STATES_ACTIVE,
+        "live": job["state"] in ACTIVE_STATES,
         "now": now,
     }
     if is_htmx(request):
@@ -166,7 +166,7 @@ async def job_page(request: Request) -> Response:
 
 
 def log_path(request: Request, job_id: str) -> Path:
-    return site(request).settings.data_dir / "logs" / f"{job_id}.log"
+    return site(request).data.log(job_id)
 
 
 async def read_log(path: Path) -> dict[str, Any] | None:
@@ -191,7 +191,7 @@ async def job_log(request: Request) -> Response:
     await check_role(request, job["project_id"], "output_viewer")
     path = log_path(request, job["id"])
     if is_htmx(request):
-        context = {"job": job, "log": await read_log(path), "live": job["state"] in STATES_ACTIVE}
+        context = {"job": job, "log": await read_log(path), "live": job["state"] in ACTIVE_STATES}
         return await fragment(request, "_log.html", context, done=not context["live"])
     if not path.exists():
         raise HTTPError(404, "this job has no log yet: it starts when the job runs")

@@ -10,8 +10,8 @@ from starlette.responses import Response
 from .. import workspaces
 from ..problems import Problem
 from ..queries import job_request_rows
+from ..states import ACTIVE_STATES
 from .base import (
-    STATES_ACTIVE,
     current_user,
     flash,
     fragment,
@@ -53,7 +53,7 @@ async def home_context(request: Request) -> dict[str, Any]:
         "recent": recent,
         "error": None,
         "name": "",
-        "live": any(r["status"] in STATES_ACTIVE for r in recent),
+        "live": any(r["status"] in ACTIVE_STATES for r in recent),
     }
 
 

@@ -13,9 +13,9 @@ from ..graph import Node, render_svg
 from ..outputs import Manifest
 from ..problems import FieldProblems
 from ..repos import RepoError, check_allowed, is_allowed
+from ..states import ACTIVE_STATES, status_label
 from ..submit import SubmitError
 from .base import (
-    STATES_ACTIVE,
     HTTPError,
     asker_github_repos,
     check_role,
@@ -28,7 +28,6 @@ from .base import (
     redirect,
     render,
     site,
-    status_label,
     url,
 )
 
@@ -166,7 +165,7 @@ async def workspace_page(
         state.db, state.repos, state.projects, workspace, fetch=not polling
     )
     actions = action_views(found)
-    live = any(a["state"] in STATES_ACTIVE for a in actions)
+    live = any(a["state"] in ACTIVE_STATES for a in actions)
     context = {
         "workspace": workspace,
         "found": found,
@@ -246,7 +245,7 @@ async def outputs(request: Request) -> Response:
     """The workspace's outputs (no path), or one visible moderately_sensitive file."""
     workspace = await get_workspace(request, request.path_params["workspace"])
     await check_role(request, workspace["project_id"], "output_viewer")
-    ws_dir = site(request).settings.data_dir / "workspaces" / workspace["name"]
+    ws_dir = site(request).data.workspace(workspace["name"])
     manifest = Manifest.load(ws_dir)
     path = request.path_params["path"]
     if not path:
