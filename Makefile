@@ -22,7 +22,8 @@ run: $(RUNTIME)
 	$(BIN)/jobsite serve
 
 # pytest (not `python -m pytest`): the checkout itself is not on sys.path, so every test
-# imports the installed package as `jobsite.<name>`
+# imports the installed package as `jobsite.<name>`. pytest's settings in pyproject.toml
+# measure the package's branch coverage and print it; CI adds a floor through PYTEST_ARGS.
 test: $(TESTING) chromium lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -57,4 +58,4 @@ bench: $(TESTING)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage

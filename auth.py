@@ -240,21 +240,21 @@ class RateLimiter:
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window = window
-        self._hits: dict[str, list[float]] = {}
+        self.hits: dict[str, list[float]] = {}  # attempt times by key, newest last
 
     def allow(self, key: str) -> bool:
         now = time.monotonic()
-        if len(self._hits) >= self.PRUNE_AT:
-            self._hits = {k: v for k, v in self._hits.items() if v and now - v[-1] < self.window}
-        hits = [t for t in self._hits.get(key, []) if now - t < self.window]
-        self._hits[key] = hits
+        if len(self.hits) >= self.PRUNE_AT:
+            self.hits = {k: v for k, v in self.hits.items() if v and now - v[-1] < self.window}
+        hits = [t for t in self.hits.get(key, []) if now - t < self.window]
+        self.hits[key] = hits
         if len(hits) >= self.limit:
             return False
         hits.append(now)
         return True
 
     def reset(self, key: str) -> None:
-        self._hits.pop(key, None)
+        self.hits.pop(key, None)
 
 
 # -- GitHub ---------------------------------------------------------------------------

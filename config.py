@@ -153,8 +153,6 @@ def load_settings(
         raw = loaded or {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != "JOBSITE_CONFIG":
-            if name in ("JOBSITE_REQUIRE_DOCKER",):
-                continue
             keys = name[len(ENV_PREFIX) :].lower().split("__")
             target = raw
             for key in keys[:-1]:

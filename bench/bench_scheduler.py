@@ -250,8 +250,7 @@ def bare_docker_run(events: DockerEvents, label: str, n: int) -> tuple[float, fl
 
 async def bench_dependency_start(chains: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import GitRepo
-    from test_runner import add_request
+    from helpers import GitRepo, add_request
 
     client = docker.from_env()
     with tempfile.TemporaryDirectory() as tmp:

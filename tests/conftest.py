@@ -1,9 +1,9 @@
-"""Fixtures for every test: a temp data dir, real git repos, the app over ASGI, Docker."""
+"""Fixtures for every test: a temp data dir, real git repos, the app over ASGI, Docker, and
+what a test needs that may be missing here (Docker, chromium, the corpus)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,12 +11,45 @@ from typing import Any
 import docker
 import httpx
 import pytest
+from helpers import GitRepo
 
 from jobsite import auth
 from jobsite.config import Settings, load_settings
 from jobsite.server import create_app
 
-REQUIRE_DOCKER = os.environ.get("JOBSITE_REQUIRE_DOCKER") == "1"
+# Set by CI (.ci/run) so that a missing requirement fails the tests that need it instead of
+# skipping them. Read here and taken out of the environment: the site's settings loader, and
+# any server a test starts, never see them.
+REQUIRED = {
+    name: os.environ.pop(name, "") == "1"
+    for name in ("JOBSITE_REQUIRE_DOCKER", "JOBSITE_REQUIRE_CORPUS")
+}
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "project-yaml"
+
+
+@pytest.fixture(scope="session")
+def missing():
+    """``missing(variable, what)`` ends a test whose requirement ``what`` is missing: a skip
+    that says so, or a failure when ``variable`` (JOBSITE_REQUIRE_...) was set to 1."""
+
+    def stop(variable: str, what: str) -> None:
+        if REQUIRED[variable]:
+            pytest.fail(f"{variable}=1 but {what}")
+        pytest.skip(f"{what} (set {variable}=1 to fail instead)")
+
+    return stop
+
+
+@pytest.fixture(scope="session")
+def corpus(missing) -> Path:
+    """The shared corpus of real project.yaml files, beside the project (as in CI)."""
+    if not CORPUS.is_dir():
+        missing(
+            "JOBSITE_REQUIRE_CORPUS",
+            f"the shared corpus is not here: expected it at {CORPUS} (../shared/corpus "
+            "beside the repository)",
+        )
+    return CORPUS
 
 
 def _docker_client() -> docker.DockerClient | None:
@@ -29,14 +62,12 @@ def _docker_client() -> docker.DockerClient | None:
 
 
 @pytest.fixture(scope="session")
-def docker_client() -> Iterator[docker.DockerClient]:
+def docker_client(missing) -> Iterator[docker.DockerClient]:
     """The Docker engine, with the test images built. Skips (or fails when
     JOBSITE_REQUIRE_DOCKER=1) when no engine answers."""
     client = _docker_client()
     if client is None:
-        if REQUIRE_DOCKER:
-            pytest.fail("JOBSITE_REQUIRE_DOCKER=1 but no Docker engine answers")
-        pytest.skip("no Docker engine answers (set JOBSITE_REQUIRE_DOCKER=1 to fail instead)")
+        missing("JOBSITE_REQUIRE_DOCKER", "no Docker engine answers")
     from images import build_test_images
 
     build_test_images(client)
@@ -76,42 +107,6 @@ def settings(data_dir: Path, repos_dir: Path) -> Settings:
         job_memory="256M",
         job_cpus=1,
     )
-
-
-class GitRepo:
-    """A real git repository made by a test."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.url = str(path)
-
-    def git(self, *args: str) -> str:
-        env = {
-            **os.environ,
-            "GIT_AUTHOR_NAME": "Test",
-            "GIT_AUTHOR_EMAIL": "test@example.com",
-            "GIT_COMMITTER_NAME": "Test",
-            "GIT_COMMITTER_EMAIL": "test@example.com",
-        }
-        return subprocess.run(
-            ["git", "-C", str(self.path), *args],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=env,
-        ).stdout.strip()
-
-    def commit(self, files: dict[str, str], message: str = "change") -> str:
-        for name, content in files.items():
-            target = self.path / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(content)
-        self.git("add", "-A")
-        self.git("commit", "--quiet", "-m", message)
-        return self.git("rev-parse", "HEAD")
-
-    def branch(self, name: str) -> None:
-        self.git("checkout", "--quiet", "-B", name)
 
 
 @pytest.fixture

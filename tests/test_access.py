@@ -9,7 +9,6 @@ test_every_route_is_in_the_matrix fails when a route is added without a case her
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from conftest import GitRepo
+from helpers import GitRepo
 from starlette.routing import Mount, Route
 
 from jobsite import auth
@@ -328,9 +327,6 @@ async def world(tmp_path_factory, cheap_scrypt):
         yield w
         for client in w.sessions.values():
             await client.aclose()
-        # let the scheduler finish the pass a cancel woke it for: on Python 3.11 a stop()
-        # that lands in that moment is swallowed by asyncio.wait_for and the stop hangs
-        await asyncio.sleep(0.2)
 
 
 def fill(value: Any, ids: dict[str, Any]) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from helpers import wait_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -638,8 +639,7 @@ def fake_github() -> Iterator[FakeGitHub]:
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    while not server.started and thread.is_alive():
-        threading.Event().wait(0.01)
+    wait_until(lambda: server.started or not thread.is_alive(), 15, "the fake GitHub to start")
     yield fake
     server.should_exit = True
     thread.join(timeout=10)

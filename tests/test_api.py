@@ -2,44 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-
-PROJECT_YAML = """\
-version: "4"
-actions:
-  generate:
-    run: python:v2 -c "mkdir -p output && echo 'n,total' > output/counts.csv && echo made it"
-    outputs:
-      moderately_sensitive:
-        counts: output/counts.csv
-"""
-
-
-async def wait_for_request(client, headers, request_id, timeout=60.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        response = await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)
-        data = response.json()
-        if data["status"] in ("succeeded", "failed", "nothing_to_do"):
-            return data
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"job request still {data['status']}: {data}")
-        await asyncio.sleep(0.1)
-
-
-async def setup_workspace(client, headers, repo, name="ws1"):
-    response = await client.post("/api/v1/projects", json={"name": "Study One"}, headers=headers)
-    assert response.status_code == 201, response.text
-    slug = response.json()["slug"]
-    response = await client.post(
-        f"/api/v1/projects/{slug}/workspaces",
-        json={"name": name, "repo": repo.url, "branch": "main", "database": "sample"},
-        headers=headers,
-    )
-    assert response.status_code == 201, response.text
-    return slug
+from helpers import PROJECT_YAML, setup_workspace, wait_for_request
 
 
 async def test_health_needs_no_token(client):

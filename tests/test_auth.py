@@ -131,7 +131,7 @@ def test_the_rate_limiter_forgets_keys_whose_window_passed(monkeypatch):
     limiter.allow("user:recent")
     now[0] += 31
     limiter.allow("user:new")
-    assert set(limiter._hits) == {"user:recent", "user:new"}
+    assert set(limiter.hits) == {"user:recent", "user:new"}
 
 
 async def test_a_tokens_last_use_is_kept_to_the_minute(db):

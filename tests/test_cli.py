@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
+import uvicorn
 
 from jobsite import auth, cli
-from jobsite.config import load_settings
 from jobsite.db import Database
 
 
@@ -48,9 +49,26 @@ def test_user_add_prints_a_password_when_none_given(env, capsys):
     assert "Password (shown only now):" in out
 
 
-def test_first_start_makes_an_admin_and_says_how_to_sign_in(env, capsys):
-    settings = load_settings()
-    asyncio.run(cli._with_db(settings, lambda db: cli._first_admin(db, settings)))
+@pytest.fixture
+def site_logger():
+    """`jobsite serve` sets up the site's logger; put it back as it was for the next test."""
+    site = logging.getLogger("jobsite")
+    before = (list(site.handlers), site.level, site.propagate)
+    yield site
+    site.handlers[:], site.level, site.propagate = before
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """`jobsite serve` up to the point where uvicorn would serve: the apps it was given."""
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    return apps
+
+
+def test_first_start_makes_an_admin_and_says_how_to_sign_in(env, capsys, site_logger, served):
+    assert cli.main(["serve"]) == 0
+    assert len(served) == 1
     out = capsys.readouterr().out
     assert "http://127.0.0.1:8000/login" in out
     password = out.split("password: ")[1].split()[0]
@@ -63,7 +81,7 @@ def test_first_start_makes_an_admin_and_says_how_to_sign_in(env, capsys):
             await db.close()
 
     asyncio.run(check())
-    asyncio.run(cli._with_db(settings, lambda db: cli._first_admin(db, settings)))
+    assert cli.main(["serve"]) == 0
     assert capsys.readouterr().out == ""
 
 
@@ -86,14 +104,7 @@ def test_check(tmp_path, capsys):
     assert cli.main(["check", "--project-dir", str(tmp_path / "nowhere")]) == 1
 
 
-def test_serve_logs_the_sites_own_lines_on_stderr(capsys):
-    import logging
-
-    site = logging.getLogger("jobsite")
-    before = (list(site.handlers), site.level, site.propagate)
-    try:
-        cli.configure_logging()
-        logging.getLogger("jobsite.runner").info("job=abc status=succeeded")
-        assert "jobsite.runner: job=abc status=succeeded" in capsys.readouterr().err
-    finally:
-        site.handlers[:], site.level, site.propagate = before[0], before[1], before[2]
+def test_serve_logs_the_sites_own_lines_on_stderr(capsys, site_logger):
+    cli.configure_logging()
+    logging.getLogger("jobsite.runner").info("job=abc status=succeeded")
+    assert "jobsite.runner: job=abc status=succeeded" in capsys.readouterr().err

@@ -45,6 +45,8 @@ def test_file_then_environment_overrides(tmp_path):
     ("environ", "message"),
     [
         ({"JOBSITE_PORTT": "1"}, "unknown setting portt"),
+        ({"JOBSITE_SOMETHING": "1"}, "unknown setting something"),
+        ({"JOBSITE_REQUIRE_DOCKER": "1"}, "unknown setting require_docker"),
         ({"JOBSITE_PORT": "eighty"}, "port: expected int"),
         ({"JOBSITE_JOB_TIMEOUT": "soon"}, "job_timeout: 'soon' is not a duration"),
         ({"JOBSITE_JOB_MEMORY": "lots"}, "job_memory: 'lots' is not a size"),

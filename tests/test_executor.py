@@ -16,6 +16,7 @@ from pathlib import Path
 
 import docker
 import pytest
+from helpers import until
 
 from jobsite import local_docker as executor_module
 from jobsite.config import Settings, load_settings
@@ -291,7 +292,8 @@ async def test_failed_jobs_leave_the_workspace_byte_identical(
     await executor.prepare(cancelled)
     started = time.time()
     await executor.start(cancelled)
-    await asyncio.sleep(0.5)
+    written = executor.data.job_dir(cancelled.id) / "output/a.csv"
+    await until(written.exists, 10, "the job to write output/a.csv before it is stopped")
     await executor.cancel(cancelled.id)
     outcome = await executor.collect(cancelled, await executor.wait(cancelled, started))
     await executor.cleanup(cancelled.id)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 from jobsite import cli, local_run
 from jobsite.local_docker import LocalDockerExecutor
@@ -222,14 +223,19 @@ async def test_stopping_a_run_leaves_no_container_behind(checkout, settings, doc
     printed: list[str] = []
     run = local_run.LocalRun(root, settings, LocalDockerExecutor(settings), printed.append)
     task = asyncio.create_task(run.run(["analyse"], False, False))
-    while "generate: executing" not in " ".join(printed):
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)  # meanwhile the container of analyse is created ahead
+
+    def containers():
+        return docker_client.containers.list(
+            all=True, filters={"label": f"jobsite={settings.site_id}"}
+        )
+
+    await until(lambda: "generate: executing" in " ".join(printed), message="generate to run")
+    # meanwhile the container of analyse is created ahead
+    await until(lambda: asyncio.to_thread(lambda: len(containers()) == 2), 10, "two containers")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    mine = docker_client.containers.list(all=True, filters={"label": f"jobsite={settings.site_id}"})
-    assert mine == []
+    assert containers() == []
     assert not (root / "output").exists()
 
 

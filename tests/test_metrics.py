@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
-import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -13,18 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from jobrows import Site
+from helpers import Site, free_port, until
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobsite import metrics
 from jobsite.server import create_app
-
-
-def refused_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +24,8 @@ def docker_host(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     socket would do as well, but the Docker SDK leaves that socket unclosed, which this suite
     treats as an error.)"""
     if "docker_client" not in request.fixturenames:
-        monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{refused_port()}")
+        nothing_listens = free_port()
+        monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{nothing_listens}")
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
@@ -137,7 +129,8 @@ async def test_jobs_finishing_between_scrapes_are_each_counted_once(app, monkeyp
     assert first["jobsite_jobs", (("state", "succeeded"),)] == 2
     assert first["jobsite_job_duration_seconds_count", ()] == 2
 
-    await asyncio.sleep(0.3)  # "just_now" settles; two more jobs finish, one long ago
+    await until(lambda: time.time() > now + metrics.SETTLE, message='"just_now" to settle')
+    # two more jobs finish, one long ago
     await site.add_job("late_row", created_at=now - 9000, wait=5, duration=20)
     await site.add_job(
         "failed_now", state="failed", status_code="nonzero_exit", created_at=time.time() - 3,

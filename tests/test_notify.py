@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email
 import email.policy
 import logging
-import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -15,22 +13,22 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from aiosmtpd.controller import Controller
-from jobrows import Site
-from test_api import PROJECT_YAML, setup_workspace, wait_for_request
+from helpers import (
+    PROJECT_YAML,
+    Site,
+    free_port,
+    running_site,
+    setup_workspace,
+    until,
+    user_headers,
+    wait_for_request,
+)
 
 from jobsite import notify
 from jobsite.config import Settings, load_settings
 from jobsite.db import Database
-from jobsite.server import create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mailbox:
@@ -48,11 +46,11 @@ class Mailbox:
         return "250 Message accepted for delivery"
 
     async def wait_for(self, count: int, timeout: float = 15.0) -> list[EmailMessage]:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(self.messages) < count:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"{len(self.messages)} emails arrived, expected {count}")
-            await asyncio.sleep(0.05)
+        await until(
+            lambda: len(self.messages) >= count,
+            timeout,
+            f"{count} emails (so far {len(self.messages)})",
+        )
         return self.messages
 
 
@@ -103,6 +101,11 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
     db = await Database.open(tmp_path / "db.sqlite")
     yield db
     await db.close()
+
+
+async def all_sent(db: Database) -> bool:
+    """Every email in the outbox has been sent: nothing is left that could be sent later."""
+    return not await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
 
 
 @contextlib.asynccontextmanager
@@ -193,7 +196,7 @@ async def test_one_email_per_job_even_when_told_twice(db, smtp, mailbox, smtp_po
         for job_id in (first, second, first):
             await notifier.job_finished(job_id)
         await mailbox.wait_for(2)
-        await asyncio.sleep(0.3)  # time for a third email, were one queued
+        await until(lambda: all_sent(db), message="the outbox to be sent")
     assert sorted(m["Subject"] for m in mailbox.messages) == [
         "Failed: [ws1] analyse",
         "Succeeded: [ws1] generate",
@@ -206,8 +209,7 @@ async def test_no_email_when_the_request_did_not_ask(db, smtp, mailbox, smtp_por
     job_id = await site.add_job(notify=False)
     notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port))
     async with running(notifier):
-        await notifier.job_finished(job_id)
-        await asyncio.sleep(0.3)
+        await notifier.job_finished(job_id)  # an email would be in the outbox once it returns
     assert mailbox.messages == []
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0
 
@@ -220,8 +222,7 @@ async def test_a_requester_without_an_email_address_gets_none_and_it_is_logged(
     notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port))
     with caplog.at_level(logging.INFO, logger="jobsite.notify"):
         async with running(notifier):
-            await notifier.job_finished(job_id)
-            await asyncio.sleep(0.3)
+            await notifier.job_finished(job_id)  # an email would be in the outbox now
     assert mailbox.messages == []
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0
     assert f"job {job_id} finished; bob asked to be notified but has no email address" in (
@@ -240,22 +241,23 @@ async def test_a_failed_send_is_retried_until_the_server_is_up(
     notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port), retry_delay=0.2)
     async with running(notifier):
         await notifier.job_finished(job_id)
-        for _ in range(100):  # nothing listens on the port yet
+
+        async def outbox_row(done):
             row = await db.fetchone("SELECT * FROM outbox WHERE job_id = ?", (job_id,))
-            if row["attempts"] >= 1:
-                break
-            await asyncio.sleep(0.05)
+            return row if done(row) else None
+
+        # nothing listens on the port yet
+        row = await until(lambda: outbox_row(lambda r: r["attempts"] >= 1), 5, "a first attempt")
         assert row["sent_at"] is None
         assert "Connect" in row["last_error"] or "refused" in row["last_error"], row
         assert "could not send email" in caplog.text
 
         with smtp_server(mailbox, smtp_port):
             (message,) = await mailbox.wait_for(1)
-            for _ in range(100):  # the outbox is updated just after the server says 250
-                row = await db.fetchone("SELECT * FROM outbox WHERE job_id = ?", (job_id,))
-                if row["sent_at"] is not None:
-                    break
-                await asyncio.sleep(0.05)
+            # the outbox is updated just after the server says 250
+            row = await until(
+                lambda: outbox_row(lambda r: r["sent_at"] is not None), 5, "the email marked sent"
+            )
 
     assert message["Subject"] == "Succeeded: [ws1] generate"
     assert row["attempts"] >= 2
@@ -272,11 +274,9 @@ async def test_sending_gives_up_after_the_last_attempt_and_admins_see_why(
     settings = site_settings(tmp_path, smtp_port)
     async with running(notify.Notifier(db, settings, retry_delay=0.05)) as notifier:
         await notifier.job_finished(job_id)
-        for _ in range(100):
-            if "gave up sending email" in caplog.text:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # time for a third attempt, were one made
+        await until(lambda: "gave up sending email" in caplog.text, 5, "sending to give up")
+    # with the sender stopped, an email it would still try would be due now or later
+    assert await notifier.send_due() is None
     (email_,) = (await notify.outbox_json(db, settings))["emails"]
     assert email_["status"] == "gave_up"
     assert email_["attempts"] == 2
@@ -324,30 +324,12 @@ async def test_an_email_is_sent_over_starttls_when_the_server_offers_it(
 # -- through the site ----------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def site(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield app, c
-
-
-async def user_headers(app: Any, username: str, email: str | None, admin: bool = False) -> dict:
-    from jobsite import auth
-
-    user_id = await auth.create_user(
-        app.state.db, username, "pw-1234567", email=email, is_admin=admin
-    )
-    return {"Authorization": f"Bearer {await auth.create_token(app.state.db, user_id, 't')}"}
-
-
 async def test_cancelling_a_notify_request_emails_the_requester(
     data_dir, repos_dir, make_repo, smtp, mailbox, smtp_port
 ):
     settings = site_settings(data_dir, smtp_port, repos={"allow": [f"{repos_dir}/*"]})
     repo = make_repo({"project.yaml": PROJECT_YAML})
-    async with site(settings) as (app, client):
+    async with running_site(settings) as (app, client):
         headers = await user_headers(app, "alice", "alice@example.org")
         await setup_workspace(client, headers, repo)
         await app.state.scheduler.set_paused(True)  # keeps the job pending, without Docker
@@ -362,8 +344,10 @@ async def test_cancelling_a_notify_request_emails_the_requester(
             ids.append(response.json()["id"])
             response = await client.post(f"/api/v1/job-requests/{ids[-1]}/cancel", headers=headers)
             assert response.status_code == 200, response.text
+        # a cancel returns once the email it causes is in the outbox: one, for one request
+        assert await app.state.db.fetchval("SELECT count(*) FROM outbox") == 1
         (message,) = await mailbox.wait_for(1)
-        await asyncio.sleep(0.3)
+        await until(lambda: all_sent(app.state.db), message="the outbox to be sent")
     assert len(mailbox.messages) == 1
     assert message["Subject"] == "Cancelled: [ws1] generate"
     assert message["To"] == "alice@example.org"
@@ -375,7 +359,7 @@ async def test_a_mail_server_that_is_down_does_not_touch_the_job(
 ):
     settings = site_settings(data_dir, smtp_port, repos={"allow": [f"{repos_dir}/*"]})
     repo = make_repo({"project.yaml": PROJECT_YAML})
-    async with site(settings) as (app, client):  # nothing listens on smtp_port
+    async with running_site(settings) as (app, client):  # nothing listens on smtp_port
         headers = await user_headers(app, "alice", "alice@example.org")
         await setup_workspace(client, headers, repo)
         await app.state.scheduler.set_paused(True)
@@ -387,11 +371,12 @@ async def test_a_mail_server_that_is_down_does_not_touch_the_job(
         request_id = response.json()["id"]
         response = await client.post(f"/api/v1/job-requests/{request_id}/cancel", headers=headers)
         assert response.status_code == 200, response.text
-        for _ in range(100):
+
+        async def attempted():
             row = await app.state.db.fetchone("SELECT attempts, last_error FROM outbox")
-            if row and row["attempts"]:
-                break
-            await asyncio.sleep(0.05)
+            return row if row and row["attempts"] else None
+
+        row = await until(attempted, 5, "an attempt to send the email")
         job = (await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)).json()
     assert row["last_error"], "the send should have failed"
     (cancelled,) = job["jobs"]
@@ -404,7 +389,7 @@ async def test_without_smtp_emails_wait_in_the_outbox_only_admins_see(
 ):
     settings = site_settings(data_dir, None, repos={"allow": [f"{repos_dir}/*"]})
     repo = make_repo({"project.yaml": PROJECT_YAML})
-    async with site(settings) as (app, client):
+    async with running_site(settings) as (app, client):
         headers = await user_headers(app, "alice", "alice@example.org")
         admin = await user_headers(app, "root", None, admin=True)
         await setup_workspace(client, headers, repo)
@@ -440,7 +425,7 @@ async def test_a_job_run_in_docker_emails_its_requester_when_it_succeeds(
 ):
     settings.smtp.host, settings.smtp.port, settings.smtp.starttls = "127.0.0.1", smtp_port, False
     repo = make_repo({"project.yaml": PROJECT_YAML})
-    async with site(settings) as (app, client):
+    async with running_site(settings) as (app, client):
         headers = await user_headers(app, "alice", "alice@example.org")
         await setup_workspace(client, headers, repo)
         response = await client.post(

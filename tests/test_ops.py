@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobrows import Site
+from helpers import Site, wait_until
 
 from jobsite import cli
 from jobsite.db import Database, schema_version
@@ -85,15 +85,17 @@ def test_backup_is_consistent_while_the_site_writes(config, data_dir, tmp_path, 
     writer = Writer(data_dir / "db.sqlite")
     writer.start()
     try:
-        deadline = time.monotonic() + 30
-        while writer.written < 50:
-            assert writer.is_alive() and time.monotonic() < deadline, "the writer stopped"
-            time.sleep(0.01)
+        wait_until(lambda: writer.written >= 50 or not writer.is_alive(), message="50 writes")
+        assert writer.is_alive(), "the writer stopped"
         before = writer.written
         dest = tmp_path / "copy.sqlite"
         assert cli.main(["--config", str(config), "backup", str(dest)]) == 0
-        during = writer.written - before
-        time.sleep(0.1)
+        after = writer.written
+        during = after - before
+        wait_until(
+            lambda: writer.written > after or not writer.is_alive(),
+            message="a write after the backup",
+        )
     finally:
         writer.done.set()
         writer.join()

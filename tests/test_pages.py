@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import html
 import re
 from typing import Any
 
 import httpx
 import pytest
+from helpers import until
 
 from jobsite import auth
 from jobsite.outputs import Manifest
@@ -881,10 +881,12 @@ actions:
     )
     response = await alice.post("/ws1/", [("actions", "prepare")])
     location = response.headers["location"]
-    deadline = asyncio.get_running_loop().time() + 60
-    while (poll := await alice.get(location, headers=HX)).status_code != 286:
-        assert asyncio.get_running_loop().time() < deadline, poll.text
-        await asyncio.sleep(0.2)
+
+    async def polling_stopped():  # htmx stops polling on HTTP 286, once all is finished
+        poll = await alice.get(location, headers=HX)
+        return poll if poll.status_code == 286 else None
+
+    poll = await until(polling_stopped, 60, f"{location} to stop the polling")
     assert 'data-status="succeeded"' in poll.text
     job_id = await app.state.db.fetchval("SELECT id FROM jobs")
     page = await alice.get(f"/jobs/{job_id}")

@@ -4,17 +4,17 @@ lifespan ends) and a new site starts over the same data dir."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
 
-import httpx
 import pytest
-from test_api import setup_workspace, wait_for_request
-from test_runner import job, submit, wait_until
-
-from jobsite import auth
-from jobsite.server import create_app
+from helpers import (
+    job,
+    running_site,
+    setup_workspace,
+    submit,
+    until,
+    user_headers,
+    wait_for_request,
+)
 
 PROJECT_YAML = """\
 version: "4"
@@ -29,25 +29,15 @@ actions:
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
 
 
-@contextlib.asynccontextmanager
-async def running_site(settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield app, client
-
-
 async def start_slow_job(app, client, make_repo) -> tuple[dict, int, str]:
-    user_id = await auth.create_user(app.state.db, "alice", "pw-1234567")
-    headers = {"Authorization": f"Bearer {await auth.create_token(app.state.db, user_id, 't')}"}
+    headers = await user_headers(app, "alice")
     await setup_workspace(client, headers, make_repo({"project.yaml": PROJECT_YAML}))
     request_id = await submit(client, headers, ["slow"])
     return headers, request_id, (await job(client, headers, request_id, "slow"))["id"]
 
 
-async def status_of(client, headers, request_id):
-    return (await job(client, headers, request_id, "slow"))["status_code"]
+async def is_executing(client, headers, request_id):
+    return (await job(client, headers, request_id, "slow"))["status_code"] == "executing"
 
 
 def stick_in_preparing(app) -> asyncio.Event:
@@ -77,9 +67,7 @@ async def events(app, job_id):
 async def test_a_running_job_is_re_adopted_and_its_outputs_land(settings, make_repo, docker_client):
     async with running_site(settings) as (app, client):
         headers, request_id, job_id = await start_slow_job(app, client, make_repo)
-        await wait_until(
-            lambda: _is(status_of(client, headers, request_id), "executing"), what="running"
-        )
+        await until(lambda: is_executing(client, headers, request_id), message="the job to run")
     container = docker_client.containers.get(f"jobsite-{job_id}")
     assert container.status == "running"  # the site stopped; the job did not
 
@@ -99,9 +87,7 @@ async def test_a_job_that_exited_while_the_site_was_down_is_finalized(
 ):
     async with running_site(settings) as (app, client):
         headers, request_id, job_id = await start_slow_job(app, client, make_repo)
-        await wait_until(
-            lambda: _is(status_of(client, headers, request_id), "executing"), what="running"
-        )
+        await until(lambda: is_executing(client, headers, request_id), message="the job to run")
     container = docker_client.containers.get(f"jobsite-{job_id}")
     assert (await asyncio.to_thread(container.wait))["StatusCode"] == 0
 
@@ -156,9 +142,7 @@ async def test_a_running_job_whose_container_vanished_is_not_left_running(
 ):
     async with running_site(settings) as (app, client):
         headers, request_id, job_id = await start_slow_job(app, client, make_repo)
-        await wait_until(
-            lambda: _is(status_of(client, headers, request_id), "executing"), what="running"
-        )
+        await until(lambda: is_executing(client, headers, request_id), message="the job to run")
     docker_client.containers.get(f"jobsite-{job_id}").remove(force=True)
 
     async with running_site(settings) as (app, client):
@@ -167,7 +151,3 @@ async def test_a_running_job_whose_container_vanished_is_not_left_running(
         done = await wait_for_request(client, headers, request_id)
         assert done["status"] == "succeeded", done
         assert (await job_row(app, job_id))["attempts"] == 2
-
-
-async def _is(awaitable, value):
-    return (await awaitable) == value

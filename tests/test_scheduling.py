@@ -34,7 +34,7 @@ class Simulation:
     dependency_failed: dict[str, str] = field(default_factory=dict)  # job -> its dependency
     users: dict[str, int] = field(default_factory=dict)
     events: list = field(default_factory=list)
-    _seq: itertools.count = field(default_factory=itertools.count)
+    seq: itertools.count = field(default_factory=itertools.count)
 
     def submit(
         self,
@@ -55,7 +55,7 @@ class Simulation:
         if fails:
             self.fails.add(job_id)
         # arrivals sort after finishes at the same moment (kind 1 > 0)
-        heapq.heappush(self.events, (at, 1, next(self._seq), job))
+        heapq.heappush(self.events, (at, 1, next(self.seq), job))
 
     def run(self, until: float = float("inf")) -> None:
         while self.events and self.events[0][0] <= until:
@@ -79,7 +79,7 @@ class Simulation:
             self.queue.start(job.id, self.now)
             self.started[job.id] = self.now
             end = self.now + self.durations[job.id]
-            heapq.heappush(self.events, (end, 0, next(self._seq), job.id))
+            heapq.heappush(self.events, (end, 0, next(self.seq), job.id))
 
     def check_no_idle_slot(self) -> None:
         """No slot stays idle while a job that the caps allow could run on it."""

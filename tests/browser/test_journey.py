@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from browser.conftest import PASSWORD, LiveServer, screenshot
+from .helpers import PASSWORD, LiveServer, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 from playwright.sync_api import Browser
 
-from browser.conftest import LiveServer, PageProblems
+from .helpers import LiveServer, PageProblems
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
@@ -24,11 +24,15 @@ def test_console_errors_failed_requests_and_5xx_are_reported(
     page = context.new_page()
     page.route("**/broken-upstream", lambda route: route.fulfill(status=502, body="down"))
     page.goto("/")
-    page.evaluate("console.error('something broke')")
-    page.evaluate("fetch('/static/missing.js').catch(() => {})")
-    page.evaluate("fetch('/broken-upstream').catch(() => {})")
-    page.evaluate(f"fetch('http://127.0.0.1:{closed_port}/').catch(() => {{}})")
-    page.wait_for_timeout(500)
+    # each through Playwright's own wait for the event the watch reports
+    with page.expect_console_message(lambda message: "something broke" in message.text):
+        page.evaluate("console.error('something broke')")
+    with page.expect_console_message(lambda message: "404" in message.text):
+        page.evaluate("fetch('/static/missing.js').catch(() => {})")
+    with page.expect_response("**/broken-upstream"):
+        page.evaluate("fetch('/broken-upstream').catch(() => {})")
+    with page.expect_event("requestfailed"):
+        page.evaluate(f"fetch('http://127.0.0.1:{closed_port}/').catch(() => {{}})")
     page.goto("/no-such-workspace/")
     report = "\n".join(watcher.report())
     context.close()

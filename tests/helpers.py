@@ -1,0 +1,317 @@
+"""What many test modules share: the one way to wait for something, real git repos, a site
+over ASGI, the API calls a researcher makes, and jobs written straight into a database.
+
+Test modules (and the benchmarks, which put ``tests/`` on ``sys.path``) import these from
+here, never from each other or from a conftest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from jobsite import auth
+from jobsite.config import Settings
+from jobsite.db import Database
+from jobsite.server import create_app
+
+T = TypeVar("T")
+
+POLL_INTERVAL = 0.05
+
+
+# -- waiting -------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, message: str = "") -> T:
+    """Calls ``predicate`` until it returns something true, and returns that; fails saying
+    what it waited for (``message``) when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g}s for {message or 'the condition'}")
+        time.sleep(POLL_INTERVAL)
+
+
+async def until(
+    predicate: Callable[[], T | Awaitable[T]], timeout: float = 30.0, message: str = ""
+) -> T:
+    """``wait_until`` for the event loop: ``predicate`` may be sync or async, and the loop
+    keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g}s for {message or 'the condition'}")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- git -----------------------------------------------------------------------------------
+
+
+class GitRepo:
+    """A real git repository made by a test."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = str(path)
+
+    def git(self, *args: str) -> str:
+        env = {
+            **os.environ,
+            "GIT_AUTHOR_NAME": "Test",
+            "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "Test",
+            "GIT_COMMITTER_EMAIL": "test@example.com",
+        }
+        return subprocess.run(
+            ["git", "-C", str(self.path), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout.strip()
+
+    def commit(self, files: dict[str, str], message: str = "change") -> str:
+        for name, content in files.items():
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+        self.git("add", "-A")
+        self.git("commit", "--quiet", "-m", message)
+        return self.git("rev-parse", "HEAD")
+
+    def branch(self, name: str) -> None:
+        self.git("checkout", "--quiet", "-B", name)
+
+
+# -- a site and its API ------------------------------------------------------------------------
+
+PROJECT_YAML = """\
+version: "4"
+actions:
+  generate:
+    run: python:v2 -c "mkdir -p output && echo 'n,total' > output/counts.csv && echo made it"
+    outputs:
+      moderately_sensitive:
+        counts: output/counts.csv
+"""
+
+FINISHED = ("succeeded", "failed", "nothing_to_do")
+
+
+@contextlib.asynccontextmanager
+async def running_site(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The site started over ``settings`` (its lifespan: database, scheduler), and a client
+    talking to it over ASGI; the site stops when the block ends."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield app, client
+
+
+async def user_headers(
+    app: Any, username: str, email: str | None = None, admin: bool = False
+) -> dict[str, str]:
+    """Makes a user; returns the headers that authenticate as them on the API."""
+    user_id = await auth.create_user(
+        app.state.db, username, "pw-1234567", email=email, is_admin=admin
+    )
+    return {"Authorization": f"Bearer {await auth.create_token(app.state.db, user_id, 't')}"}
+
+
+async def setup_workspace(client, headers, repo, name="ws1"):
+    response = await client.post("/api/v1/projects", json={"name": "Study One"}, headers=headers)
+    assert response.status_code == 201, response.text
+    slug = response.json()["slug"]
+    response = await client.post(
+        f"/api/v1/projects/{slug}/workspaces",
+        json={"name": name, "repo": repo.url, "branch": "main", "database": "sample"},
+        headers=headers,
+    )
+    assert response.status_code == 201, response.text
+    return slug
+
+
+async def submit(client, headers, actions, workspace="ws1"):
+    response = await client.post(
+        f"/api/v1/workspaces/{workspace}/job-requests", json={"actions": actions}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+async def job(client, headers, request_id, action):
+    data = (await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)).json()
+    (found,) = [j for j in data["jobs"] if j["action"] == action]
+    return found
+
+
+async def wait_for_request(client, headers, request_id, timeout=60.0):
+    """The job request once it has finished (as the API shows it)."""
+    last: dict[str, Any] = {}
+
+    async def finished():
+        response = await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)
+        last.update(response.json())
+        return last if last["status"] in FINISHED else None
+
+    try:
+        return await until(finished, timeout, f"job request {request_id} to finish")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; it is still {last.get('status')}: {last}") from None
+
+
+async def add_request(app, workspace, username, jobs, existing=None):
+    """A job request whose jobs wait on each other, written as submit.py writes one.
+
+    ``jobs`` is a list of (action, shell command, actions it needs); a needed action found
+    in ``existing`` (action -> job id) waits on that earlier job. The planner decides these
+    links in real use; writing them here keeps these tests about the scheduler.
+    """
+    db = app.state.db
+    ws = await db.fetchone("SELECT * FROM workspaces WHERE name = ?", (workspace,))
+    user_id = await db.fetchval("SELECT id FROM users WHERE username = ?", (username,))
+    now = time.time()
+    ids = dict(existing or {})
+    async with db.transaction() as conn:
+        cur = await conn.execute(
+            "INSERT INTO job_requests (workspace_id, created_by, branch, sha, requested_actions, "
+            "created_at) VALUES (?, ?, 'main', 'HEAD', ?, ?)",
+            (ws["id"], user_id, json.dumps([a for a, _, _ in jobs]), now),
+        )
+        request_id = cur.lastrowid
+        sha = await app.state.repos.resolve_branch(ws["repo"], "main")
+        for offset, (action, command, needs) in enumerate(jobs):
+            ids[action] = secrets.token_hex(8)
+            await conn.execute(
+                "INSERT INTO jobs (id, job_request_id, workspace_id, user_id, action, sha, "
+                "run_command, image, args, outputs, needs, wait_for, state, status_code, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
+                "'created', ?, ?)",
+                (
+                    ids[action],
+                    request_id,
+                    ws["id"],
+                    user_id,
+                    action,
+                    sha,
+                    f"python:v2 -c {command!r}",
+                    "ghcr.io/opensafely-core/python:v2",
+                    json.dumps(["-c", command]),
+                    json.dumps({"moderately_sensitive": {"out": f"output/{action}.csv"}}),
+                    json.dumps(list(needs)),
+                    json.dumps([ids[n] for n in needs]),
+                    now + offset * 1e-6,
+                    now,
+                ),
+            )
+    app.state.scheduler.wake()
+    return request_id, {action: ids[action] for action, _, _ in jobs}
+
+
+# -- jobs written straight into a database -------------------------------------------------
+
+
+class Site:
+    """One user, project and workspace in ``db``; ``add_job`` records jobs in them, for
+    tests of what is read back (emails, metrics, pruning) without running anything."""
+
+    def __init__(self, db: Database, user_id: int, workspace_id: int) -> None:
+        self.db = db
+        self.user_id = user_id
+        self.workspace_id = workspace_id
+
+    @classmethod
+    async def make(
+        cls,
+        db: Database,
+        username: str = "alice",
+        email: str | None = "alice@example.org",
+        workspace: str = "ws1",
+    ) -> Site:
+        user_id = await auth.create_user(db, username, "pw-1234567", email=email)
+        now = time.time()
+        project_id = await db.execute(
+            "INSERT INTO projects (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)",
+            (f"{workspace}-study", f"{workspace} study", user_id, now),
+        )
+        workspace_id = await db.execute(
+            "INSERT INTO workspaces (name, project_id, repo, branch, database, created_by, "
+            "created_at) VALUES (?, ?, '/repo', 'main', 'sample', ?, ?)",
+            (workspace, project_id, user_id, now),
+        )
+        return cls(db, user_id, workspace_id)
+
+    async def add_job(
+        self,
+        action: str = "generate",
+        *,
+        state: str = "succeeded",
+        status_code: str = "succeeded",
+        status_message: str = "Completed successfully",
+        notify: bool = True,
+        created_at: float | None = None,
+        wait: float | None = 2.0,
+        duration: float | None = 65.0,
+    ) -> str:
+        """A job created at ``created_at`` that started ``wait`` seconds later (None: never)
+        and, when finished, ended ``duration`` seconds after starting."""
+        created = time.time() - 3600 if created_at is None else created_at
+        started = None if wait is None else created + wait
+        completed = None
+        if state in ("succeeded", "failed"):
+            completed = (started + duration) if started is not None else created + 1
+        request_id = await self.db.execute(
+            "INSERT INTO job_requests (workspace_id, created_by, branch, sha, requested_actions, "
+            "notify, created_at) VALUES (?, ?, 'main', 'abc123', ?, ?, ?)",
+            (self.workspace_id, self.user_id, f'["{action}"]', int(notify), created),
+        )
+        job_id = secrets.token_hex(8)
+        await self.db.execute(
+            "INSERT INTO jobs (id, job_request_id, workspace_id, user_id, action, sha, "
+            "run_command, image, args, outputs, state, status_code, status_message, created_at, "
+            "started_at, completed_at, updated_at) VALUES (?, ?, ?, ?, ?, 'abc123', "
+            "'python:v2 analysis.py', 'python:v2', '[]', '{}', ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                request_id,
+                self.workspace_id,
+                self.user_id,
+                action,
+                state,
+                status_code,
+                status_message,
+                created,
+                started,
+                completed,
+                completed or created,
+            ),
+        )
+        return job_id
