@@ -14,6 +14,7 @@ import asyncio
 import email.utils
 import logging
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,8 +42,9 @@ def status_word(state: str, status_code: str) -> str:
     return "Failed"
 
 
-def job_email(job: Row, base_url: str) -> tuple[str, str]:
-    """Subject and body of the email about a finished ``job`` (a row with its workspace)."""
+def job_email(job: Row, job_url: str) -> tuple[str, str]:
+    """Subject and body of the email about a finished ``job`` (a row with its workspace),
+    linking to its page at ``job_url``."""
     word = status_word(job["state"], job["status_code"])
     subject = f"{word}: [{job['workspace']}] {job['action']}"
     if job["started_at"] is None:
@@ -61,7 +63,7 @@ def job_email(job: Row, base_url: str) -> tuple[str, str]:
         f"Finished:   {finished}\n"
         "\n"
         "The job's timeline and log:\n"
-        f"{base_url}/jobs/{job['id']}\n"
+        f"{job_url}\n"
         "\n"
         f"You get this email because job request {job['job_request_id']} was submitted with "
         '"Notify me".\n'
@@ -72,9 +74,17 @@ def job_email(job: Row, base_url: str) -> tuple[str, str]:
 class Notifier:
     """Queues an email per finished job of a "Notify me" request, and sends the queue."""
 
-    def __init__(self, db: Database, settings: Settings, retry_delay: float = RETRY_DELAY) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        job_url: Callable[[str], str],
+        retry_delay: float = RETRY_DELAY,
+    ) -> None:
+        """``job_url(job_id)`` is the address of the job's page, for the email's link."""
         self.db = db
         self.settings = settings
+        self.job_url = job_url
         self.retry_delay = retry_delay
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -111,7 +121,7 @@ class Notifier:
                 job["username"],
             )
             return
-        subject, body = job_email(job, self.settings.base_url)
+        subject, body = job_email(job, self.job_url(job_id))
         now = time.time()
         await self.db.execute(
             "INSERT INTO outbox (job_id, to_addr, subject, body, next_attempt_at, created_at) "

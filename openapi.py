@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .states import State
+
 TITLE = "jobsite API"
 VERSION = "1"
 
@@ -94,7 +96,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "job_request_id": {"type": "integer"},
             "action": STRING,
             "run_command": STRING,
-            "state": {"type": "string", "enum": ["pending", "running", "succeeded", "failed"]},
+            "state": {"type": "string", "enum": [state.value for state in State]},
             "status_code": STRING,
             "status_message": STRING,
             "created_at": TIME,

@@ -14,6 +14,7 @@ from typing import Any
 
 from .datadir import MANIFEST
 from .states import StatusCode
+from .units import iso
 
 # what an output viewer may see in the browser (DESIGN section 10)
 VIEWABLE_TYPES = {
@@ -200,7 +201,7 @@ class Manifest:
         self.data["actions"][action] = {
             "job": job_id,
             "commit": sha,
-            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "completed_at": iso(time.time()),
             "files": sorted(files),
         }
         self.data["files"].update(files)

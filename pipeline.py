@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
+from .states import ACTIVE_STATES
+
 RUN_ALL = "run_all"
 LATEST_VERSION = 5
 
@@ -813,7 +815,6 @@ class Plan:
     joined: dict[str, str]
 
 
-_ACTIVE = ("pending", "running")
 _NEVER_RUN = ActionState(None)
 
 
@@ -874,14 +875,14 @@ class _Planner:
 
     def request(self, action: str) -> None:
         state = self.latest(action)
-        if state.state in _ACTIVE:
+        if state.state in ACTIVE_STATES:
             self.joined[action] = _job_id(action, state)
         elif action not in self.jobs and self.needs_new_job(action):
             self.add_job_with_needs(action)
 
     def needs_new_job(self, action: str) -> bool:
         state = self.latest(action)
-        if state.state in _ACTIVE:
+        if state.state in ACTIVE_STATES:
             return False
         if action in self.requested or self.force_run_dependencies:
             return True
@@ -904,7 +905,9 @@ class _Planner:
                     stack.append((need, iter(actions[need].needs)))
 
     def planned_job(self, action: Action) -> PlannedJob:
-        waits = [n for n in action.needs if n not in self.jobs and self.latest(n).state in _ACTIVE]
+        waits = [
+            n for n in action.needs if n not in self.jobs and self.latest(n).state in ACTIVE_STATES
+        ]
         return PlannedJob(
             action.name,
             needs_new=tuple(n for n in action.needs if n in self.jobs),

@@ -6,9 +6,9 @@ import json
 import time
 from typing import Any
 
-from .db import Database
+from .db import Database, Row
 from .scheduling import QueuedJob, decayed, queue_order
-from .submit import request_status
+from .states import State
 
 # the latest job of each action in a workspace (one row per action that ever ran)
 LATEST_JOB_PER_ACTION = (
@@ -16,6 +16,23 @@ LATEST_JOB_PER_ACTION = (
     "(SELECT max(created_at) FROM jobs WHERE workspace_id = j.workspace_id "
     "AND action = j.action)"
 )
+
+
+def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:
+    """A job request's overall status, from its jobs' states."""
+    if request["status"] == "nothing_to_do" or not jobs:
+        return "nothing_to_do", request["status_message"]
+    states = [job["state"] for job in jobs]
+    succeeded = states.count(State.SUCCEEDED)
+    if State.RUNNING in states:
+        return State.RUNNING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    if State.PENDING in states:
+        return State.PENDING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
+    if succeeded == len(jobs):
+        return State.SUCCEEDED, "The job succeeded" if len(
+            jobs
+        ) == 1 else f"All {len(jobs)} jobs succeeded"
+    return State.FAILED, f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
 
 
 async def job_request_rows(

@@ -123,13 +123,17 @@ def secret_key(data: DataDir) -> str:
 
 
 def create_app(settings: Settings) -> Starlette:
+    def job_url(job_id: str) -> str:
+        """A job page's address, for links in emails."""
+        return settings.base_url + app.url_path_for("job", id=job_id)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         site.data.root.mkdir(parents=True, exist_ok=True)
         site.db = db = await Database.open(site.data.db)
         site.repos = Repos(site.data.repos, timeout=settings.repos.fetch_timeout)
         site.executor = LocalDockerExecutor(settings, site.repos)
-        site.notifier = notify.Notifier(db, settings)
+        site.notifier = notify.Notifier(db, settings, job_url=job_url)
         site.scheduler = Scheduler(
             db, settings, site.executor, on_job_finished=site.notifier.job_finished
         )

@@ -15,8 +15,9 @@ from .config import Settings
 from .datadir import DataDir
 from .db import Database, Row
 from .outputs import Manifest
+from .queries import LATEST_JOB_PER_ACTION, request_status
 from .repos import Repos
-from .states import ACTIVE_STATES, State, StatusCode
+from .states import ACTIVE_STATES, StatusCode
 from .units import iso_ms
 
 if TYPE_CHECKING:
@@ -55,12 +56,7 @@ async def load_project(repos: Repos, repo: str, branch: str) -> tuple[str, pipel
 async def _workspace_state(
     conn: aiosqlite.Connection, workspace_dir: Path, workspace_id: int
 ) -> dict[str, pipeline.ActionState]:
-    cur = await conn.execute(
-        "SELECT action, id, state FROM jobs j WHERE workspace_id = ? AND created_at = "
-        "(SELECT max(created_at) FROM jobs WHERE workspace_id = j.workspace_id "
-        "AND action = j.action)",
-        (workspace_id,),
-    )
+    cur = await conn.execute(LATEST_JOB_PER_ACTION, (workspace_id,))
     manifest = Manifest.load(workspace_dir)
     return {
         row["action"]: pipeline.ActionState(
@@ -182,23 +178,6 @@ async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | No
         "status_message": message,
         "jobs": [job_json(job) for job in jobs],
     }
-
-
-def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:
-    """A job request's overall status, from its jobs' states."""
-    if request["status"] == "nothing_to_do" or not jobs:
-        return "nothing_to_do", request["status_message"]
-    states = [job["state"] for job in jobs]
-    succeeded = states.count(State.SUCCEEDED)
-    if State.RUNNING in states:
-        return State.RUNNING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
-    if State.PENDING in states:
-        return State.PENDING, f"{succeeded} of {len(jobs)} jobs succeeded so far"
-    if succeeded == len(jobs):
-        return State.SUCCEEDED, "The job succeeded" if len(
-            jobs
-        ) == 1 else f"All {len(jobs)} jobs succeeded"
-    return State.FAILED, f"{len(jobs) - succeeded} of {len(jobs)} jobs did not succeed"
 
 
 def job_json(job: Row) -> dict[str, Any]:

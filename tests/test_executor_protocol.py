@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import pytest
-from jobrows import Site
+from helpers import Site
 
 from jobsite.config import load_settings
 from jobsite.db import Database

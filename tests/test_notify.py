@@ -54,6 +54,13 @@ class Mailbox:
         return self.messages
 
 
+def notifier_for(db: Database, settings: Settings, **kwargs: Any) -> notify.Notifier:
+    """A notifier linking to job pages under the site's base URL, as the site makes one."""
+    return notify.Notifier(
+        db, settings, lambda job_id: f"{settings.base_url}/jobs/{job_id}", **kwargs
+    )
+
+
 def text(message: EmailMessage) -> str:
     """The body as the reader sees it (lines end in CRLF on the wire)."""
     return message.get_content().replace("\r\n", "\n")
@@ -125,7 +132,7 @@ async def test_requester_gets_an_email_when_a_job_of_a_notify_request_succeeds(
 ):
     site = await Site.make(db, email="alice@example.org")
     job_id = await site.add_job("generate", duration=125)
-    notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port))
+    notifier = notifier_for(db, site_settings(tmp_path, smtp_port))
     async with running(notifier):
         await notifier.job_finished(job_id)
         (message,) = await mailbox.wait_for(1)
@@ -154,7 +161,7 @@ async def test_a_failed_job_email_gives_the_status_message(db, smtp, mailbox, sm
         status_message="Job exited with an error: exit code 1",
         duration=3 * 3600 + 4,
     )
-    notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port))
+    notifier = notifier_for(db, site_settings(tmp_path, smtp_port))
     async with running(notifier):
         await notifier.job_finished(job_id)
         (message,) = await mailbox.wait_for(1)
@@ -177,7 +184,7 @@ def test_a_job_cancelled_before_it_started_says_so():
         "started_at": None,
         "completed_at": 100.0,
     }
-    subject, body = notify.job_email(job, "http://localhost:8000")
+    subject, body = notify.job_email(job, f"http://localhost:8000/jobs/{job['id']}")
     assert subject == "Cancelled: [ws1] generate"
     assert "Elapsed:    did not start" in body
     assert "Finished:   1970-01-01 00:01:40 UTC" in body
@@ -191,7 +198,7 @@ async def test_one_email_per_job_even_when_told_twice(db, smtp, mailbox, smtp_po
     site = await Site.make(db)
     first = await site.add_job("generate")
     second = await site.add_job("analyse", state="failed", status_code="timed_out")
-    notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port))
+    notifier = notifier_for(db, site_settings(tmp_path, smtp_port))
     async with running(notifier):
         for job_id in (first, second, first):
             await notifier.job_finished(job_id)
@@ -207,7 +214,7 @@ async def test_one_email_per_job_even_when_told_twice(db, smtp, mailbox, smtp_po
 async def test_no_email_when_the_request_did_not_ask(db, smtp, mailbox, smtp_port, tmp_path):
     site = await Site.make(db)
     job_id = await site.add_job(notify=False)
-    notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port))
+    notifier = notifier_for(db, site_settings(tmp_path, smtp_port))
     async with running(notifier):
         await notifier.job_finished(job_id)  # an email would be in the outbox once it returns
     assert mailbox.messages == []
@@ -219,7 +226,7 @@ async def test_a_requester_without_an_email_address_gets_none_and_it_is_logged(
 ):
     site = await Site.make(db, username="bob", email=None)
     job_id = await site.add_job()
-    notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port))
+    notifier = notifier_for(db, site_settings(tmp_path, smtp_port))
     with caplog.at_level(logging.INFO, logger="jobsite.notify"):
         async with running(notifier):
             await notifier.job_finished(job_id)  # an email would be in the outbox now
@@ -238,7 +245,7 @@ async def test_a_failed_send_is_retried_until_the_server_is_up(
 ):
     site = await Site.make(db)
     job_id = await site.add_job()
-    notifier = notify.Notifier(db, site_settings(tmp_path, smtp_port), retry_delay=0.2)
+    notifier = notifier_for(db, site_settings(tmp_path, smtp_port), retry_delay=0.2)
     async with running(notifier):
         await notifier.job_finished(job_id)
 
@@ -272,7 +279,7 @@ async def test_sending_gives_up_after_the_last_attempt_and_admins_see_why(
     site = await Site.make(db)
     job_id = await site.add_job()
     settings = site_settings(tmp_path, smtp_port)
-    async with running(notify.Notifier(db, settings, retry_delay=0.05)) as notifier:
+    async with running(notifier_for(db, settings, retry_delay=0.05)) as notifier:
         await notifier.job_finished(job_id)
         await until(lambda: "gave up sending email" in caplog.text, 5, "sending to give up")
     # with the sender stopped, an email it would still try would be due now or later
@@ -290,9 +297,9 @@ async def test_emails_waiting_in_the_outbox_are_sent_after_a_restart(
     site = await Site.make(db)
     job_id = await site.add_job()
     settings = site_settings(tmp_path, smtp_port)
-    await notify.Notifier(db, settings).job_finished(job_id)  # queued, never sent: "crash"
+    await notifier_for(db, settings).job_finished(job_id)  # queued, never sent: "crash"
     assert mailbox.messages == []
-    async with running(notify.Notifier(db, settings)):
+    async with running(notifier_for(db, settings)):
         (message,) = await mailbox.wait_for(1)
     assert message["Subject"] == "Succeeded: [ws1] generate"
 
@@ -315,7 +322,7 @@ async def test_an_email_is_sent_over_starttls_when_the_server_offers_it(
     site = await Site.make(db)
     job_id = await site.add_job()
     with smtp_server(mailbox, smtp_port, tls_context=server_tls, require_starttls=True):
-        async with running(notify.Notifier(db, settings)) as notifier:
+        async with running(notifier_for(db, settings)) as notifier:
             await notifier.job_finished(job_id)
             (message,) = await mailbox.wait_for(1)
     assert message["Subject"] == "Succeeded: [ws1] generate"

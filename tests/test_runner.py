@@ -21,7 +21,7 @@ from helpers import (
     wait_for_request,
 )
 
-from jobsite.submit import iso
+from jobsite.units import iso_ms
 
 FAIR_YAML = """\
 version: "4"
@@ -238,7 +238,7 @@ async def test_jobs_wait_for_disk_space_and_start_when_it_returns(
         found["status_message"],
     ), found["status_message"]
 
-    space_came_back = iso(time.time())
+    space_came_back = iso_ms(time.time())
     settings.min_free_disk = 1024  # space came back; the safety tick notices
     done = await wait_for_request(client, headers, request_id, timeout=30)
     assert done["status"] == "succeeded"
