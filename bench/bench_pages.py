@@ -108,7 +108,7 @@ async def main(actions: int, repeat: int) -> None:
                     "/ws/",
                     repeat,
                     headers={"HX-Request": "true"},
-                    before=server._PARSED.clear,
+                    before=app.state.projects.parsed.clear,
                 )
     nodes = [
         Node(f"action_{i:03d}", (f"action_{i - 1:03d}",) if i else (), "succeeded", "Succeeded")

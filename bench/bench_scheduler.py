@@ -34,7 +34,7 @@ import httpx
 from jobsite import auth
 from jobsite.config import load_settings
 from jobsite.db import Database
-from jobsite.executor import Executor
+from jobsite.local_docker import LocalDockerExecutor
 from jobsite.repos import Repos
 from jobsite.runner import Scheduler
 from jobsite.scheduling import JobQueue, Limits, QueuedJob, queue_order
@@ -111,7 +111,9 @@ async def bench_dispatch_pass() -> None:
         db = await Database.open(Path(tmp) / "db.sqlite")
         try:
             await fill_database(db)
-            scheduler = Scheduler(db, settings, Executor(settings, Repos(Path(tmp) / "repos")))
+            scheduler = Scheduler(
+                db, settings, LocalDockerExecutor(settings, Repos(Path(tmp) / "repos"))
+            )
             started = time.perf_counter()
             await scheduler._load_new_jobs()
             rebuild = time.perf_counter() - started
@@ -208,13 +210,13 @@ class DockerEvents:
         self._stream.close()
 
 
-def time_steps(executor: Executor, stamps: dict[tuple[str, str], float]) -> None:
+def time_steps(executor: LocalDockerExecutor, stamps: dict[tuple[str, str], float]) -> None:
     """Note when the executor finishes collecting a job's outputs and is asked to start one."""
-    finalize, prepare, start = executor.finalize, executor.prepare, executor.start
+    collect, prepare, start = executor.collect, executor.prepare, executor.start
 
-    async def timed_finalize(spec, *args):
-        outcome = await finalize(spec, *args)
-        stamps["finalize", spec.id] = time.time()
+    async def timed_collect(spec, *args):
+        outcome = await collect(spec, *args)
+        stamps["collect", spec.id] = time.time()
         return outcome
 
     async def timed_prepare(spec):
@@ -225,7 +227,7 @@ def time_steps(executor: Executor, stamps: dict[tuple[str, str], float]) -> None
         stamps["start", spec.id] = time.time()
         return await start(spec)
 
-    executor.finalize, executor.prepare, executor.start = timed_finalize, timed_prepare, timed_start
+    executor.collect, executor.prepare, executor.start = timed_collect, timed_prepare, timed_start
 
 
 def bare_docker_run(events: DockerEvents, label: str, n: int) -> tuple[float, float]:
@@ -308,8 +310,8 @@ async def bench_dependency_start(chains: int) -> None:
                         to_create.append(events.at("create", ids["b"]) - died)
                         steps.append(
                             (
-                                stamps["finalize", ids["a"]] - died,
-                                stamps["prepare", ids["b"]] - stamps["finalize", ids["a"]],
+                                stamps["collect", ids["a"]] - died,
+                                stamps["prepare", ids["b"]] - stamps["collect", ids["a"]],
                                 stamps["start", ids["b"]] - stamps["prepare", ids["b"]],
                                 events.at("start", ids["b"]) - stamps["start", ids["b"]],
                             )
