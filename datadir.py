@@ -59,8 +59,5 @@ class DataDir:
         """The outputs of a workspace's successful jobs, at their relative paths."""
         return self.workspaces / name
 
-    def action_log(self, workspace: str, action: str) -> Path:
-        return self.workspace(workspace) / action_log_name(action)
-
     def manifest(self, workspace: str) -> Path:
         return self.workspace(workspace) / MANIFEST
