@@ -3,17 +3,16 @@ sees jobs through to their end, with no Docker at all."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
-from helpers import Site
+from helpers import Site, until
 
 from jobsite.config import load_settings
 from jobsite.db import Database
 from jobsite.executor import ContainerExit, Executor, JobSpec, Outcome
 from jobsite.runner import Scheduler
-from jobsite.states import State, StatusCode
+from jobsite.states import ACTIVE_STATES, State, StatusCode
 
 
 class InMemoryExecutor:
@@ -69,19 +68,21 @@ async def db(tmp_path):
 async def run_to_end(db: Database, tmp_path, executor: Executor, job_ids: list[str]) -> dict:
     settings = load_settings(environ={}, data_dir=str(tmp_path / "data"), min_free_disk=0)
     scheduler = Scheduler(db, settings, executor)
+    marks = ",".join("?" * len(job_ids))
+
+    async def ended() -> dict | None:
+        rows = await db.fetchall(
+            f"SELECT id, state, status_code, status_message, exit_code FROM jobs "
+            f"WHERE id IN ({marks})",
+            job_ids,
+        )
+        if all(row["state"] not in ACTIVE_STATES for row in rows):
+            return {row["id"]: row for row in rows}
+        return None
+
     await scheduler.start()
     try:
-        async with asyncio.timeout(10):
-            while True:
-                marks = ",".join("?" * len(job_ids))
-                rows = await db.fetchall(
-                    f"SELECT id, state, status_code, status_message, exit_code FROM jobs "
-                    f"WHERE id IN ({marks})",
-                    job_ids,
-                )
-                if all(row["state"] not in ("pending", "running") for row in rows):
-                    return {row["id"]: row for row in rows}
-                await asyncio.sleep(0.02)
+        return await until(ended, 10, "every job to end")
     finally:
         await scheduler.stop()
 
