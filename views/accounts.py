@@ -34,6 +34,7 @@ from .base import (
     require_admin,
     require_user,
     site,
+    url,
 )
 
 # sign-ins and refusals, for the site's operators (and tools such as fail2ban)
@@ -55,7 +56,7 @@ async def login_page(request: Request, error: str | None = None, username: str =
         {
             "error": error,
             "username": username,
-            "next": local_path(request.query_params.get("next"), "/"),
+            "next": local_path(request.query_params.get("next"), url(request, "home")),
         },
         status=400 if error else 200,
     )
@@ -82,7 +83,7 @@ async def login(request: Request) -> Response:
     log.info("signed in with a password: %s from %s", user.username, client)
     limiter.reset(f"user:{username.lower()}")
     await auth.start_session(state.db, request.session, user.id)
-    return redirect_to(local_path(request.query_params.get("next"), "/"))
+    return redirect_to(local_path(request.query_params.get("next"), url(request, "home")))
 
 
 async def logout(request: Request) -> Response:
@@ -100,7 +101,7 @@ async def github_start(request: Request) -> Response:
     state = secrets.token_urlsafe(24)
     request.session[GITHUB_STATE] = {
         "state": state,
-        "next": local_path(request.query_params.get("next"), "/"),
+        "next": local_path(request.query_params.get("next"), url(request, "home")),
     }
     return redirect_to(client.authorize_url(github_callback_url(request), state))
 
@@ -129,7 +130,7 @@ async def github_callback(request: Request) -> Response:
     log.info("signed in with GitHub: %s (GitHub id %s)", account.login, account.id)
     await auth.start_session(state.db, request.session, user_id)
     request.session[GITHUB_TOKEN] = state.sealer.seal(token)
-    return redirect_to(started.get("next") or "/")
+    return redirect_to(started.get("next") or url(request, "home"))
 
 
 # -- a user's own account -------------------------------------------------------------

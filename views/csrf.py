@@ -96,10 +96,11 @@ async def _answer(scope: Scope, receive: Receive, send: Send, status: int, messa
     else:
         title = "Not allowed" if status == 403 else "Something is wrong"
         sentence = message[0].upper() + message[1:].rstrip(".") + "."
+        home = scope["app"].url_path_for("home")
         response = HTMLResponse(
             f"<!doctype html><title>{title} · jobsite</title>"
             f'<main><h1>{title}</h1><p role="alert">{html.escape(sentence)}</p>'
-            '<p><a href="/">Back to your projects</a></p></main>',
+            f'<p><a href="{home}">Back to your projects</a></p></main>',
             status_code=status,
         )
     await response(scope, receive, send)
