@@ -14,7 +14,6 @@ from typing import Any
 
 from . import auth, ops, pipeline
 from .config import Settings, SettingsError, load_settings
-from .datadir import DataDir
 from .db import Database, DatabaseVersionError
 from .units import Duration, Size, human_size, parse_duration, parse_size
 
@@ -122,7 +121,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def _with_db(settings: Settings, work: Callable) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = await Database.open(DataDir(settings.data_dir).db, readers=1)
+    db = await Database.open(settings.data.db, readers=1)
     try:
         return await work(db)
     finally:
@@ -283,7 +282,7 @@ def prune(args: argparse.Namespace) -> int:
         return 1
     found = asyncio.run(
         _with_existing_db(
-            source, lambda db: ops.prunable(db, settings.data_dir, args.older_than * 86400)
+            source, lambda db: ops.prunable(db, settings.data, args.older_than * 86400)
         )
     )
     return ops.remove(found, dry_run=args.dry_run)

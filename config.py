@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .datadir import DataDir
 from .units import Duration, Size, parse_duration, parse_size
 
 ENV_PREFIX = "JOBSITE_"
@@ -127,6 +128,11 @@ class Settings:
         self.base_url = self.base_url.rstrip("/")
         if self.max_workers < 1:
             raise SettingsError("max_workers: must be at least 1")
+
+    @property
+    def data(self) -> DataDir:
+        """Every path under ``data_dir`` (datadir.py)."""
+        return DataDir(self.data_dir)
 
 
 def load_settings(

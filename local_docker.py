@@ -29,7 +29,7 @@ import docker.errors
 import requests.exceptions
 
 from .config import Settings
-from .datadir import MANIFEST, DataDir, action_log_name
+from .datadir import MANIFEST, action_log_name
 from .executor import ContainerExit, DockerUnavailable, JobError, JobSpec, Outcome
 from .outputs import Manifest, OutputError, check_visibility, match_outputs
 from .repos import RepoError, Repos
@@ -48,7 +48,7 @@ class LocalDockerExecutor:
     def __init__(self, settings: Settings, repos: Repos | None = None) -> None:
         self.settings = settings
         self.repos = repos
-        self.data = DataDir(settings.data_dir)
+        self.data = settings.data
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
         # one manifest update at a time per workspace: jobs of one workspace may end together

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import pipeline
 from .config import Settings, load_settings
-from .datadir import DataDir, action_log_name
+from .datadir import action_log_name
 from .executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
 from .outputs import Manifest, pattern_matches
 from .states import State, StatusCode
@@ -294,7 +294,7 @@ class LocalRun:
     def _keep_failed_log(self, job: JobSpec) -> bool:
         """A failed job changes no outputs, but its log (if it got as far as having one) goes
         where a developer looks next."""
-        log = DataDir(self.settings.data_dir).log(job.id)
+        log = self.settings.data.log(job.id)
         if not log.exists():
             return False
         target = self.project_dir / action_log_name(job.action)

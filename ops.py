@@ -30,7 +30,7 @@ class OpsError(Exception):
 
 
 def existing_database(settings: Settings) -> Path:
-    path = DataDir(settings.data_dir).db
+    path = settings.data.db
     if not path.exists():
         raise OpsError(
             f"there is no database at {path}; check data_dir in the settings file (--config)"
@@ -82,13 +82,12 @@ class Prunable:
     why: str
 
 
-async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prunable]:
+async def prunable(db: Database, data: DataDir, older_than: float) -> list[Prunable]:
     """What ``prune`` removes: logs of jobs finished more than ``older_than`` seconds ago,
     and temporary dirs of jobs that are not running."""
     found = []
     now = time.time()
-    layout = DataDir(data_dir)
-    logs_dir = layout.logs
+    logs_dir = data.logs
     logs = {p.stem: p for p in logs_dir.glob("*.log")} if logs_dir.is_dir() else {}
     finished = await _rows(
         db,
@@ -106,7 +105,7 @@ async def prunable(db: Database, data_dir: Path, older_than: float) -> list[Prun
             )
         )
 
-    jobs_dir = layout.jobs
+    jobs_dir = data.jobs
     leftovers = {p.name: p for p in jobs_dir.iterdir()} if jobs_dir.is_dir() else {}
     states = {
         row["id"]: row["state"]

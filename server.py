@@ -129,9 +129,9 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        site.data.root.mkdir(parents=True, exist_ok=True)
-        site.db = db = await Database.open(site.data.db)
-        site.repos = Repos(site.data.repos, timeout=settings.repos.fetch_timeout)
+        settings.data.root.mkdir(parents=True, exist_ok=True)
+        site.db = db = await Database.open(settings.data.db)
+        site.repos = Repos(settings.data.repos, timeout=settings.repos.fetch_timeout)
         site.executor = LocalDockerExecutor(settings, site.repos)
         site.notifier = notify.Notifier(db, settings, job_url=job_url)
         site.scheduler = Scheduler(
@@ -147,7 +147,7 @@ def create_app(settings: Settings) -> Starlette:
             await site.notifier.stop()
             await db.close()
 
-    key = secret_key(DataDir(settings.data_dir))
+    key = secret_key(settings.data)
     site = base.Site(
         settings,
         templates=base.templates(str(ROOT / "templates")),

@@ -12,7 +12,6 @@ import aiosqlite
 
 from . import pipeline
 from .config import Settings
-from .datadir import DataDir
 from .db import Database, Row
 from .outputs import Manifest
 from .queries import LATEST_JOB_PER_ACTION, request_status
@@ -85,7 +84,7 @@ async def submit(
     if not actions:
         raise SubmitError("choose at least one action to run")
     sha, project = await load_project(repos, workspace["repo"], workspace["branch"])
-    workspace_dir = DataDir(settings.data_dir).workspace(workspace["name"])
+    workspace_dir = settings.data.workspace(workspace["name"])
     now = time.time()
     async with db.transaction() as conn:
         state = await _workspace_state(conn, workspace_dir, workspace["id"])

@@ -168,7 +168,7 @@ async def workspace(request: Request) -> Response:
 async def outputs(request: Request) -> Response:
     row = await get_workspace(request, request.path_params["name"])
     await check_role(request, row["project_id"], "output_viewer")
-    ws_dir = site(request).data.workspace(row["name"])
+    ws_dir = site(request).settings.data.workspace(row["name"])
     return JSONResponse(Manifest.load(ws_dir).data)
 
 
@@ -233,7 +233,7 @@ async def job(request: Request) -> Response:
 async def job_log(request: Request) -> Response:
     row = await get_job(request, request.path_params["id"])
     await check_role(request, row["project_id"], "output_viewer")
-    path = site(request).data.log(row["id"])
+    path = site(request).settings.data.log(row["id"])
     if not path.exists():
         raise HTTPError(404, "this job has no log yet; it is written when the job finishes")
     return PlainTextResponse(await asyncio.to_thread(path.read_text, errors="replace"))

@@ -22,7 +22,6 @@ from starlette.templating import Jinja2Templates
 from .. import auth, pipeline
 from ..auth import RateLimiter, Sealer, User
 from ..config import Settings
-from ..datadir import DataDir
 from ..db import Database, Row
 from ..executor import Executor
 from ..graph import ICONS
@@ -60,7 +59,6 @@ class Site:
         sealer: Sealer,
     ) -> None:
         self.settings = settings
-        self.data = DataDir(settings.data_dir)
         self.templates = templates
         self.login_limiter = login_limiter
         self.sealer = sealer

@@ -142,7 +142,7 @@ async def job_page(request: Request) -> Response:
     can_view_log = bool(user and user.can_view_outputs(job["project_id"]))
     files = []
     if can_view_log:
-        manifest = Manifest.load(state.data.workspace(job["workspace"]))
+        manifest = Manifest.load(state.settings.data.workspace(job["workspace"]))
         files = sorted(
             (path, entry)
             for path, entry in manifest.data["files"].items()
@@ -166,7 +166,7 @@ async def job_page(request: Request) -> Response:
 
 
 def log_path(request: Request, job_id: str) -> Path:
-    return site(request).data.log(job_id)
+    return site(request).settings.data.log(job_id)
 
 
 async def read_log(path: Path) -> dict[str, Any] | None:

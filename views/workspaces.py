@@ -245,7 +245,7 @@ async def outputs(request: Request) -> Response:
     """The workspace's outputs (no path), or one visible moderately_sensitive file."""
     workspace = await get_workspace(request, request.path_params["workspace"])
     await check_role(request, workspace["project_id"], "output_viewer")
-    ws_dir = site(request).data.workspace(workspace["name"])
+    ws_dir = site(request).settings.data.workspace(workspace["name"])
     manifest = Manifest.load(ws_dir)
     path = request.path_params["path"]
     if not path:
