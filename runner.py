@@ -408,8 +408,10 @@ class Scheduler:
                 )
         self._log_status(current, state or current["state"], code, message)
 
-    async def _end_pending(self, job: QueuedJob, code: str, message: str) -> None:
-        """A pending job ends without running (cancelled, or a dependency failed)."""
+    async def _end_pending(self, job: QueuedJob, code: str, message: str | None = None) -> None:
+        """A pending job ends without running (cancelled, or a dependency failed); the
+        message is the code's own unless a more specific one is given."""
+        message = MESSAGES.get(code, code) if message is None else message
         now = time.time()
         async with self.db.transaction() as conn:
             await conn.execute(
@@ -662,17 +664,11 @@ class Scheduler:
         for job_id in job_ids:
             if job_id in self.queue.pending:
                 job, failures = self.queue.remove(job_id)
-                await self._end_pending(
-                    job, StatusCode.CANCELLED_BY_USER, StatusCode.CANCELLED_BY_USER.message
-                )
+                await self._end_pending(job, StatusCode.CANCELLED_BY_USER)
                 cancelled.append(job_id)
                 for failure in failures:  # a dependent cancelled too says so, not that it failed
                     if failure.job.id in asked:
-                        await self._end_pending(
-                            failure.job,
-                            StatusCode.CANCELLED_BY_USER,
-                            StatusCode.CANCELLED_BY_USER.message,
-                        )
+                        await self._end_pending(failure.job, StatusCode.CANCELLED_BY_USER)
                         cancelled.append(failure.job.id)
                     else:
                         await self._fail_dependents([failure])
