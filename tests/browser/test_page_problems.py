@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from helpers import free_port
 from playwright.sync_api import Browser
 
 from .helpers import LiveServer, PageProblems
@@ -15,9 +14,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.docker]
 def test_console_errors_failed_requests_and_5xx_are_reported(
     browser: Browser, live_server: LiveServer
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
+    closed_port = free_port()
     context = browser.new_context(base_url=live_server.url)
     watcher = PageProblems()
     watcher.watch(context)
