@@ -11,7 +11,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from helpers import GitRepo
+from helpers import GitRepo, Intact
 
 from jobsite import auth
 from jobsite.config import Settings, load_settings
@@ -146,3 +146,10 @@ def make_user(app: Any):
         return {"Authorization": f"Bearer {token}"}
 
     return make
+
+
+@pytest.fixture
+def intact(tmp_path: Path, data_dir: Path) -> Intact:
+    """Notes the files around the data dir before a hostile scenario; ``await
+    intact.check(client)`` afterwards asserts the site survived it (see helpers.Intact)."""
+    return Intact(tmp_path, data_dir)

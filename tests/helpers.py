@@ -16,7 +16,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -315,3 +315,92 @@ class Site:
             ),
         )
         return job_id
+
+
+# -- a real server on loopback, and what must hold after an attack --------------------------
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+    """uvicorn serving ``app`` (its lifespan too) in a thread on a free loopback port; yields
+    the base URL and the server's event loop, and stops the server when the block ends."""
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", access_log=False)
+    )
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def run() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve(sockets=[sock])
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), name="live-server")
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), 15, "the live server to start")
+        if not server.started:
+            raise RuntimeError("the live server did not start; see the log above")
+        yield f"http://127.0.0.1:{port}", loops[0]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+    assert not thread.is_alive(), "the live server did not stop within 60 s"
+
+
+def files_under(root: Path, skip: Path | None = None) -> set[str]:
+    """Every path under ``root`` (links not followed), relative to it, leaving out ``skip``."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if skip is not None and (here == skip or skip in here.parents):
+            dirnames[:] = []
+            continue
+        for name in dirnames + filenames:
+            found.add(str((here / name).relative_to(root)))
+    return found
+
+
+class Intact:
+    """What must hold after every hostile scenario: the site answers its health check, the
+    database passes ``PRAGMA integrity_check``, and nothing appeared outside the data dir.
+
+    Made by the ``intact`` fixture before the attack (it notes every file under the test's
+    temporary dir, the data dir left out); ``await intact.check(client)`` after it."""
+
+    def __init__(self, root: Path, data_dir: Path) -> None:
+        self.root = root
+        self.data_dir = data_dir
+        self.before = files_under(root, skip=data_dir)
+
+    def new_files(self, allowed: Callable[[str], bool] = lambda path: False) -> set[str]:
+        """Paths under the temporary dir, outside the data dir, that were not there before
+        (less those ``allowed`` accepts: files the test itself made)."""
+        now = files_under(self.root, skip=self.data_dir)
+        return {path for path in now - self.before if not allowed(path)}
+
+    def database_ok(self) -> str:
+        import sqlite3
+
+        db = self.data_dir / "db.sqlite"
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return conn.execute("PRAGMA integrity_check").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            return f"damaged: {error}"
+        finally:
+            conn.close()
+
+    async def check(
+        self, client: httpx.AsyncClient, allowed: Callable[[str], bool] = lambda path: False
+    ) -> None:
+        response = await client.get("/api/v1/health")
+        assert response.status_code == 200, f"health check answered {response.status_code}"
+        assert self.database_ok() == "ok"
+        assert self.new_files(allowed) == set(), "files appeared outside the data dir"

@@ -7,15 +7,11 @@ fails the test when it ends.
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from helpers import wait_until
+from helpers import serve
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from jobsite.config import Settings
@@ -39,30 +35,8 @@ CHROMIUM_ARGS = [
 def live_server(settings: Settings, docker_cleanup: None) -> Iterator[LiveServer]:
     """uvicorn serving the app (scheduler, real Docker) in a thread, on a free port."""
     app = create_app(settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", access_log=False)
-    )
-    loops: list[asyncio.AbstractEventLoop] = []
-
-    async def serve() -> None:
-        loops.append(asyncio.get_running_loop())
-        await server.serve(sockets=[sock])
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="live-server")
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), 15, "the live server to start")
-        if not server.started:
-            raise RuntimeError("the live server did not start; see the log above")
-        yield LiveServer(f"http://127.0.0.1:{port}", app, loops[0])
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-    assert not thread.is_alive(), "the live server did not stop within 60 s"
+    with serve(app) as (url, loop):
+        yield LiveServer(url, app, loop)
 
 
 @pytest.fixture(scope="module")
