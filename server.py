@@ -4,6 +4,7 @@ named route table. Handlers live in views/; nothing here answers a request itsel
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import auth, metrics, notify
-from .config import Settings
+from .config import Settings, SettingsError
 from .datadir import DataDir
 from .db import Database
 from .local_docker import LocalDockerExecutor
@@ -80,14 +81,14 @@ ROUTES: list[BaseRoute] = [
     get("/account", accounts.account_page, "account"),
     post("/account/password", accounts.change_password, "change_password"),
     post("/account/tokens", accounts.create_token, "create_token"),
-    post("/account/tokens/{id:int}/revoke", accounts.revoke_token, "revoke_token"),
+    post("/account/tokens/{id}/revoke", accounts.revoke_token, "revoke_token"),
     # site admins
     get("/admin/", admin.admin_page, "admin"),
     post("/admin/pause", admin.pause, "admin_pause"),
     post("/admin/priority", admin.priority, "admin_priority"),
     get("/admin/users", accounts.admin_users, "admin_users"),
     post("/admin/users", accounts.admin_create_user, "admin_create_user"),
-    post("/admin/users/{id:int}/{action}", accounts.admin_user_action, "admin_user_action"),
+    post("/admin/users/{id}/{action}", accounts.admin_user_action, "admin_user_action"),
     # projects
     post("/projects/", projects.create_project, "create_project"),
     get("/projects/{slug}/", projects.project_page, "project"),
@@ -112,14 +113,38 @@ ROUTES: list[BaseRoute] = [
 ]
 
 
+MIN_SECRET_KEY = 32  # characters of the session signing key; a new one has 64
+
+
 def secret_key(data: DataDir) -> str:
-    """The session signing key, made on first start and kept private to the site."""
+    """The session signing key, made on first start and kept private to the site.
+
+    It is written whole under a temporary name, readable by the site alone, then linked
+    into place, which fails if another process made one first: then that one is used, and
+    no reader ever sees a half-written key. A key too short to keep sessions safe (an
+    empty file, a placeholder) stops the site."""
     path = data.secret_key
     if not path.exists():
         data.root.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
-    return path.read_text().strip()
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            temporary.unlink()
+    key = path.read_text().strip()
+    if len(key) < MIN_SECRET_KEY:
+        raise SettingsError(
+            f"the session key in {path} is {len(key)} characters long; it needs at least "
+            f"{MIN_SECRET_KEY}. Delete the file and restart to have a new one made "
+            "(everyone will have to sign in again)."
+        )
+    return key
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -34,14 +34,25 @@ def slugify(name: str) -> str:
 # -- projects -----------------------------------------------------------------------------
 
 
-async def create_project(db: Database, user: User, name: str) -> Row:
-    """Register a project; its creator holds every role on it."""
+def name_taken(kind: str, name: str, user: User, project_id: int | None, public: bool) -> str:
+    """Why a new project's or workspace's name cannot be used: that it already exists only
+    to those who may see the existing one (``project_id``: its project; None when
+    unknown), on a private site (not ``public``) no more than that the name is taken."""
+    if public or (project_id is not None and user.is_member(project_id)):
+        return f"a {kind} named {name!r} already exists; choose another name"
+    return f"the name {name!r} cannot be used; choose another name"
+
+
+async def create_project(db: Database, user: User, name: str, public: bool = True) -> Row:
+    """Register a project; its creator holds every role on it. On a private site (not
+    ``public``) a taken name is not said to exist (see name_taken)."""
     name = name.strip()
     slug = slugify(name)
     if not slug:
         raise Problem("a project name needs at least one letter or digit")
-    if await db.fetchone("SELECT 1 FROM projects WHERE slug = ? OR name = ?", (slug, name)):
-        raise Problem(f"a project named {name!r} already exists; choose another name")
+    existing = await db.fetchval("SELECT id FROM projects WHERE slug = ? OR name = ?", (slug, name))
+    if existing is not None:
+        raise Problem(name_taken("project", name, user, existing, public))
     async with db.transaction() as conn:
         cur = await conn.execute(
             "INSERT INTO projects (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)",
@@ -130,8 +141,12 @@ async def create_workspace(
         )
     elif name in RESERVED_NAMES:
         errors["name"] = f"{name!r} is used by the site itself; choose another name"
-    elif await db.fetchone("SELECT 1 FROM workspaces WHERE name = ?", (name,)):
-        errors["name"] = f"a workspace named {name!r} already exists; choose another name"
+    elif (
+        taken := await db.fetchone("SELECT project_id FROM workspaces WHERE name = ?", (name,))
+    ) is not None:
+        errors["name"] = name_taken(
+            "workspace", name, user, taken["project_id"], settings.public_status
+        )
     if database not in settings.databases:
         errors["database"] = f"database must be one of: {', '.join(settings.databases)}"
     if not repo:
@@ -167,7 +182,7 @@ async def create_workspace(
         )
     except sqlite3.IntegrityError:  # someone took the name a moment ago
         raise FieldProblems(
-            {"name": f"a workspace named {name!r} already exists; choose another name"}
+            {"name": name_taken("workspace", name, user, None, settings.public_status)}
         ) from None
     return name
 

@@ -38,7 +38,7 @@ actions:
       moderately_sensitive:
         a: output/a.csv
 """
-OK, SIGN_IN, REFUSED = "ok", "sign in", "refused"
+OK, SIGN_IN, REFUSED, NOT_FOUND = "ok", "sign in", "refused", "not found"
 
 
 def rule_anyone(role: str, public: bool) -> str:
@@ -49,13 +49,23 @@ def rule_signed_in(role: str, public: bool) -> str:
     return SIGN_IN if role == "anonymous" else OK
 
 
+def hidden(rule: Callable[[str, bool], str]) -> Callable[[str, bool], str]:
+    """A route about a project's things: on a private site, whoever is not a member
+    (signed in or not) is told it does not exist, as for a missing one."""
+
+    def hiding(role: str, public: bool) -> str:
+        if not public and role in ("anonymous", "outsider"):
+            return NOT_FOUND
+        return rule(role, public)
+
+    hiding.__name__ = f"hidden {rule.__name__}"
+    return hiding
+
+
+@hidden
 def rule_viewer(role: str, public: bool) -> str:
     """Browsing a project: anyone on a public site; on a private one, its members."""
-    if public:
-        return OK
-    if role == "anonymous":
-        return SIGN_IN
-    return REFUSED if role == "outsider" else OK
+    return OK
 
 
 def needs(*roles: str) -> Callable[[str, bool], str]:
@@ -68,8 +78,8 @@ def needs(*roles: str) -> Callable[[str, bool], str]:
     return rule
 
 
-rule_developer = needs("developer")
-rule_output_viewer = needs("output_viewer")
+rule_developer = hidden(needs("developer"))
+rule_output_viewer = hidden(needs("output_viewer"))
 rule_admin = needs()
 
 _unique = itertools.count()
@@ -151,7 +161,7 @@ CASES = [
     Case("/api/v1/admin/queue", "GET", rule_admin, "/api/v1/admin/queue"),
     Case("/api/v1/admin/queue/pause", "POST", rule_admin, "/api/v1/admin/queue/pause"),
     Case("/api/v1/admin/queue/resume", "POST", rule_admin, "/api/v1/admin/queue/resume"),
-    Case("/api/v1/job-requests/{id}/priority", "POST", rule_admin,
+    Case("/api/v1/job-requests/{id}/priority", "POST", hidden(rule_admin),
          "/api/v1/job-requests/{request_id}/priority", json=lambda: {"priority": 0}),
     # pages (a browser session; forms carry the CSRF token)
     # metrics: anyone on this machine (these requests come from 127.0.0.1)
@@ -172,7 +182,7 @@ CASES = [
                        "confirm_password": PASSWORD}),
     Case("/account/tokens", "POST", rule_signed_in, "/account/tokens",
          form=lambda: {"name": "matrix"}),
-    Case("/account/tokens/{id:int}/revoke", "POST", rule_signed_in,
+    Case("/account/tokens/{id}/revoke", "POST", rule_signed_in,
          "/account/tokens/{token_id}/revoke", 303, form=dict, setup=with_own_token),
     Case("/admin/", "GET", rule_admin, "/admin/"),
     Case("/admin/pause", "POST", rule_admin, "/admin/pause", 303,
@@ -182,7 +192,7 @@ CASES = [
     Case("/admin/users", "GET", rule_admin, "/admin/users"),
     Case("/admin/users", "POST", rule_admin, "/admin/users",
          form=lambda: {"username": unique("user")}),
-    Case("/admin/users/{id:int}/{action}", "POST", rule_admin,
+    Case("/admin/users/{id}/{action}", "POST", rule_admin,
          "/admin/users/{bystander_id}/activate", form=dict),
     Case("/projects/{slug}/", "GET", rule_viewer, "/projects/study/"),
     Case("/projects/", "POST", rule_signed_in, "/projects/", 303,
@@ -375,6 +385,9 @@ async def test_who_may_do_what(world, case, role, public):
         else:
             assert response.status_code == 303, f"{where}: {response.text[:500]}"
             assert location.startswith("/login?next="), where
+    elif expected == NOT_FOUND:
+        assert response.status_code == 404, f"{where}: {response.text[:500]}"
+        assert "that you can see" in response.text, where
     else:
         assert response.status_code == 403, f"{where}: {response.text[:500]}"
         if case.api:

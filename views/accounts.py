@@ -25,9 +25,9 @@ from .base import (
     current_user,
     get_project,
     github,
-    in_sqlite_range,
     is_htmx,
     local_path,
+    parse_number,
     redirect,
     redirect_to,
     render,
@@ -207,10 +207,8 @@ async def create_token(request: Request) -> Response:
 
 async def revoke_token(request: Request) -> Response:
     user = await require_user(request)
-    token_id = request.path_params["id"]
-    if not in_sqlite_range(token_id) or not await auth.revoke_token(
-        site(request).db, user.id, token_id
-    ):
+    token_id = parse_number(request.path_params["id"])
+    if token_id is None or not await auth.revoke_token(site(request).db, user.id, token_id):
         raise HTTPError(404, "you have no such API token; it may have been revoked already")
     return redirect(request, "account")
 
@@ -281,8 +279,8 @@ async def admin_user_action(request: Request) -> Response:
     """One change to one user: reset-password, make-admin, remove-admin, deactivate, activate."""
     admin = await require_admin(request, "manage users")
     db: Database = site(request).db
-    user_id = request.path_params["id"]
-    target = in_sqlite_range(user_id) and await db.fetchone(
+    user_id = parse_number(request.path_params["id"])
+    target = user_id is not None and await db.fetchone(
         "SELECT id, username FROM users WHERE id = ?", (user_id,)
     )
     if not target:

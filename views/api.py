@@ -29,6 +29,7 @@ from .base import (
     get_project,
     get_workspace,
     json_body,
+    parse_number,
     require_admin,
     require_user,
     site,
@@ -65,7 +66,10 @@ async def openapi_json(request: Request) -> Response:
 async def create_project(request: Request) -> Response:
     user = await require_user(request)
     body = await json_body(request)
-    project = await workspaces.create_project(site(request).db, user, field(body, "name"))
+    state = site(request)
+    project = await workspaces.create_project(
+        state.db, user, field(body, "name"), state.settings.public_status
+    )
     return JSONResponse({"slug": project["slug"], "name": project["name"]}, status_code=201)
 
 
@@ -245,10 +249,10 @@ async def job_log(request: Request) -> Response:
 @api
 async def queue(request: Request) -> Response:
     await require_admin(request, "control the queue")
-    limit = request.query_params.get("limit", "1000")
-    if not limit.isdigit():
+    limit = parse_number(request.query_params.get("limit", "1000"))
+    if limit is None:
         raise HTTPError(400, "limit must be a whole number of jobs")
-    return JSONResponse(site(request).scheduler.snapshot(int(limit)))
+    return JSONResponse(site(request).scheduler.snapshot(limit))
 
 
 @api

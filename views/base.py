@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import urllib.parse
 from typing import Any
 
@@ -159,16 +160,6 @@ async def check_csrf(request: Request) -> None:
         raise HTTPError(403, "the form has expired or came from another site; reload the page")
 
 
-async def check_can_view(request: Request, project_id: int) -> None:
-    user = await current_user(request)  # a bad token is refused even where none is needed
-    if site(request).settings.public_status:
-        return
-    if user is None:
-        raise HTTPError(401, "sign in to see this project")
-    if not user.is_member(project_id):
-        raise HTTPError(403, "only members of this project can see it")
-
-
 async def check_role(request: Request, project_id: int, *roles: str) -> User:
     user = await require_user(request)
     if not user.has_role(project_id, *roles):
@@ -196,20 +187,32 @@ async def asker_github_repos(request: Request) -> list[dict[str, Any]] | None:
     return await github(request).repos(token)
 
 
-def in_sqlite_range(number: int) -> bool:
-    """Whether a number from an address can be an SQLite row id (asking for a larger one
-    is an error in SQLite, not an empty answer)."""
-    return 0 <= number < 2**63
+# the one rule for a number in an address (an id, a page): ASCII digits only ("²" and
+# "٣" are digits to Python's isdigit and int, and an error to int or SQLite), at most 18
+# of them, so that every such number is an SQLite integer
+NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def parse_number(text: str | None) -> int | None:
+    """The number ``text`` spells by that rule, or None when it does not."""
+    return int(text) if text is not None and NUMBER.fullmatch(text) else None
 
 
 # -- lookups by name ----------------------------------------------------------------------
 
 
 async def _visible(request: Request, row: Row | None, kind: str, key: str) -> Row:
-    """A row the asker looked up by ``key``: 404 when missing, then the project's visibility."""
-    if row is None:
-        raise HTTPError(404, f"there is no {kind} {key!r}")
-    await check_can_view(request, row["project_id"])
+    """A row the asker looked up by ``key``, when it exists and they may see its project.
+
+    A private site (``public_status: false``) shows a project to its members only; to
+    anyone else, signed in or not, a thing that exists there is as missing as one that
+    does not: the same 404, the same words, so that no one learns what exists."""
+    user = await current_user(request)  # a bad token is refused even where none is needed
+    hidden = not site(request).settings.public_status and (
+        row is not None and (user is None or not user.is_member(row["project_id"]))
+    )
+    if row is None or hidden:
+        raise HTTPError(404, f"there is no {kind} {key!r} that you can see")
     return row
 
 
@@ -240,11 +243,12 @@ async def get_job(request: Request, job_id: str) -> Row:
 
 async def get_job_request(request: Request, request_id: str) -> Row:
     row = None
-    if request_id.isdigit() and in_sqlite_range(int(request_id)):
+    number = parse_number(request_id)
+    if number is not None:
         row = await site(request).db.fetchone(
             "SELECT r.*, w.name AS workspace, w.project_id FROM job_requests r "
             "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
-            (int(request_id),),
+            (number,),
         )
     return await _visible(request, row, "job request", request_id)
 
@@ -360,9 +364,14 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     status, message = error.status, error.message
     if is_api(request):
         return JSONResponse({"error": message}, status_code=status)
+    # a poll whose session ended meets a 404 on a private site (see _visible): it too
+    # sends the browser to sign in, as it would for anything missing
+    polled = bool(request.headers.get("hx-request"))
+    if status == 404 and polled and getattr(request.state, "user", None) is None:  # nobody
+        status = 401
     if status == 401:
         login = url(request, "login") + "?next=" + urllib.parse.quote(request.url.path)
-        if request.headers.get("hx-request"):  # a poll must not swap the sign-in page in
+        if polled:  # a poll must not swap the sign-in page in
             return Response(message, status_code=401, headers={"HX-Redirect": login})
         return RedirectResponse(login, status_code=303)
     return await render(request, "error.html", {"status": status, "message": message}, status)

@@ -25,6 +25,7 @@ from .base import (
     get_workspace,
     is_htmx,
     local_path,
+    parse_number,
     redirect_to,
     render,
     site,
@@ -32,6 +33,7 @@ from .base import (
 )
 
 PAGE_SIZE = 20
+MAX_PAGE = 10**6  # pages of job requests: far more than any workspace has
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
 
 
@@ -44,8 +46,9 @@ async def logs_page(request: Request) -> Response:
     workspace = await get_workspace(request, request.path_params["workspace"])
     db = site(request).db
     query = request.query_params.get("q", "").strip()
-    page_param = request.query_params.get("page", "1")
-    page = max(1, int(page_param)) if page_param.isdigit() else 1
+    page = parse_number(request.query_params.get("page", "1"))
+    if page is None or not 1 <= page <= MAX_PAGE:
+        raise HTTPError(400, f"page must be a whole number from 1 to {MAX_PAGE}")
     where = "r.workspace_id = ?"
     params: tuple = (workspace["id"],)
     if query:

@@ -70,7 +70,9 @@ async def create_project(request: Request) -> Response:
     form = await request.form()
     name = str(form.get("name") or "")
     try:
-        project = await workspaces.create_project(site(request).db, user, name)
+        project = await workspaces.create_project(
+            site(request).db, user, name, site(request).settings.public_status
+        )
     except Problem as e:
         context = {**await home_context(request), "error": e.message, "name": name}
         return await render(request, "home.html", context, status=400)
