@@ -118,6 +118,10 @@ class Settings:
     local_accounts: bool = True
     public_status: bool = True
     session_max_age: Duration = Duration(14 * 86400)
+    # a request body larger than this is refused (413) before it is read; one that takes
+    # longer than request_body_timeout to arrive is refused too (408)
+    max_request_size: Size = Size(1024**2)
+    request_body_timeout: Duration = Duration(30)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()

@@ -24,6 +24,7 @@ from .repos import Repos
 from .runner import Scheduler
 from .views import accounts, admin, api, base, jobs, projects, workspaces
 from .views.csrf import CSRFMiddleware
+from .views.limits import BodyLimitMiddleware
 
 ROOT = Path(__file__).parent
 
@@ -182,6 +183,11 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=ROUTES,
         middleware=[
+            Middleware(
+                BodyLimitMiddleware,
+                limit=int(settings.max_request_size),
+                timeout=float(settings.request_body_timeout),
+            ),
             Middleware(
                 SessionMiddleware,
                 secret_key=key,

@@ -5,13 +5,20 @@ site intact (helpers.Intact)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import select
+import socket
 import stat
+import time
 
+import httpx
 import pytest
-from helpers import setup_workspace, user_headers
+from helpers import serve, setup_workspace, submit, user_headers
 
+from jobsite import auth
 from jobsite.config import SettingsError
+from jobsite.units import Duration
 from jobsite.server import create_app, secret_key
 
 PROJECT_YAML = """\
@@ -23,6 +30,7 @@ actions:
       moderately_sensitive:
         counts: output/counts.csv
 """
+FORM = "application/x-www-form-urlencoded"
 
 
 def made_here(path: str) -> bool:
@@ -199,3 +207,168 @@ def test_a_session_key_made_meanwhile_by_another_process_is_used(settings, monke
     monkeypatch.setattr(os, "link", link_after_them)
     assert secret_key(settings.data) == theirs
     assert sorted(os.listdir(settings.data.root)) == ["secret.key"]
+
+
+# -- request bodies, against a real server on loopback -----------------------------------
+
+
+class Live:
+    """The site served on loopback (helpers.serve), with a client for it and a way to run
+    a coroutine on the server's own loop (to make users in its database)."""
+
+    def __init__(self, app, url: str, loop) -> None:
+        self.app, self.url, self.loop = app, url, loop
+        self.client = httpx.AsyncClient(base_url=url, timeout=30)
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    def raw(
+        self, head: bytes, body: bytes = b"", wait: float = 10.0, piece: int = 65536
+    ) -> tuple[int, bytes, int]:
+        """Sends ``head``, then ``body`` a piece at a time until the server answers; the
+        status, everything it answered (it must by ``wait`` seconds) and the bytes of
+        ``body`` it was sent."""
+        host, port = self.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=wait) as sock:
+            sock.sendall(head)
+            sent = 0
+            while sent < len(body) and not select.select([sock], [], [], 0.02)[0]:
+                sock.sendall(body[sent : sent + piece])
+                sent += piece
+            answer = b""
+            while not complete(answer) and (chunk := sock.recv(65536)):
+                answer += chunk
+        return int(answer.split(b" ", 2)[1]), answer, min(sent, len(body))
+
+
+def complete(answer: bytes) -> bool:
+    """Whether ``answer`` holds a whole HTTP response (its head and Content-Length bytes)."""
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    lengths = [
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    ]
+    return bool(lengths) and len(body) >= lengths[0]
+
+
+@pytest.fixture
+async def live(settings):
+    settings.request_body_timeout = Duration(2)
+    app = create_app(settings)
+    with serve(app) as (url, loop):
+        site = Live(app, url, loop)
+        yield site
+        await site.client.aclose()
+
+
+def post_head(path: str, length: int | None, kind: str = "application/json") -> bytes:
+    size = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {kind}\r\n{size}\r\n\r\n"
+    ).encode()
+
+
+def chunked(data: bytes, size: int = 65536) -> bytes:
+    parts = [data[i : i + size] for i in range(0, len(data), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+async def test_a_body_announced_too_large_is_refused_before_it_is_sent(live, intact):
+    started = time.monotonic()
+    status, answer, _ = live.raw(post_head("/login", 100 * 1024**2, FORM))  # no body follows
+    assert status == 413
+    assert b"larger than this site accepts (1 MiB)" in answer
+    assert time.monotonic() - started < 5  # it did not wait for the 100 MB
+    await intact.check(live.client)
+
+
+@pytest.mark.parametrize("path", ["/login", "/api/v1/projects"])
+async def test_a_body_that_turns_out_too_large_is_refused(live, intact, path):
+    user_id = live.run(auth.create_user(live.app.state.db, "alice", "pw-1234567"))
+    token = live.run(auth.create_token(live.app.state.db, user_id, "t"))
+    head = post_head(path, None, FORM).replace(
+        b"\r\n\r\n", f"\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    body = chunked(b"a=" + b"x" * 4 * 1024**2)
+    status, answer, sent = live.raw(head, body)
+    assert status == 413, answer
+    assert sent < 2 * 1024**2  # refused once past the limit, not after reading all of it
+    await intact.check(live.client)
+
+
+async def test_a_signed_in_form_too_large_is_refused_by_the_csrf_check_too(live, intact):
+    """The CSRF middleware reads the forms of signed-in sessions: a large one is still 413."""
+    live.run(auth.create_user(live.app.state.db, "alice", "pw-1234567"))
+    page = await live.client.get("/login")
+    token = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
+    signed_in = await live.client.post(
+        "/login", data={"username": "alice", "password": "pw-1234567", "csrf_token": token}
+    )
+    assert signed_in.status_code == 303
+    cookie = f"Cookie: jobsite_session={live.client.cookies['jobsite_session']}"
+    head = post_head("/account/tokens", None, FORM)
+    head = head.replace(b"\r\n\r\n", f"\r\n{cookie}\r\n\r\n".encode())
+    status, answer, sent = live.raw(head, chunked(b"name=" + b"x" * 4 * 1024**2))
+    assert status == 413, answer
+    assert b"larger than this site accepts" in answer
+    assert sent < 2 * 1024**2
+    await intact.check(live.client)
+
+
+async def test_a_body_that_trickles_in_is_cut_off_and_others_are_served(live, intact):
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as slow:
+        slow.sendall(post_head("/login", 1000, FORM) + b"user")
+        # meanwhile the site serves everyone else
+        assert (await live.client.get("/api/v1/health")).status_code == 200
+        answer = b""
+        while not complete(answer) and (chunk := slow.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"did not arrive within 2 seconds" in answer
+    await intact.check(live.client)
+
+
+@pytest.mark.parametrize("length", ["12abc", "%C2%B2", "-1"])
+async def test_a_content_length_that_is_not_a_number_is_a_400(live, intact, length):
+    head = (
+        f"POST /api/v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+    status, _, _ = live.raw(head)
+    assert status == 400
+    await intact.check(live.client)
+
+
+@pytest.mark.parametrize("body", ["[" * 100_000, '{"name": ' * 50_000, '{"name": 1e99999999}x'])
+async def test_deeply_nested_or_broken_json_is_a_400(live, intact, body):
+    user_id = live.run(auth.create_user(live.app.state.db, "alice", "pw-1234567"))
+    token = live.run(auth.create_token(live.app.state.db, user_id, "t"))
+    response = await live.client.post(
+        "/api/v1/projects", content=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("the request body must be JSON")
+    await intact.check(live.client)
+
+
+async def test_cancel_checks_the_role_before_reading_the_body(live, intact, make_repo):
+    db = live.app.state.db
+    owner = live.run(auth.create_user(db, "alice", "pw-1234567"))
+    stranger = live.run(auth.create_user(db, "mallory", "pw-1234567"))
+    headers = {"Authorization": f"Bearer {live.run(auth.create_token(db, owner, 't'))}"}
+    live.run(live.app.state.scheduler.set_paused(True))
+    await setup_workspace(live.client, headers, make_repo({"project.yaml": PROJECT_YAML}))
+    request_id = await submit(live.client, headers, ["generate"])
+    token = live.run(auth.create_token(db, stranger, "t"))
+    head = post_head(f"/api/v1/job-requests/{request_id}/cancel", 1000)
+    head = head.replace(b"\r\n\r\n", f"\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    started = time.monotonic()
+    status, answer, _ = live.raw(head, wait=1.5)  # the body never comes: refused without it
+    assert status == 403, answer
+    assert b"developer role" in answer
+    assert time.monotonic() - started < 1.5
+    await intact.check(live.client, made_here)

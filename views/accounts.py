@@ -320,6 +320,10 @@ async def admin_user_action(request: Request) -> Response:
 async def add_member_form(request: Request) -> Response:
     """The members form of the project page: add a member or set their roles."""
     project = await get_project(request, request.path_params["slug"])
+    try:  # who may, before reading what they sent
+        await check_role(request, project["id"], "developer")
+    except HTTPError as e:
+        return await members_answer(request, project, e)
     form = await request.form()
     username = str(form.get("username", "")).strip()
     roles = list(form.getlist("roles"))

@@ -139,10 +139,10 @@ def workspace_json(workspace: Row) -> dict[str, Any]:
 @api
 async def create_workspace(request: Request) -> Response:
     project = await get_project(request, request.path_params["slug"])
+    user = await check_role(request, project["id"], "developer")
     body = await json_body(request)
     for name in ("name", "repo", "branch", "database"):
         field(body, name)
-    user = await check_role(request, project["id"], "developer")
     state = site(request)
     name = await workspaces.create_workspace(
         state.db, state.settings, state.repos, user, project["id"], body
@@ -215,9 +215,9 @@ async def job_request(request: Request) -> Response:
 @api
 async def cancel(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
+    await check_role(request, row["project_id"], "developer")
     body = await json_body(request) if await request.body() else {}
     actions = field(body, "actions", list, required=False)
-    await check_role(request, row["project_id"], "developer")
     state = site(request)
     cancelled = await submit.cancel(state.db, state.scheduler, row["id"], actions)
     data = await submit.job_request_json(state.db, row["id"])

@@ -9,7 +9,6 @@ that knows nothing of HTTP.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import urllib.parse
 from typing import Any
@@ -269,8 +268,10 @@ def is_htmx(request: Request) -> bool:
 async def json_body(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HTTPError(400, "the request body must be JSON") from None
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past Python's stack
+        raise HTTPError(
+            400, "the request body must be JSON (UTF-8, nested at most a few hundred deep)"
+        ) from None
     if not isinstance(body, dict):
         raise HTTPError(400, "the request body must be a JSON object")
     return body
