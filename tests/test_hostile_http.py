@@ -18,8 +18,8 @@ from helpers import serve, setup_workspace, submit, user_headers
 
 from jobsite import auth
 from jobsite.config import SettingsError
-from jobsite.units import Duration
 from jobsite.server import create_app, secret_key
+from jobsite.units import Duration
 
 PROJECT_YAML = """\
 version: "4"
