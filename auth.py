@@ -3,6 +3,7 @@ signing in with GitHub. (The CSRF checks of web requests are in views.csrf.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -36,6 +37,18 @@ def password_problem(password: str, username: str) -> str | None:
     if password.lower() == username.lower():
         return "a password must not be the username"
     return None
+
+
+# what an unknown user's password, or a user without one, is checked against: a hash of a
+# secret no one knows, at the site's cost, so that every sign-in costs one scrypt
+_DUMMY_HASHES: dict[tuple[int, ...], str] = {}
+
+
+def dummy_hash() -> str:
+    cost = tuple(_SCRYPT.values())
+    if cost not in _DUMMY_HASHES:
+        _DUMMY_HASHES[cost] = hash_password(secrets.token_urlsafe(32))
+    return _DUMMY_HASHES[cost]
 
 
 def hash_password(password: str) -> str:
@@ -147,14 +160,28 @@ async def load_session_user(db: Database, session: dict[str, Any]) -> User | Non
 
 
 async def authenticate_password(db: Database, username: str, password: str) -> User | None:
+    """The user whose username and password these are, or None.
+
+    Every attempt costs one scrypt, in a thread (it takes ~50 ms of CPU): an unknown
+    username, or a user who signs in with GitHub only, is checked against a dummy hash,
+    so the time taken does not tell which names exist or have a password."""
     row = await db.fetchone(
         "SELECT id, password_hash FROM users WHERE username = ? AND is_active = 1", (username,)
     )
-    # hash even for an unknown user, so response time does not reveal which names exist
-    stored = row["password_hash"] if row else hash_password("timing-equaliser")
-    if not verify_password(password, stored) or row is None:
+    stored = row["password_hash"] if row and row["password_hash"] else await _dummy()
+    matches = await check_password(password, stored)
+    if not matches or row is None or not row["password_hash"]:
         return None
     return await load_user(db, row["id"])
+
+
+async def _dummy() -> str:
+    return await asyncio.to_thread(dummy_hash)
+
+
+async def check_password(password: str, stored: str | None) -> bool:
+    """verify_password in a thread, for callers on the event loop."""
+    return await asyncio.to_thread(verify_password, password, stored)
 
 
 # "last used" is kept to the minute, so that a busy API client does not make every one of
@@ -192,7 +219,7 @@ async def create_user(
             username,
             full_name,
             email,
-            hash_password(password) if password else None,
+            await asyncio.to_thread(hash_password, password) if password else None,
             github_id,
             int(is_admin),
             time.time(),
@@ -201,9 +228,8 @@ async def create_user(
 
 
 async def set_password(db: Database, user_id: int, password: str) -> None:
-    await db.execute(
-        "UPDATE users SET password_hash = ? WHERE id = ?", (hash_password(password), user_id)
-    )
+    stored = await asyncio.to_thread(hash_password, password)
+    await db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (stored, user_id))
 
 
 async def create_token(db: Database, user_id: int, name: str) -> str:
@@ -253,8 +279,36 @@ class RateLimiter:
         hits.append(now)
         return True
 
+    def full(self, key: str) -> bool:
+        """Whether the next attempt for ``key`` would be refused (it is not counted)."""
+        now = time.monotonic()
+        return sum(1 for t in self.hits.get(key, []) if now - t < self.window) >= self.limit
+
     def reset(self, key: str) -> None:
         self.hits.pop(key, None)
+
+
+class SignInThrottle:
+    """How often password sign-ins may be tried, such that a stranger cannot lock a user
+    out: at most ``per_user`` attempts per username from one address, and ``per_address``
+    in all from one address, within ``window`` seconds. Guessing one user's password from
+    one address stops soon; guessing from many addresses stops each of them soon; and
+    attempts from elsewhere never stop the user signing in from their own address."""
+
+    def __init__(self, per_user: int = 10, per_address: int = 50, window: float = 300) -> None:
+        self.pairs = RateLimiter(per_user, window)
+        self.addresses = RateLimiter(per_address, window)
+
+    def allow(self, username: str, address: str) -> bool:
+        """Whether this attempt may go ahead; it is counted when it may."""
+        pair = f"{address} {username.lower()}"
+        if self.pairs.full(pair) or self.addresses.full(address):
+            return False
+        return self.pairs.allow(pair) and self.addresses.allow(address)
+
+    def succeeded(self, username: str, address: str) -> None:
+        """A right password forgets that user's failed attempts from that address."""
+        self.pairs.reset(f"{address} {username.lower()}")
 
 
 # -- GitHub ---------------------------------------------------------------------------

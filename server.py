@@ -177,7 +177,7 @@ def create_app(settings: Settings) -> Starlette:
     site = base.Site(
         settings,
         templates=base.templates(str(ROOT / "templates")),
-        login_limiter=auth.RateLimiter(limit=10, window=300),
+        sign_in_throttle=auth.SignInThrottle(),
         sealer=auth.Sealer(key),
     )
     app = Starlette(

@@ -266,7 +266,7 @@ async def world(tmp_path_factory, cheap_scrypt):
     async with app.router.lifespan_context(app):
         w = World()
         w.app, w.db = app, app.state.db
-        app.state.login_limiter = auth.RateLimiter(limit=10_000, window=1)
+        app.state.sign_in_throttle = auth.SignInThrottle(10_000, 10_000, window=1)
         await app.state.scheduler.set_paused(True)
         db = app.state.db
         w.user_ids = {}

@@ -67,11 +67,11 @@ async def login(request: Request) -> Response:
     form = await request.form()
     username = str(form.get("username", "")).strip()
     password = str(form.get("password", ""))
-    limiter = state.login_limiter
+    throttle = state.sign_in_throttle
     client = request.client.host if request.client else "unknown"
     if not state.settings.local_accounts:
         return await login_page(request, "This site signs in with GitHub only.", username)
-    if not (limiter.allow(f"user:{username.lower()}") and limiter.allow(f"addr:{client}")):
+    if not throttle.allow(username, client):
         log.warning("sign-in refused, too many attempts: user %r from %s", username, client)
         return await login_page(
             request, "Too many sign-in attempts. Wait a few minutes and try again.", username
@@ -81,7 +81,7 @@ async def login(request: Request) -> Response:
         log.warning("sign-in failed: user %r from %s", username, client)
         return await login_page(request, "That username and password do not match.", username)
     log.info("signed in with a password: %s from %s", user.username, client)
-    limiter.reset(f"user:{username.lower()}")
+    throttle.succeeded(username, client)
     await auth.start_session(state.db, request.session, user.id)
     return redirect_to(local_path(request.query_params.get("next"), url(request, "home")))
 
@@ -178,7 +178,7 @@ async def change_password(request: Request) -> Response:
     stored = await db.fetchval("SELECT password_hash FROM users WHERE id = ?", (user.id,))
     if not site(request).settings.local_accounts:
         return await account_page(request, error="This site signs in with GitHub only.")
-    if stored and not auth.verify_password(current, stored):
+    if stored and not await auth.check_password(current, stored):
         return await account_page(request, error="Your current password is not right.")
     if new != str(form.get("confirm_password", "")):
         return await account_page(request, error="The two new passwords are not the same.")

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from .. import auth, pipeline
-from ..auth import RateLimiter, Sealer, User
+from ..auth import Sealer, SignInThrottle, User
 from ..config import Settings
 from ..db import Database, Row
 from ..executor import Executor
@@ -55,12 +55,12 @@ class Site:
         self,
         settings: Settings,
         templates: Jinja2Templates,
-        login_limiter: RateLimiter,
+        sign_in_throttle: SignInThrottle,
         sealer: Sealer,
     ) -> None:
         self.settings = settings
         self.templates = templates
-        self.login_limiter = login_limiter
+        self.sign_in_throttle = sign_in_throttle
         self.sealer = sealer
         self.projects = ParsedProjects()
 
