@@ -60,10 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     user = commands.add_parser("user", help="manage users").add_subparsers(
         dest="user_command", required=True, metavar="SUBCOMMAND"
     )
-    add = user.add_parser("add", help="add a local user")
+    add = user.add_parser("add", help="add a user")
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="make the user a site admin")
     add.add_argument("--password", help="default: a random password, printed once")
+    add.add_argument(
+        "--github",
+        action="store_true",
+        help="the user signs in with GitHub: NAME is their GitHub login, and they have no password",
+    )
     add.add_argument("--email")
 
     token = commands.add_parser("token", help="manage API tokens").add_subparsers(
@@ -226,7 +231,10 @@ def check_project(args: argparse.Namespace) -> int:
 
 def user_add(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    password = args.password or secrets.token_urlsafe(12)
+    if args.github and args.password:
+        print("jobsite: a user who signs in with GitHub has no password", file=sys.stderr)
+        return 2
+    password = None if args.github else args.password or secrets.token_urlsafe(12)
 
     async def add(db: Database) -> int:
         try:
@@ -236,7 +244,9 @@ def user_add(args: argparse.Namespace) -> int:
             return 1
         role = "admin" if args.admin else "user"
         print(f"Added {role} {args.name}.")
-        if not args.password:
+        if args.github:
+            print(f"They sign in with GitHub as {args.name}.")
+        elif not args.password:
             print(f"Password (shown only now): {password}")
         return 0
 

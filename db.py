@@ -24,7 +24,21 @@ BUSY_TIMEOUT_MS = 10_000
 
 # SQL that takes a database from version N to N+1, keyed by N. schema.sql always holds the
 # whole current schema; a migration is added here whenever schema.sql changes.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    1: """
+-- hostile-http: server-side sessions, expiring API tokens, a failed job's log excerpt
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at REAL NOT NULL
+);
+CREATE INDEX sessions_user ON sessions (user_id);
+CREATE INDEX sessions_created ON sessions (created_at);
+ALTER TABLE api_tokens ADD COLUMN expires_at REAL;
+ALTER TABLE jobs ADD COLUMN log_excerpt TEXT NOT NULL DEFAULT '';
+-- end hostile-http
+""",
+}
 
 
 class DatabaseVersionError(Exception):

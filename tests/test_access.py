@@ -100,6 +100,7 @@ class Case:
     form: Callable[[], dict[str, Any]] | None = None
     setup: Callable[[World, str], Awaitable[dict[str, Any]]] | None = None
     shows: tuple[str, Callable[[str, bool], str]] | None = None  # text shown only when allowed
+    own_session: bool = False  # sent from a session of its own (signing out ends it)
 
     @property
     def api(self) -> bool:
@@ -171,7 +172,7 @@ CASES = [
     Case("/login", "GET", rule_anyone, "/login"),
     Case("/login", "POST", rule_anyone, "/login", 400,
          form=lambda: {"username": "nobody", "password": "wrong"}),
-    Case("/logout", "POST", rule_anyone, "/logout", 303, form=dict),
+    Case("/logout", "POST", rule_anyone, "/logout", 303, form=dict, own_session=True),
     Case("/auth/github", "GET", rule_anyone, "/auth/github", 303),
     Case("/auth/github/callback", "GET", rule_anyone, "/auth/github/callback?code=c&state=s",
          400),
@@ -233,6 +234,7 @@ class World:
     project_id: int
     user_ids: dict[str, int]
     tokens: dict[str, str]
+    transport: httpx.ASGITransport
     sessions: dict[str, httpx.AsyncClient]
     csrf: dict[str, str]
     ids: dict[str, Any]
@@ -299,19 +301,10 @@ async def world(tmp_path_factory, cheap_scrypt):
         }
 
         transport = httpx.ASGITransport(app=app)
+        w.transport = transport
         w.sessions, w.csrf = {}, {}
         for role in ROLES:
-            client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
-            page = await client.get("/login")
-            w.csrf[role] = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
-            if role != "anonymous":
-                await client.post(
-                    "/login",
-                    data={"username": role, "password": PASSWORD, "csrf_token": w.csrf[role]},
-                )
-                page = await client.get("/account")
-                w.csrf[role] = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
-            w.sessions[role] = client
+            w.sessions[role], w.csrf[role] = await signed_in(transport, role)
 
         # a finished job with a log, made the way the site makes jobs
         response = await w.sessions["anonymous"].post(
@@ -339,6 +332,20 @@ async def world(tmp_path_factory, cheap_scrypt):
             await client.aclose()
 
 
+async def signed_in(transport: httpx.ASGITransport, role: str) -> tuple[httpx.AsyncClient, str]:
+    """A browser session signed in as ``role`` (or not, for anonymous), and its CSRF token."""
+    client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
+    page = await client.get("/login")
+    csrf = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
+    if role != "anonymous":
+        await client.post(
+            "/login", data={"username": role, "password": PASSWORD, "csrf_token": csrf}
+        )
+        page = await client.get("/account")
+        csrf = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
+    return client, csrf
+
+
 def fill(value: Any, ids: dict[str, Any]) -> Any:
     if isinstance(value, str):
         return value.format(**ids)
@@ -357,6 +364,14 @@ async def ask(world: World, case: Case, role: str) -> httpx.Response:
         return await client.request(case.method, url, json=body, headers=headers)
     if case.form is None:
         return await client.request(case.method, url)
+    if case.own_session:
+        own, csrf = await signed_in(world.transport, role)
+        try:
+            return await own.request(
+                case.method, url, data={**fill(case.form(), ids), "csrf_token": csrf}
+            )
+        finally:
+            await own.aclose()
     saved = list(client.cookies.jar)  # a sign-out must not end the session other cases use
     form = {**fill(case.form(), ids), "csrf_token": world.csrf[role]}
     response = await client.request(case.method, url, data=form)

@@ -11,9 +11,12 @@ import threading
 import time
 
 import httpx
-from helpers import serve
+import pytest
+from helpers import FakeGitHub, serve, through_github
 
-from jobsite import auth
+from jobsite import auth, cli
+from jobsite.config import GitHub
+from jobsite.db import Database
 from jobsite.server import create_app
 
 PASSWORD = "a long password"
@@ -145,3 +148,197 @@ def test_sign_ins_do_not_hold_up_the_site(settings, intact, monkeypatch):
             assert c.get("/api/v1/health").status_code == 200
     assert intact.database_ok() == "ok"
     assert intact.new_files(allowed=lambda path: path == "data") == set()
+
+
+# -- sessions and tokens that must end --------------------------------------------------
+
+
+async def test_a_cookie_copied_before_sign_out_stops_working(app, intact):
+    await auth.create_user(app.state.db, "alice", PASSWORD)
+    alice = browser(app)
+    await sign_in(alice, "alice", PASSWORD)
+    account = await alice.get("/account")
+    assert account.status_code == 200
+    copied = alice.cookies["jobsite_session"]
+    await alice.post("/logout", data={"csrf_token": csrf_of(account)})
+    thief = browser(app, "198.51.100.66")
+    thief.cookies.set("jobsite_session", copied)
+    response = await thief.get("/account")
+    assert response.status_code == 303 and response.headers["location"].startswith("/login")
+    assert await app.state.db.fetchval("SELECT count(*) FROM sessions") == 0
+    await intact.check(alice)
+
+
+async def test_sessions_end_on_the_server_after_session_max_age(app, intact):
+    await auth.create_user(app.state.db, "alice", PASSWORD)
+    alice = browser(app)
+    await sign_in(alice, "alice", PASSWORD)
+    assert (await alice.get("/account")).status_code == 200
+    # the cookie says nothing of its age that the server trusts: the server's row does
+    await app.state.db.execute(
+        "UPDATE sessions SET created_at = created_at - ?", (app.state.settings.session_max_age,)
+    )
+    assert (await alice.get("/account")).status_code == 303
+    await intact.check(alice)
+
+
+async def test_a_password_reset_ends_the_users_sessions_and_tokens(app, intact, make_user):
+    admin = browser(app)
+    await auth.create_user(app.state.db, "root", PASSWORD, is_admin=True)
+    bob_headers = await make_user("bob", password=PASSWORD)
+    bob = browser(app, "192.0.2.20")
+    await sign_in(bob, "bob", PASSWORD)
+    assert (await bob.get("/api/v1/workspaces/none", headers=bob_headers)).status_code == 404
+    await sign_in(admin, "root", PASSWORD)
+    bob_id = await app.state.db.fetchval("SELECT id FROM users WHERE username = 'bob'")
+    page = await admin.post(
+        f"/admin/users/{bob_id}/reset-password",
+        data={"csrf_token": csrf_of(await admin.get("/admin/users"))},
+    )
+    assert "their sessions and API tokens have ended" in page.text
+    response = await bob.get("/api/v1/workspaces/none", headers=bob_headers)
+    assert response.status_code == 401
+    assert "revoked" in response.json()["error"]
+    assert (await bob.get("/account")).status_code == 303
+    await intact.check(admin)
+
+
+async def test_a_token_can_expire_and_shows_when_it_was_last_used(app, intact):
+    await auth.create_user(app.state.db, "alice", PASSWORD)
+    alice = browser(app)
+    await sign_in(alice, "alice", PASSWORD)
+    page = await alice.post(
+        "/account/tokens",
+        data={
+            "name": "laptop",
+            "expires_in_days": "30",
+            "csrf_token": csrf_of(await alice.get("/account")),
+        },
+    )
+    token = page.text.split('<pre id="new-token">')[1].split("</pre>")[0]
+    expires = await app.state.db.fetchval("SELECT expires_at FROM api_tokens")
+    assert abs(expires - (time.time() + 30 * 86400)) < 60
+    headers = {"Authorization": f"Bearer {token}"}
+    assert (await alice.get("/api/v1/workspaces/none", headers=headers)).status_code == 404
+    page = await alice.get("/account")
+    row = page.text.split("<td>laptop</td>")[1].split("</tr>")[0]
+    assert "never" not in row, "it was used just now"
+    assert "expired" not in row
+    await app.state.db.execute("UPDATE api_tokens SET expires_at = ?", (time.time() - 1,))
+    response = await alice.get("/api/v1/workspaces/none", headers=headers)
+    assert response.status_code == 401
+    assert "have expired" in response.json()["error"]
+    page = await alice.get("/account")
+    assert "expired <time" in page.text.split("<td>laptop</td>")[1].split("</tr>")[0]
+    # a lifetime that is not one of the choices is a clear error
+    page = await alice.post(
+        "/account/tokens",
+        data={"name": "x", "expires_in_days": "99999", "csrf_token": csrf_of(page)},
+    )
+    assert page.status_code == 400
+    assert "Choose how long the token lasts" in page.text
+    await intact.check(alice)
+
+
+# -- GitHub sign-in on a site that has not let just anyone in ---------------------------
+
+
+@pytest.fixture
+async def github_app(settings, fake_github):
+    settings.github = GitHub(
+        client_id=FakeGitHub.CLIENT_ID,
+        client_secret=FakeGitHub.CLIENT_SECRET,
+        base_url=fake_github.url,
+        api_url=f"{fake_github.url}/api/v3",
+        allowed_orgs=["opensafely"],
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def test_a_github_user_outside_the_allowed_orgs_is_asked_to_see_an_admin(
+    github_app, fake_github, intact
+):
+    fake_github.signing_in = "hubot"  # not in opensafely
+    client = browser(github_app)
+    response = await through_github(client, fake_github)
+    assert response.status_code == 403
+    assert "no account on this site for the GitHub user hubot" in response.text
+    assert "Ask a site admin to add hubot" in response.text
+    assert await github_app.state.db.fetchval("SELECT count(*) FROM users") == 0
+    assert fake_github.scopes == ["user:email read:org"]
+    # a member of the org gets an account
+    fake_github.signing_in = "octocat"
+    assert (await through_github(client, fake_github)).status_code == 303
+    assert await github_app.state.db.fetchval("SELECT username FROM users") == "octocat"
+    await intact.check(client)
+
+
+async def test_with_no_allowed_orgs_only_logins_an_admin_added_sign_in(
+    github_app, fake_github, intact
+):
+    github_app.state.settings.github.allowed_orgs = []
+    client = browser(github_app)
+    assert (await through_github(client, fake_github)).status_code == 403
+    assert fake_github.scopes == ["user:email"]
+    await auth.create_user(github_app.state.db, "root", PASSWORD, is_admin=True)
+    admin = browser(github_app, "192.0.2.1")
+    await sign_in(admin, "root", PASSWORD)
+    page = await admin.get("/admin/users")
+    assert "Signs in with GitHub" in page.text
+    page = await admin.post(
+        "/admin/users", data={"username": "octocat", "github": "1", "csrf_token": csrf_of(page)}
+    )
+    assert "Added octocat." in page.text and 'id="new-password"' not in page.text
+    assert (await through_github(client, fake_github)).status_code == 303
+    row = await github_app.state.db.fetchone(
+        "SELECT github_id, password_hash FROM users WHERE username = 'octocat'"
+    )
+    assert row == {"github_id": 583231, "password_hash": None}
+    await intact.check(client)
+
+
+def test_the_command_adds_a_github_user_without_a_password(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JOBSITE_DATA_DIR", str(tmp_path / "data"))
+    assert cli.main(["user", "add", "octocat", "--github"]) == 0
+    out = capsys.readouterr().out
+    assert "They sign in with GitHub as octocat." in out and "Password" not in out
+    assert cli.main(["user", "add", "hubot", "--github", "--password", "x" * 12]) == 2
+    assert "has no password" in capsys.readouterr().err
+
+    async def stored() -> object:
+        db = await Database.open(tmp_path / "data" / "db.sqlite")
+        try:
+            return await db.fetchval("SELECT password_hash FROM users WHERE username = 'octocat'")
+        finally:
+            await db.close()
+
+    assert asyncio.run(stored()) is None
+
+
+async def test_a_github_only_user_signs_in_again_before_setting_a_password(
+    github_app, fake_github, intact
+):
+    client = browser(github_app)
+    await through_github(client, fake_github)
+    form = {"new_password": PASSWORD, "confirm_password": PASSWORD}
+
+    async def set_password() -> httpx.Response:
+        page = await client.get("/account")
+        return await client.post("/account/password", data={**form, "csrf_token": csrf_of(page)})
+
+    # a session signed in with GitHub long ago (or a stolen cookie) cannot give itself one
+    later = time.time() + 11 * 60
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "time", lambda: later)
+        response = await set_password()
+    assert response.status_code == 400
+    assert "first confirm it is you: sign in with GitHub again" in response.text
+    assert 'href="/auth/github?next=/account">Sign in with GitHub again' in response.text
+    assert await github_app.state.db.fetchval("SELECT password_hash FROM users") is None
+    await through_github(client, fake_github)
+    response = await set_password()
+    assert "Your password has been changed" in response.text
+    assert (await sign_in(browser(github_app, "192.0.2.5"), "octocat", PASSWORD)).status_code == 303
+    await intact.check(client)

@@ -7,6 +7,7 @@ import logging
 import re
 import secrets
 import sqlite3
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -44,6 +45,12 @@ log = logging.getLogger("jobsite.accounts")
 # use '.' and '_'
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,38}")
 GITHUB_STATE = "github_state"
+# when the session last signed in with GitHub: a user with no password sets one only
+# soon after, so that a session left open (or a stolen cookie) cannot give itself one
+GITHUB_SIGNED_IN_AT = "github_signed_in_at"
+GITHUB_RECENT = 10 * 60
+# how long a new API token may last, by the choice on the account page (days; "" never)
+TOKEN_LIFETIMES = {"30": 30, "90": 90, "365": 365, "": None}
 
 
 # -- signing in and out ---------------------------------------------------------------
@@ -87,7 +94,8 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    request.session.clear()
+    state = site(request)
+    await auth.end_session(state.db, request.session, float(state.settings.session_max_age))
     return redirect(request, "home")
 
 
@@ -126,10 +134,23 @@ async def github_callback(request: Request) -> Response:
     except auth.GitHubError as e:
         raise HTTPError(400, f"signing in with GitHub failed: {e}") from None
     state = site(request)
-    user_id = await auth.user_for_github(state.db, account, await current_user(request))
+
+    async def in_allowed_org() -> bool:
+        org = await client.allowed_org(token)
+        if org:
+            log.info("GitHub user %s joins as a member of %s", account.login, org)
+        return org is not None
+
+    try:
+        user_id = await auth.user_for_github(
+            state.db, account, await current_user(request), in_allowed_org
+        )
+    except auth.GitHubError as e:
+        raise HTTPError(400, f"signing in with GitHub failed: {e}") from None
     log.info("signed in with GitHub: %s (GitHub id %s)", account.login, account.id)
     await auth.start_session(state.db, request.session, user_id)
     request.session[GITHUB_TOKEN] = state.sealer.seal(token)
+    request.session[GITHUB_SIGNED_IN_AT] = time.time()
     return redirect_to(started.get("next") or url(request, "home"))
 
 
@@ -148,10 +169,12 @@ async def account_page(request: Request, **context: Any) -> Response:
             **token,
             "created_at": iso_ms(token["created_at"]),
             "last_used_at": iso_ms(token["last_used_at"]),
+            "expires_at": iso_ms(token["expires_at"]),
+            "expired": token["expires_at"] is not None and token["expires_at"] <= time.time(),
         }
         for token in await db.fetchall(
-            "SELECT id, name, created_at, last_used_at FROM api_tokens WHERE user_id = ? "
-            "ORDER BY created_at DESC",
+            "SELECT id, name, created_at, last_used_at, expires_at FROM api_tokens "
+            "WHERE user_id = ? ORDER BY created_at DESC",
             (user.id,),
         )
     ]
@@ -163,6 +186,8 @@ async def account_page(request: Request, **context: Any) -> Response:
         "error": None,
         "message": None,
         "new_token": None,
+        "reauthenticate": False,
+        "lifetimes": TOKEN_LIFETIMES,
         **context,
     }
     status = 400 if context["error"] else 200
@@ -180,6 +205,15 @@ async def change_password(request: Request) -> Response:
         return await account_page(request, error="This site signs in with GitHub only.")
     if stored and not await auth.check_password(current, stored):
         return await account_page(request, error="Your current password is not right.")
+    signed_in_at = request.session.get(GITHUB_SIGNED_IN_AT)
+    recent = isinstance(signed_in_at, float) and time.time() - signed_in_at < GITHUB_RECENT
+    if not stored and not recent:
+        return await account_page(
+            request,
+            error="To set a password, first confirm it is you: sign in with GitHub again "
+            f"(the link below), then set it within {GITHUB_RECENT // 60} minutes.",
+            reauthenticate=True,
+        )
     if new != str(form.get("confirm_password", "")):
         return await account_page(request, error="The two new passwords are not the same.")
     problem = auth.password_problem(new, user.username)
@@ -187,7 +221,11 @@ async def change_password(request: Request) -> Response:
         return await account_page(request, error=f"Choose another password: {problem}.")
     await auth.set_password(db, user.id, new)
     # a new stamp ends every other session; this one goes on as it was
-    kept = {k: v for k, v in request.session.items() if k in (GITHUB_TOKEN, csrf.CSRF_FIELD)}
+    kept = {
+        k: v
+        for k, v in request.session.items()
+        if k in (GITHUB_TOKEN, GITHUB_SIGNED_IN_AT, csrf.CSRF_FIELD)
+    }
     await auth.start_session(db, request.session, user.id)
     request.session.update(kept)
     return await account_page(
@@ -201,7 +239,15 @@ async def create_token(request: Request) -> Response:
     name = str(form.get("name", "")).strip()
     if not name:
         return await account_page(request, error="Give the token a name, such as the laptop.")
-    token = await auth.create_token(site(request).db, user.id, name[:100])
+    lifetime = str(form.get("expires_in_days", ""))
+    if lifetime not in TOKEN_LIFETIMES:
+        return await account_page(
+            request, error="Choose how long the token lasts: 30, 90 or 365 days, or until revoked."
+        )
+    days = TOKEN_LIFETIMES[lifetime]
+    token = await auth.create_token(
+        site(request).db, user.id, name[:100], None if days is None else days * 86400.0
+    )
     return await account_page(request, new_token={"name": name, "token": token})
 
 
@@ -254,7 +300,8 @@ async def admin_create_user(request: Request) -> Response:
             error="A username is 1 to 39 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit.",
         )
-    password = secrets.token_urlsafe(12) if site(request).settings.local_accounts else None
+    with_password = site(request).settings.local_accounts and not form.get("github")
+    password = secrets.token_urlsafe(12) if with_password else None
     try:
         await auth.create_user(
             site(request).db,
@@ -295,10 +342,10 @@ async def admin_user_action(request: Request) -> Response:
         if not site(request).settings.local_accounts:
             return await admin_users(request, error="This site signs in with GitHub only.")
         password = secrets.token_urlsafe(12)
-        await auth.set_password(db, target["id"], password)
+        await auth.reset_password(db, target["id"], password)
         return await admin_users(
             request,
-            message=f"Reset the password of {name}.",
+            message=f"Reset the password of {name}: their sessions and API tokens have ended.",
             new_password={"username": name, "password": password},
         )
     changes = {

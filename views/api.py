@@ -21,6 +21,7 @@ from ..units import iso_ms
 from .base import (
     HTTPError,
     asker_github_repos,
+    check_may_register,
     check_role,
     current_user,
     field,
@@ -65,6 +66,7 @@ async def openapi_json(request: Request) -> Response:
 @api
 async def create_project(request: Request) -> Response:
     user = await require_user(request)
+    check_may_register(request, user)
     body = await json_body(request)
     state = site(request)
     project = await workspaces.create_project(

@@ -115,11 +115,15 @@ async def current_user(request: Request) -> User | None:
         user = await auth.authenticate_token(state.db, header[7:].strip())
         if user is None:
             raise HTTPError(
-                401, "the API token is not valid; create a new one on your account page"
+                401,
+                "the API token is not valid (it may have been revoked, or have expired); "
+                "create a new one on your account page",
             )
         request.state.via_token = True
     elif "user_id" in request.session:
-        user = await auth.load_session_user(state.db, request.session)
+        user = await auth.load_session_user(
+            state.db, request.session, float(state.settings.session_max_age)
+        )
         if user is None:
             request.session.clear()
     request.state.user = user
@@ -164,6 +168,16 @@ async def check_role(request: Request, project_id: int, *roles: str) -> User:
     if not user.has_role(project_id, *roles):
         raise HTTPError(403, f"you need the {' or '.join(roles)} role on this project to do that")
     return user
+
+
+def check_may_register(request: Request, user: User) -> None:
+    """Who may register projects: any user, or site admins only (``project_registration``)."""
+    if site(request).settings.project_registration == "admins" and not user.is_admin:
+        raise HTTPError(
+            403,
+            "only site admins register projects on this site; ask one to register yours "
+            "and make you a member",
+        )
 
 
 GITHUB_TOKEN = "github_token"  # the session key of the asker's sealed GitHub token

@@ -12,6 +12,7 @@ from ..problems import Problem
 from ..queries import job_request_rows
 from ..states import ACTIVE_STATES
 from .base import (
+    check_may_register,
     current_user,
     flash,
     fragment,
@@ -67,6 +68,7 @@ async def home(request: Request) -> Response:
 async def create_project(request: Request) -> Response:
     """Register a project (from the home page)."""
     user = await require_user(request)
+    check_may_register(request, user)
     form = await request.form()
     name = str(form.get("name") or "")
     try:
