@@ -342,3 +342,31 @@ async def test_a_github_only_user_signs_in_again_before_setting_a_password(
     assert "Your password has been changed" in response.text
     assert (await sign_in(browser(github_app, "192.0.2.5"), "octocat", PASSWORD)).status_code == 303
     await intact.check(client)
+
+
+async def test_a_site_can_keep_project_registration_to_admins(app, client, intact, make_user):
+    app.state.settings.project_registration = "admins"
+    alice = await make_user("alice")
+    root = await make_user("root", admin=True)
+    response = await client.post("/api/v1/projects", json={"name": "Mine"}, headers=alice)
+    assert response.status_code == 403
+    assert "only site admins register projects on this site" in response.json()["error"]
+    page_user = browser(app)
+    await sign_in(page_user, "alice", "pw-1234567")
+    home = await page_user.get("/")
+    assert "ask one to register yours" in home.text and 'name="name"' not in home.text
+    response = await page_user.post(
+        "/projects/", data={"name": "Mine", "csrf_token": csrf_of(home)}
+    )
+    assert response.status_code == 403
+    response = await client.post("/api/v1/projects", json={"name": "Mine"}, headers=root)
+    assert response.status_code == 201
+    await intact.check(client)
+
+
+def test_project_registration_is_users_or_admins():
+    from jobsite.config import SettingsError, load_settings
+
+    assert load_settings(environ={}).project_registration == "users"
+    with pytest.raises(SettingsError, match="project_registration: must be users or admins"):
+        load_settings(environ={}, project_registration="anyone")
