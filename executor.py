@@ -74,10 +74,11 @@ class Outcome:
 
     state: str
     status_code: str
-    status_message: str
+    status_message: str  # public: anyone who may see the job reads it
     exit_code: int | None = None
     image_id: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)  # path -> level
+    log_excerpt: str = ""  # the last lines of a failed job's log: for those who may read it
 
 
 class Executor(Protocol):

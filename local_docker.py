@@ -369,11 +369,10 @@ class LocalDockerExecutor:
             )
         if exit.exit_code != 0:
             lines = [line for line in log_text.splitlines() if line.strip()][-3:]
-            tail = [_strip_timestamp(line) for line in lines]
+            # the log's lines stay out of the public status message (DESIGN section 10)
+            tail = "\n".join(_strip_timestamp(line) for line in lines)
             message = f"Job exited with an error (exit code {exit.exit_code})"
-            if tail:
-                message += ": " + " | ".join(tail)
-            return Outcome(State.FAILED, StatusCode.NONZERO_EXIT, message[:1000])
+            return Outcome(State.FAILED, StatusCode.NONZERO_EXIT, message, log_excerpt=tail[-1000:])
         return Outcome(State.SUCCEEDED, StatusCode.SUCCEEDED, StatusCode.SUCCEEDED.message)
 
     def _collect_outputs(

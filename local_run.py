@@ -268,10 +268,13 @@ class LocalRun:
         logged = outcome.state == State.SUCCEEDED
         if not logged:
             logged = await asyncio.to_thread(self._keep_failed_log, job)
+        message = outcome.status_message
+        if outcome.log_excerpt:  # a run of one's own checkout: its log is one's own to read
+            message += ": " + " | ".join(outcome.log_excerpt.splitlines())
         result = Result(
             job.action,
             outcome.status_code,
-            outcome.status_message,
+            message,
             outcome.outputs,
             time.monotonic() - began,
             action_log_name(job.action) if logged else None,

@@ -652,7 +652,11 @@ class Scheduler:
         self._phase[job_id] = StatusCode.FINALIZING
         await self.set_status(job_id, StatusCode.FINALIZING)
         outcome = await self.executor.collect(spec, exit)
-        fields = {"exit_code": outcome.exit_code, "image_id": outcome.image_id}
+        fields = {
+            "exit_code": outcome.exit_code,
+            "image_id": outcome.image_id,
+            "log_excerpt": outcome.log_excerpt,
+        }
         return outcome.state, outcome.status_code, outcome.status_message, fields
 
     async def cancel(self, job_ids: list[str]) -> list[str]:

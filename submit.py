@@ -152,8 +152,11 @@ async def submit(
     return request_id
 
 
-async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | None:
-    """A job request and its jobs as the API shows them."""
+async def job_request_json(
+    db: Database, request_id: int, show_log: bool = False
+) -> dict[str, Any] | None:
+    """A job request and its jobs as the API shows them; with ``show_log`` (the asker may
+    read the jobs' logs), failed jobs' last log lines too."""
     row = await db.fetchone(
         "SELECT r.*, w.name AS workspace FROM job_requests r "
         "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
@@ -175,12 +178,13 @@ async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | No
         "created_at": iso_ms(row["created_at"]),
         "status": status,
         "status_message": message,
-        "jobs": [job_json(job) for job in jobs],
+        "jobs": [job_json(job, show_log) for job in jobs],
     }
 
 
-def job_json(job: Row) -> dict[str, Any]:
-    return {
+def job_json(job: Row, show_log: bool = False) -> dict[str, Any]:
+    """A job as the API shows it; ``log_excerpt`` only with ``show_log``."""
+    shown = {
         "id": job["id"],
         "job_request_id": job["job_request_id"],
         "action": job["action"],
@@ -193,6 +197,9 @@ def job_json(job: Row) -> dict[str, Any]:
         "completed_at": iso_ms(job["completed_at"]),
         "exit_code": job["exit_code"],
     }
+    if show_log:
+        shown["log_excerpt"] = job["log_excerpt"]
+    return shown
 
 
 async def cancel(

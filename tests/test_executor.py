@@ -277,7 +277,8 @@ async def test_failed_jobs_leave_the_workspace_byte_identical(
     )
     outcome = await run(executor, failing)
     assert outcome.status_code == "nonzero_exit"
-    assert outcome.status_message == "Job exited with an error (exit code 3): one | two"
+    assert outcome.status_message == "Job exited with an error (exit code 3)"
+    assert outcome.log_excerpt == "one\ntwo", "the log's lines are kept apart from the message"
     assert outcome.exit_code == 3
     assert snapshot(workspace(settings)) == before
 

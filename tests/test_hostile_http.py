@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from helpers import serve, setup_workspace, submit, user_headers
+from helpers import serve, setup_workspace, submit, user_headers, wait_for_request
 
 from jobsite import auth
 from jobsite.config import SettingsError
@@ -372,3 +372,74 @@ async def test_cancel_checks_the_role_before_reading_the_body(live, intact, make
     assert b"developer role" in answer
     assert time.monotonic() - started < 1.5
     await intact.check(live.client, made_here)
+
+
+# -- a failed job's log lines are for those who may read its log ------------------------
+
+SECRET_LINE = "patient 4711 has condition X"  # as the job prints it, not as its command reads
+FAILING_YAML = f"""\
+version: "4"
+actions:
+  generate:
+    run: python:v2 -c "echo patient $((4700 + 11)) has condition X; exit 3"
+    outputs:
+      moderately_sensitive:
+        counts: output/counts.csv
+"""
+
+
+@pytest.mark.usefixtures("docker_cleanup")
+async def test_a_failed_jobs_log_lines_are_shown_only_to_output_viewers(
+    app, client, intact, make_repo
+):
+    alice = await user_headers(app, "alice", email="alice@example.org")  # every role
+    bob = await user_headers(app, "bob", email="bob@example.org")  # developer only
+    carol = await user_headers(app, "carol")  # collaborator
+    mallory = await user_headers(app, "mallory")  # no role
+    slug = await setup_workspace(client, alice, make_repo({"project.yaml": FAILING_YAML}))
+    for name, role in (("bob", "developer"), ("carol", "collaborator")):
+        response = await client.post(
+            f"/api/v1/projects/{slug}/members",
+            json={"username": name, "roles": [role]},
+            headers=alice,
+        )
+        assert response.status_code == 200, response.text
+    ids = {}
+    for who, headers in (("alice", alice), ("bob", bob)):
+        response = await client.post(
+            "/api/v1/workspaces/ws1/job-requests",
+            json={"actions": ["generate"], "notify": True},
+            headers=headers,
+        )
+        assert response.status_code == 201, response.text
+        ids[who] = response.json()["id"]
+        done = await wait_for_request(client, headers, ids[who])
+        assert done["jobs"][0]["status_code"] == "nonzero_exit"
+    request_id = ids["alice"]
+    job = (await client.get(f"/api/v1/job-requests/{request_id}", headers=alice)).json()["jobs"][0]
+    assert job["status_message"] == "Job exited with an error (exit code 3)"
+    assert job["log_excerpt"] == SECRET_LINE
+    pages = [
+        f"/api/v1/job-requests/{request_id}",
+        f"/api/v1/jobs/{job['id']}",
+        f"/ws1/logs/{request_id}",
+        f"/jobs/{job['id']}",
+        "/ws1/logs",
+        "/ws1/",
+    ]
+    for who, headers in (("anonymous", {}), ("mallory", mallory), ("carol", carol), ("bob", bob)):
+        for page in pages:
+            response = await client.get(page, headers=headers)
+            assert response.status_code == 200, (who, page)
+            assert SECRET_LINE not in response.text, (who, page)
+            assert "log_excerpt" not in response.text, (who, page)
+    for page in pages[:4]:
+        assert SECRET_LINE in (await client.get(page, headers=alice)).text, page
+    emails = {
+        row["to_addr"]: row["body"]
+        for row in await app.state.db.fetchall("SELECT to_addr, body FROM outbox")
+    }
+    assert f"The last lines of its log:\n{SECRET_LINE}\n" in emails["alice@example.org"]
+    assert SECRET_LINE not in emails["bob@example.org"]
+    assert "Job exited with an error (exit code 3)" in emails["bob@example.org"]
+    await intact.check(client, made_here)

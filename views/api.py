@@ -30,6 +30,7 @@ from .base import (
     get_project,
     get_workspace,
     json_body,
+    may_read_logs,
     parse_number,
     require_admin,
     require_user,
@@ -205,24 +206,30 @@ async def create_job_request(request: Request) -> Response:
         notify=notify_me,
     )
     state.scheduler.wake()
-    return JSONResponse(await submit.job_request_json(state.db, request_id), status_code=201)
+    data = await submit.job_request_json(
+        state.db, request_id, user.can_view_outputs(row["project_id"])
+    )
+    return JSONResponse(data, status_code=201)
 
 
 @api
 async def job_request(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
-    return JSONResponse(await submit.job_request_json(site(request).db, row["id"]))
+    show_log = await may_read_logs(request, row["project_id"])
+    return JSONResponse(await submit.job_request_json(site(request).db, row["id"], show_log))
 
 
 @api
 async def cancel(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
-    await check_role(request, row["project_id"], "developer")
+    user = await check_role(request, row["project_id"], "developer")
     body = await json_body(request) if await request.body() else {}
     actions = field(body, "actions", list, required=False)
     state = site(request)
     cancelled = await submit.cancel(state.db, state.scheduler, row["id"], actions)
-    data = await submit.job_request_json(state.db, row["id"])
+    data = await submit.job_request_json(
+        state.db, row["id"], user.can_view_outputs(row["project_id"])
+    )
     data["cancelled"] = cancelled
     if not cancelled:
         data["message"] = "Nothing to cancel: those jobs have already finished"
@@ -232,7 +239,8 @@ async def cancel(request: Request) -> Response:
 @api
 async def job(request: Request) -> Response:
     row = await get_job(request, request.path_params["id"])
-    return JSONResponse({**submit.job_json(row), "workspace": row["workspace"]})
+    show_log = await may_read_logs(request, row["project_id"])
+    return JSONResponse({**submit.job_json(row, show_log), "workspace": row["workspace"]})
 
 
 @api

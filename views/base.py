@@ -163,6 +163,12 @@ async def check_csrf(request: Request) -> None:
         raise HTTPError(403, "the form has expired or came from another site; reload the page")
 
 
+async def may_read_logs(request: Request, project_id: int) -> bool:
+    """Whether the asker may read the project's job logs (output viewers, DESIGN 10)."""
+    user = await current_user(request)
+    return bool(user and user.can_view_outputs(project_id))
+
+
 async def check_role(request: Request, project_id: int, *roles: str) -> User:
     user = await require_user(request)
     if not user.has_role(project_id, *roles):

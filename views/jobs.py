@@ -96,6 +96,7 @@ async def job_request_page(request: Request) -> Response:
         },
         "workspace": await get_workspace(request, row["workspace"]),
         "can_cancel": bool(user and user.can_run(row["project_id"])),
+        "can_view_log": bool(user and user.can_view_outputs(row["project_id"])),
         "live": job_request["status"] in ACTIVE_STATES,
         "now": now,
     }
