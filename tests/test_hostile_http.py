@@ -377,7 +377,7 @@ async def test_cancel_checks_the_role_before_reading_the_body(live, intact, make
 # -- a failed job's log lines are for those who may read its log ------------------------
 
 SECRET_LINE = "patient 4711 has condition X"  # as the job prints it, not as its command reads
-FAILING_YAML = f"""\
+FAILING_YAML = """\
 version: "4"
 actions:
   generate:
