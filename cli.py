@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     create = token.add_parser("create", help="print a new API token for a user")
     create.add_argument("name", help="the user's username")
     create.add_argument("--label", default="cli", help="a name for the token")
+    create.add_argument(
+        "--expires",
+        metavar="DAYS",
+        type=int,
+        help="the token stops working after DAYS days (default: when revoked)",
+    )
 
     backup_parser = commands.add_parser(
         "backup", help="copy the database, consistently, while the site runs"
@@ -261,7 +267,11 @@ def token_create(args: argparse.Namespace) -> int:
         if user_id is None:
             print(f"jobsite: there is no user {args.name!r}", file=sys.stderr)
             return 1
-        print(await auth.create_token(db, user_id, args.label))
+        if args.expires is not None and args.expires < 1:
+            print("jobsite: --expires needs a number of days, at least 1", file=sys.stderr)
+            return 2
+        lifetime = None if args.expires is None else args.expires * 86400.0
+        print(await auth.create_token(db, user_id, args.label, lifetime))
         return 0
 
     return asyncio.run(_with_db(settings, create))

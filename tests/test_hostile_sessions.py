@@ -370,3 +370,20 @@ def test_project_registration_is_users_or_admins():
     assert load_settings(environ={}).project_registration == "users"
     with pytest.raises(SettingsError, match="project_registration: must be users or admins"):
         load_settings(environ={}, project_registration="anyone")
+
+
+def test_the_command_makes_tokens_that_expire(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JOBSITE_DATA_DIR", str(tmp_path / "data"))
+    assert cli.main(["user", "add", "ada", "--password", PASSWORD]) == 0
+    assert cli.main(["token", "create", "ada", "--expires", "7"]) == 0
+    assert cli.main(["token", "create", "ada", "--expires", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+    async def expiry() -> float:
+        db = await Database.open(tmp_path / "data" / "db.sqlite")
+        try:
+            return await db.fetchval("SELECT expires_at FROM api_tokens")
+        finally:
+            await db.close()
+
+    assert abs(asyncio.run(expiry()) - (time.time() + 7 * 86400)) < 60
