@@ -151,17 +151,24 @@ def session_stamp(password_hash: str | None) -> str:
 SESSION_ID = "session_id"  # the session cookie's key for its server-side row
 
 
-async def start_session(db: Database, session: dict[str, Any], user_id: int) -> None:
+async def start_session(
+    db: Database, session: dict[str, Any], user_id: int, max_age: float
+) -> None:
     """Sign the session in as the user, afresh, so no session made before can be reused.
 
     The session is also kept on the server, so that signing out ends it there: a cookie
-    copied before then is of no use after."""
+    copied before then is of no use after. The user's sessions older than ``max_age``
+    seconds are cleared out on the way."""
     stored = await db.fetchval("SELECT password_hash FROM users WHERE id = ?", (user_id,))
     session_id = secrets.token_urlsafe(32)
     async with db.transaction() as conn:
         previous = session.get(SESSION_ID)
         if isinstance(previous, str):
             await conn.execute("DELETE FROM sessions WHERE id = ?", (hash_token(previous),))
+        await conn.execute(
+            "DELETE FROM sessions WHERE user_id = ? AND created_at < ?",
+            (user_id, time.time() - max_age),
+        )
         await conn.execute(
             "INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)",
             (hash_token(session_id), user_id, time.time()),

@@ -89,14 +89,18 @@ async def login(request: Request) -> Response:
         return await login_page(request, "That username and password do not match.", username)
     log.info("signed in with a password: %s from %s", user.username, client)
     throttle.succeeded(username, client)
-    await auth.start_session(state.db, request.session, user.id)
+    await auth.start_session(state.db, request.session, user.id, session_max_age(request))
     return redirect_to(local_path(request.query_params.get("next"), url(request, "home")))
 
 
 async def logout(request: Request) -> Response:
     state = site(request)
-    await auth.end_session(state.db, request.session, float(state.settings.session_max_age))
+    await auth.end_session(state.db, request.session, session_max_age(request))
     return redirect(request, "home")
+
+
+def session_max_age(request: Request) -> float:
+    return float(site(request).settings.session_max_age)
 
 
 def github_callback_url(request: Request) -> str:
@@ -148,7 +152,7 @@ async def github_callback(request: Request) -> Response:
     except auth.GitHubError as e:
         raise HTTPError(400, f"signing in with GitHub failed: {e}") from None
     log.info("signed in with GitHub: %s (GitHub id %s)", account.login, account.id)
-    await auth.start_session(state.db, request.session, user_id)
+    await auth.start_session(state.db, request.session, user_id, session_max_age(request))
     request.session[GITHUB_TOKEN] = state.sealer.seal(token)
     request.session[GITHUB_SIGNED_IN_AT] = time.time()
     return redirect_to(started.get("next") or url(request, "home"))
@@ -226,7 +230,7 @@ async def change_password(request: Request) -> Response:
         for k, v in request.session.items()
         if k in (GITHUB_TOKEN, GITHUB_SIGNED_IN_AT, csrf.CSRF_FIELD)
     }
-    await auth.start_session(db, request.session, user.id)
+    await auth.start_session(db, request.session, user.id, session_max_age(request))
     request.session.update(kept)
     return await account_page(
         request, message="Your password has been changed. Your other sessions are signed out."
