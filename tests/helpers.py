@@ -440,6 +440,8 @@ class FakeGitHub:
         ]
         self.signing_in = "octocat"
         self.orgs: dict[str, set[str]] = {"opensafely": {"octocat"}}  # org -> member logins
+        self.invited: set[str] = set()  # logins invited to every org, not yet members
+        self.memberships_fail = False  # GitHub answers 500 when asked about a membership
         self.scopes: list[str] = []  # the scope each sign-in asked for
         self.codes: dict[str, tuple[str, str]] = {}
         self.tokens: dict[str, str] = {}
@@ -506,8 +508,13 @@ class FakeGitHub:
         account = self.account(request)
         if account is None:
             return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        if self.memberships_fail:
+            return JSONResponse({"message": "Server Error"}, status_code=500)
         org = request.path_params["org"]
-        if account["login"] not in self.orgs.get(org, set()):
+        login = account["login"]
+        if login in self.invited:
+            return JSONResponse({"state": "pending", "organization": {"login": org}})
+        if login not in self.orgs.get(org, set()):
             return JSONResponse({"message": "Not Found"}, status_code=404)
         return JSONResponse({"state": "active", "role": "member", "organization": {"login": org}})
 

@@ -443,3 +443,16 @@ async def test_a_failed_jobs_log_lines_are_shown_only_to_output_viewers(
     assert SECRET_LINE not in emails["bob@example.org"]
     assert "Job exited with an error (exit code 3)" in emails["bob@example.org"]
     await intact.check(client, made_here)
+
+
+async def test_a_content_length_that_is_not_a_number_is_refused_by_the_site_itself(
+    app, client, intact
+):
+    """uvicorn refuses such a header before the site sees it; another server may not."""
+    headers = await user_headers(app, "alice")
+    response = await client.post(
+        "/api/v1/projects", content=b"{}", headers={**headers, "Content-Length": "2 bytes"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "the Content-Length header is not a number"
+    await intact.check(client)

@@ -56,7 +56,6 @@ class BodyLimitMiddleware:
         received = 0
         deadline: float | None = None
         whole = False
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received, deadline, whole
@@ -78,16 +77,9 @@ class BodyLimitMiddleware:
                 whole = not message.get("more_body", False)
             return message
 
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, watched_send)
-        except BodyRefused as refused:
-            if started:  # too late to say so; the connection ends
-                return
+            await self.app(scope, limited_receive, send)
+        except BodyRefused as refused:  # every handler reads its body before it answers
             await answer(scope, receive, send, refused.status, refused.message)
 
 
