@@ -9,15 +9,17 @@ import asyncio
 import os
 import select
 import socket
+import sqlite3
 import stat
 import time
 
 import httpx
 import pytest
-from helpers import serve, setup_workspace, submit, user_headers, wait_for_request
+from helpers import Site, serve, setup_workspace, submit, user_headers, wait_for_request
 
 from jobsite import auth
 from jobsite.config import SettingsError
+from jobsite.db import MIGRATIONS, SPLIT_LOG_LINES
 from jobsite.server import create_app, secret_key
 from jobsite.units import Duration
 
@@ -455,4 +457,34 @@ async def test_a_content_length_that_is_not_a_number_is_refused_by_the_site_itse
     )
     assert response.status_code == 400
     assert response.json()["error"] == "the Content-Length header is not a number"
+    await intact.check(client)
+
+
+async def test_log_lines_in_old_status_messages_move_to_their_own_field(app, client, intact):
+    """A job that failed before the upgrade had its log lines in its status message; the
+    migration moves them out (db.SPLIT_LOG_LINES is part of MIGRATIONS[1])."""
+    site = await Site.make(app.state.db)
+    old = "Job exited with an error (exit code 3): patient 4711 | has condition X"
+    job_id = await site.add_job(state="failed", status_code="nonzero_exit", status_message=old)
+    await app.state.db.execute(
+        "INSERT INTO job_events (job_id, status_code, status_message, at) "
+        "VALUES (?, 'nonzero_exit', ?, 0)",
+        (job_id, old),
+    )
+    ok = await site.add_job(state="failed", status_code="timed_out", status_message="Ran: a | b")
+    conn = sqlite3.connect(app.state.db.path)  # as the migration runs it: a script
+    conn.executescript(SPLIT_LOG_LINES)
+    conn.close()
+    job = await app.state.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    assert job["status_message"] == "Job exited with an error (exit code 3)"
+    assert job["log_excerpt"] == "patient 4711\nhas condition X"
+    event = await app.state.db.fetchval(
+        "SELECT status_message FROM job_events WHERE job_id = ?", (job_id,)
+    )
+    assert event == "Job exited with an error (exit code 3)"
+    assert (
+        await app.state.db.fetchval("SELECT status_message FROM jobs WHERE id = ?", (ok,))
+        == "Ran: a | b"
+    )
+    assert SPLIT_LOG_LINES in MIGRATIONS[1]
     await intact.check(client)
