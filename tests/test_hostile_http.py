@@ -488,3 +488,37 @@ async def test_log_lines_in_old_status_messages_move_to_their_own_field(app, cli
     )
     assert SPLIT_LOG_LINES in MIGRATIONS[1]
     await intact.check(client)
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "jobsite_session=garbage",
+        "jobsite_session=" + "A" * 3000,
+        'jobsite_session="; user_id=1',
+        "jobsite_session=eyJ1c2VyX2lkIjogMX0=.forged.signature",  # {"user_id": 1}, unsigned
+    ],
+)
+async def test_a_bad_session_cookie_is_nobody_signed_in(live, intact, cookie):
+    live.run(auth.create_user(live.app.state.db, "root", "pw-1234567", is_admin=True))
+    response = await live.client.get("/admin/", headers={"Cookie": cookie})
+    assert response.status_code == 303
+    assert response.headers["location"].startswith("/login")
+    await intact.check(live.client)
+
+
+async def test_headers_too_large_are_refused_and_the_site_goes_on(live, intact):
+    huge = b"X-Padding: " + b"x" * 200_000 + b"\r\n"
+    head = b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + huge + b"\r\n"
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        try:
+            sock.sendall(head)
+            answer = sock.recv(65536)
+        except ConnectionError:  # refused by closing, before all of it was sent
+            answer = b""
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    many = b"".join(b"X-%d: y\r\n" % n for n in range(5000))
+    status, _, _ = live.raw(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many + b"\r\n")
+    assert status == 200, "many small headers are simply answered"
+    await intact.check(live.client)
