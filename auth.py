@@ -362,14 +362,19 @@ class SignInThrottle:
 
     def allow(self, username: str, address: str) -> bool:
         """Whether this attempt may go ahead; it is counted when it may."""
-        pair = f"{address} {username.lower()}"
+        pair = self._pair(username, address)
         if self.pairs.full(pair) or self.addresses.full(address):
             return False
         return self.pairs.allow(pair) and self.addresses.allow(address)
 
     def succeeded(self, username: str, address: str) -> None:
         """A right password forgets that user's failed attempts from that address."""
-        self.pairs.reset(f"{address} {username.lower()}")
+        self.pairs.reset(self._pair(username, address))
+
+    @staticmethod
+    def _pair(username: str, address: str) -> str:
+        # a fixed-size key, however long a username is sent
+        return f"{address} {hashlib.sha256(username.lower().encode()).hexdigest()}"
 
 
 # -- GitHub ---------------------------------------------------------------------------

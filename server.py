@@ -3,6 +3,7 @@ named route table. Handlers live in views/; nothing here answers a request itsel
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -164,6 +165,7 @@ def create_app(settings: Settings) -> Starlette:
             db, settings, site.executor, on_job_finished=site.notifier.job_finished
         )
         site.metrics = metrics.SiteMetrics(db, settings, site.executor)
+        await asyncio.to_thread(auth.dummy_hash)  # made now, not on a first sign-in
         try:
             await site.notifier.start()
             await site.scheduler.start()

@@ -191,7 +191,6 @@ async def account_page(request: Request, **context: Any) -> Response:
         "message": None,
         "new_token": None,
         "reauthenticate": False,
-        "lifetimes": TOKEN_LIFETIMES,
         **context,
     }
     status = 400 if context["error"] else 200

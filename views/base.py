@@ -206,8 +206,8 @@ async def asker_github_repos(request: Request) -> list[dict[str, Any]] | None:
     return await github(request).repos(token)
 
 
-# the one rule for a number in an address (an id, a page): ASCII digits only ("²" and
-# "٣" are digits to Python's isdigit and int, and an error to int or SQLite), at most 18
+# the one rule for a number in an address (an id, a page): ASCII digits only (to Python,
+# "²" is a digit that int() refuses, and int() reads the Arabic-Indic "٣" as 3), at most 18
 # of them, so that every such number is an SQLite integer
 NUMBER = re.compile(r"[0-9]{1,18}")
 
