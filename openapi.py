@@ -104,7 +104,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "completed_at": MAYBE_TIME,
             "exit_code": {"type": ["integer", "null"]},
         },
-        {"workspace": STRING},
+        {
+            "workspace": STRING,
+            "log_excerpt": {
+                **STRING,
+                "description": "a failed job's last log lines; only to those who may read "
+                "its log (output viewers)",
+            },
+        },
     ),
     "JobRequest": obj(
         {
