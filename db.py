@@ -24,7 +24,15 @@ BUSY_TIMEOUT_MS = 10_000
 
 # SQL that takes a database from version N to N+1, keyed by N. schema.sql always holds the
 # whole current schema; a migration is added here whenever schema.sql changes.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    1: """
+-- researcher-jobs: each job's sampled CPU and memory use
+ALTER TABLE jobs ADD COLUMN cpu_mean REAL;
+ALTER TABLE jobs ADD COLUMN cpu_peak REAL;
+ALTER TABLE jobs ADD COLUMN memory_mean_mb REAL;
+ALTER TABLE jobs ADD COLUMN memory_peak_mb REAL;
+""",
+}
 
 
 class DatabaseVersionError(Exception):

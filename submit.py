@@ -179,6 +179,10 @@ async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | No
     }
 
 
+# a job's sampled resource use, as columns of the jobs table and keys of its JSON
+METRICS = ("cpu_mean", "cpu_peak", "memory_mean_mb", "memory_peak_mb")
+
+
 def job_json(job: Row) -> dict[str, Any]:
     return {
         "id": job["id"],
@@ -192,6 +196,7 @@ def job_json(job: Row) -> dict[str, Any]:
         "started_at": iso_ms(job["started_at"]),
         "completed_at": iso_ms(job["completed_at"]),
         "exit_code": job["exit_code"],
+        "metrics": {name: job.get(name) for name in METRICS},
     }
 
 
