@@ -138,7 +138,10 @@ def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
     assert not (root / "output/other.csv").exists()
     assert (root / "output/counts.csv").read_bytes() == before
     # the failed job's log is where a developer looks for it
-    assert "broken" in (root / "metadata/generate.log").read_text()
+    log = (root / "metadata/generate.log").read_text()
+    assert log.splitlines()[0].endswith("Z broken")  # with Docker's timestamp
+    assert "status:          nonzero_exit: Job exited with an error (exit code 4): broken" in log
+    assert "job request id:  none (jobsite run)" in log
 
     status, out = jobsite_run(
         "generate", "analyse", "other", "--continue-on-error", "--project-dir", str(root)
