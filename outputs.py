@@ -264,13 +264,13 @@ class Manifest:
             why(action, frozenset({action}))
         return found
 
-    def with_out_of_date(self, current: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def with_out_of_date(self, current: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
         """The manifest as the outputs API gives it: every action and file with its
-        ``out_of_date`` (why, or None)."""
-        stale = self.out_of_date(current)
+        ``out_of_date`` (why, or None; None throughout when ``current`` is unknown)."""
+        stale = self.out_of_date(current) if current is not None else {}
         return {
             "actions": {
-                name: {**entry, "out_of_date": stale[name]}
+                name: {**entry, "out_of_date": stale.get(name)}
                 for name, entry in self.data["actions"].items()
             },
             "files": {

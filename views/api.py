@@ -168,8 +168,11 @@ async def workspace(request: Request) -> Response:
 async def outputs(request: Request) -> Response:
     row = await get_workspace(request, request.path_params["name"])
     await check_role(request, row["project_id"], "output_viewer")
-    ws_dir = site(request).settings.data.workspace(row["name"])
-    return JSONResponse(Manifest.load(ws_dir).data)
+    state = site(request)
+    manifest = Manifest.load(state.settings.data.workspace(row["name"]))
+    return JSONResponse(
+        await workspaces.workspace_outputs(state.repos, state.projects, row, manifest)
+    )
 
 
 # -- job requests and jobs ----------------------------------------------------------------

@@ -161,8 +161,9 @@ async def workspace_page(
     user = await current_user(request)
     polling = is_htmx(request) and request.method == "GET"
     state = site(request)
+    manifest = Manifest.load(state.settings.data.workspace(workspace["name"]))
     found = await workspaces.workspace_actions(
-        state.db, state.repos, state.projects, workspace, fetch=not polling
+        state.db, state.repos, state.projects, workspace, fetch=not polling, manifest=manifest
     )
     actions = action_views(found)
     live = any(a["state"] in ACTIVE_STATES for a in actions)
