@@ -893,7 +893,7 @@ actions:
     page = await alice.get(f"/jobs/{job_id}")
     assert "&lt;b&gt;made&lt;/b&gt;" in page.text
     assert 'href="/ws1/outputs/output/a.csv"' in page.text
-    assert (await alice.get("/ws1/outputs/output/a.csv")).text == "n\n1\n"
+    assert (await alice.get("/ws1/outputs/output/a.csv?download=1")).text == "n\n1\n"
     workspace = await alice.get("/ws1/")
     assert 'class="node node-succeeded"' in workspace.text
     assert 'data-status="succeeded"' in workspace.text
