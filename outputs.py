@@ -333,10 +333,11 @@ def read_output(workspace_dir: Path, rel: str, limit: int = MAX_VIEWABLE_SIZE) -
         raise UnreadableOutput(f"{rel} is not a plain file in the workspace") from e
     finally:
         os.close(fd)
+    info = os.fstat(file_fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(file_fd)
+        raise UnreadableOutput(f"{rel} is not a plain file in the workspace")
     with open(file_fd, "rb") as f:
-        info = os.fstat(file_fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnreadableOutput(f"{rel} is not a plain file in the workspace")
         if info.st_size > limit:
             raise UnreadableOutput(f"{rel} is larger than {limit} bytes")
         return f.read(limit)

@@ -616,3 +616,52 @@ async def test_a_missing_image_is_not_pulled_when_pulling_is_off(settings, study
         "Image ghcr.io/opensafely-core/python:not-on-this-machine is not on this machine and "
         "pulling is turned off (allow_pull: false). An admin must load the image."
     )
+
+
+def docker_stats(cpu_ns: int, usage: int, cache: dict | None = None) -> dict:
+    """A one-shot sample as Docker's stats endpoint gives it."""
+    return {
+        "cpu_stats": {"cpu_usage": {"total_usage": cpu_ns}},
+        "memory_stats": {"usage": usage, "stats": cache or {}},
+    }
+
+
+def test_usage_samples_give_cpu_per_core_and_memory_less_page_cache():
+    samples = executor_module.UsageSamples()
+    samples.started_at = 100.0
+    samples.add(docker_stats(500_000_000, 12_000_000, {"total_inactive_file": 2_000_000}), 101.0)
+    samples.add(docker_stats(1_500_000_000, 32_000_000, {"inactive_file": 2_000_000}), 102.0)
+    samples.add(docker_stats(1_600_000_000, 21_000_000, {"inactive_file": 1_000_000}), 102.1)
+    samples.add({"cpu_stats": {"cpu_usage": {"total_usage": 0}}, "memory_stats": {}}, 103.0)
+    use = samples.result()
+    # 0.5 s of CPU in the first second, 1 s in the next; 0.1 s apart is too close to count
+    assert (use.cpu_mean, use.cpu_peak) == (pytest.approx(75), pytest.approx(100))
+    assert (use.memory_mean_mb, use.memory_peak_mb, use.samples) == (
+        pytest.approx(20),
+        30,
+        3,
+    )
+    assert use.as_json() == {
+        "cpu_mean": 75.0,
+        "cpu_peak": 100.0,
+        "memory_mean_mb": 20.0,
+        "memory_peak_mb": 30.0,
+    }
+
+
+def test_a_job_too_short_to_sample_has_no_figures_or_only_memory():
+    assert executor_module.UsageSamples().result() is None
+    samples = executor_module.UsageSamples()  # its start unknown: no interval to measure
+    samples.add(docker_stats(5_000_000, 4_000_000), 101.0)
+    use = samples.result()
+    assert (use.cpu_mean, use.cpu_peak, use.memory_peak_mb) == (None, None, 4.0)
+    assert use.as_json()["cpu_mean"] is None
+
+
+def test_an_out_of_memory_job_not_yet_sampled_says_so(settings, study, make_executor):
+    executor = make_executor(job_memory="32M")
+    exit = executor_module.ContainerExit(137, True, False, 1.0, 2.0)
+    outcome = executor._judge(spec(study, "true"), exit, "")
+    assert outcome.status_message.startswith(
+        "Job ran out of memory (limit 32 MiB; its use was not sampled: it ran out within a second)"
+    )

@@ -182,3 +182,19 @@ async def test_a_changed_action_is_out_of_date_in_the_api_and_on_the_page_and_ru
         "generate, whose outputs it read, has run again since"
     )
     assert outputs["files"]["output/n.csv"]["out_of_date"] is None
+
+
+async def test_with_project_yaml_unreadable_nothing_is_called_out_of_date(
+    client, make_user, make_repo
+):
+    headers = await make_user("alice")
+    repo = make_repo({"project.yaml": PROJECT})
+    await setup_workspace(client, headers, repo)
+    done = await wait_for_request(client, headers, await submit(client, headers, ["generate"]))
+    assert done["status"] == "succeeded"
+    repo.commit({"project.yaml": "version: '4'\nactions: [oops\n"}, "break it")
+    outputs = (await client.get("/api/v1/workspaces/ws1/outputs", headers=headers)).json()
+    assert outputs["files"]["output/n.csv"]["out_of_date"] is None
+    assert "project.yaml" in outputs["project_yaml_error"]
+    page = (await client.get("/ws1/outputs/", headers=headers)).text
+    assert "Whether these outputs are out of date is not known" in page
