@@ -148,6 +148,11 @@ class Executor(Protocol):
         """Stop a job's run; a job that is not running is fine."""
         ...
 
+    def usage(self, job_id: str) -> ResourceUse | None:
+        """The CPU and memory use sampled so far of a job that is running, or None (not
+        running, or not sampled yet). ``wait`` gives the whole run's in ``ContainerExit``."""
+        ...
+
     async def adopt(self) -> dict[str, str]:
         """The runs of this site's jobs that exist now, whoever started them: job id -> the
         run's state ("running", "exited", ...). After a restart the scheduler waits on these

@@ -74,6 +74,7 @@ class LocalDockerExecutor:
         self._prepared_at: dict[str, float] = {}
         # job id -> the jobs whose outputs it was given, by action (kept in the manifest)
         self._inputs: dict[str, dict[str, str]] = {}
+        self._usage: dict[str, UsageSamples] = {}  # running job id -> its samples so far
 
     # -- paths -----------------------------------------------------------------
 
@@ -278,6 +279,7 @@ class LocalDockerExecutor:
         # a log that could not be followed is no reason to fail the job: what arrived is kept
         log_done.add_done_callback(lambda f: f.cancelled() or f.exception())
         usage, stop_sampling = UsageSamples(), threading.Event()
+        self._usage[job.id] = usage
         sampling = _in_daemon_thread(self._sample_usage, job.id, usage, stop_sampling)
         sampling.add_done_callback(lambda f: f.cancelled() or f.exception())
         remaining = max(0.0, started_at + self.time_limit(job) - time.time())
@@ -290,11 +292,16 @@ class LocalDockerExecutor:
             await _in_daemon_thread(self._wait, job.id)
         finally:
             stop_sampling.set()
+            self._usage.pop(job.id, None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(log_done), LOG_DRAIN_TIMEOUT)
         exit = await asyncio.to_thread(self._inspect, job, timed_out)
         exit.usage = usage.result()
         return exit
+
+    def usage(self, job_id: str) -> ResourceUse | None:
+        samples = self._usage.get(job_id)
+        return samples.result() if samples is not None else None
 
     def _sample_usage(self, job_id: str, usage: UsageSamples, stop: threading.Event) -> None:
         """Sample the container's CPU and memory use until ``stop`` is set or it is gone.

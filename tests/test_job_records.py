@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 
 import pytest
-from helpers import setup_workspace, submit, wait_for_request
+from helpers import setup_workspace, submit, until, wait_for_request
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
 
@@ -99,3 +99,27 @@ async def test_a_failed_job_leaves_its_log_and_no_outputs(client, make_user, mak
     )
     data = (await client.get(f"/api/v1/jobs/{job['id']}", headers=headers)).json()
     assert set(data["metrics"]) == {"cpu_mean", "cpu_peak", "memory_mean_mb", "memory_peak_mb"}
+
+
+async def test_a_running_job_shows_its_use_so_far(client, make_user, make_repo):
+    headers = await make_user("alice")
+    project = BUSY_YAML.replace("+ 3))", "+ 30))")  # long enough to watch
+    await setup_workspace(client, headers, make_repo({"project.yaml": project}))
+    request_id = await submit(client, headers, ["busy"])
+    job_id = (await client.get(f"/api/v1/job-requests/{request_id}", headers=headers)).json()[
+        "jobs"
+    ][0]["id"]
+
+    async def sampled_while_running():
+        data = (await client.get(f"/api/v1/jobs/{job_id}", headers=headers)).json()
+        running = data["state"] == "running" and data["metrics"]["cpu_mean"] is not None
+        return data if running else None
+
+    data = await until(sampled_while_running, 30, "the running job's first samples")
+    assert data["metrics"]["memory_peak_mb"] > 0
+    poll = await client.get(f"/jobs/{job_id}", headers={**headers, "HX-Request": "true"})
+    assert "<dt>Memory</dt>" in poll.text and "<dt>CPU</dt>" in poll.text
+    response = await client.post(f"/api/v1/job-requests/{request_id}/cancel", headers=headers)
+    assert response.json()["cancelled"] == [job_id]
+    done = await wait_for_request(client, headers, request_id)
+    assert done["jobs"][0]["metrics"]["memory_peak_mb"] >= data["metrics"]["memory_peak_mb"]

@@ -33,6 +33,7 @@ from .base import (
     require_user,
     site,
     via_token,
+    with_usage_so_far,
 )
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -228,7 +229,7 @@ async def cancel(request: Request) -> Response:
 
 @api
 async def job(request: Request) -> Response:
-    row = await get_job(request, request.path_params["id"])
+    row = with_usage_so_far(request, await get_job(request, request.path_params["id"]))
     return JSONResponse({**submit.job_json(row), "workspace": row["workspace"]})
 
 
