@@ -154,7 +154,8 @@ class LocalDockerExecutor:
                 assert self.repos is not None, "a job from a repo needs Repos"
                 await self.repos.export_tree(job.repo, job.sha, workdir)
             await asyncio.to_thread(self._copy_inputs, job, workdir)
-            self._inputs[job.id] = input_jobs(Manifest.load(self._workspace(job)), job.needs)
+            manifest = await asyncio.to_thread(Manifest.load, self._workspace(job))
+            self._inputs[job.id] = input_jobs(manifest, job.needs)
             if os.getuid() == 0:
                 uid, gid = (int(x) for x in self.settings.job_user.split(":"))
                 await asyncio.to_thread(_chown_tree, workdir, uid, gid)

@@ -170,7 +170,7 @@ async def outputs(request: Request) -> Response:
     row = await get_workspace(request, request.path_params["name"])
     await check_role(request, row["project_id"], "output_viewer")
     state = site(request)
-    manifest = Manifest.load(state.settings.data.workspace(row["name"]))
+    manifest = await asyncio.to_thread(Manifest.load, state.settings.data.workspace(row["name"]))
     return JSONResponse(
         await workspaces.workspace_outputs(state.repos, state.projects, row, manifest)
     )

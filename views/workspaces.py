@@ -171,7 +171,9 @@ async def workspace_page(
     user = await current_user(request)
     polling = is_htmx(request) and request.method == "GET"
     state = site(request)
-    manifest = Manifest.load(state.settings.data.workspace(workspace["name"]))
+    manifest = await asyncio.to_thread(
+        Manifest.load, state.settings.data.workspace(workspace["name"])
+    )
     found = await workspaces.workspace_actions(
         state.db, state.repos, state.projects, workspace, fetch=not polling, manifest=manifest
     )
@@ -273,7 +275,9 @@ async def outputs(request: Request) -> Response:
     workspace = await get_workspace(request, request.path_params["workspace"])
     await check_role(request, workspace["project_id"], "output_viewer")
     state = site(request)
-    manifest = Manifest.load(state.settings.data.workspace(workspace["name"]))
+    manifest = await asyncio.to_thread(
+        Manifest.load, state.settings.data.workspace(workspace["name"])
+    )
     path = request.path_params["path"]
     if not path:
         found = await workspaces.workspace_outputs(state.repos, state.projects, workspace, manifest)
@@ -308,7 +312,9 @@ async def output_file(request: Request) -> Response:
     """An image or HTML report, for the preview page's <img> or sandboxed <iframe>."""
     workspace = await get_workspace(request, request.path_params["workspace"])
     await check_role(request, workspace["project_id"], "output_viewer")
-    manifest = Manifest.load(site(request).settings.data.workspace(workspace["name"]))
+    manifest = await asyncio.to_thread(
+        Manifest.load, site(request).settings.data.workspace(workspace["name"])
+    )
     path = request.path_params["path"]
     media_type = INLINE_TYPES.get(PurePosixPath(path).suffix.lower())
     if media_type is None:
