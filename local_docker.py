@@ -443,7 +443,7 @@ class LocalDockerExecutor:
             if exit.usage is None:
                 peak = "its use was not sampled: it ran out within a second"
             else:
-                peak = f"peak sampled use {exit.usage.memory_peak_mb:.1f} MB"
+                peak = f"peak sampled use {human_size(exit.usage.memory_peak_mb * 1e6)}"
             return Outcome(
                 State.FAILED,
                 StatusCode.OUT_OF_MEMORY,

@@ -356,7 +356,7 @@ async def test_job_over_its_memory_limit_is_out_of_memory(settings, study, make_
     # sampled for a while first, the message names the peak it saw
     outcome = await run(executor, spec(study, "sleep 2.5; tail /dev/zero"))
     assert outcome.status_code == "out_of_memory"
-    assert re.search(r"limit 16 MiB; peak sampled use \d+\.\d MB\)", outcome.status_message)
+    assert re.search(r"limit 16 MiB; peak sampled use [\d.]+ (KiB|MiB)\)", outcome.status_message)
 
 
 async def test_cpu_and_memory_are_sampled_while_the_job_runs(settings, study, make_executor):
