@@ -9,6 +9,7 @@ import base64
 import os
 import re
 import time
+import urllib.parse
 
 import pytest
 from helpers import setup_workspace, submit, wait_for_request
@@ -197,3 +198,40 @@ async def test_a_file_swapped_after_the_job_is_not_followed_or_waited_on(
     response = await client.get("/ws1/output-files/output/plot.png", headers=outputs)
     assert response.status_code == 404  # a fifo is not a file
     await intact.check(client, allowed=lambda path: path == "outside.csv")
+
+
+HOSTILE_NAMES = """\
+version: "4"
+actions:
+  names:
+    run: >-
+      python:v2 -c "mkdir -p output && echo 'a,b' > 'output/x\\"><img src=y onerror=alert(1)>.csv'
+      && echo 'c,d' > 'output/q?a=1#z.csv'"
+    outputs:
+      moderately_sensitive:
+        tables: output/*.csv
+"""
+
+
+async def test_hostile_file_names_are_escaped_and_still_reachable(
+    client, make_user, make_repo, intact
+):
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": HOSTILE_NAMES}))
+    done = await wait_for_request(client, headers, await submit(client, headers, ["names"]))
+    assert done["status"] == "succeeded", done
+    listing = (await client.get("/ws1/outputs/", headers=headers)).text
+    assert "<img src=y" not in listing
+    assert "&lt;img src=y onerror=alert(1)&gt;.csv" in listing
+    for name, first_row in (('x"><img src=y onerror=alert(1)>.csv', "a"), ("q?a=1#z.csv", "c")):
+        quoted = urllib.parse.quote(f"output/{name}")
+        assert f'href="/ws1/outputs/{quoted}"' in listing
+        page = await client.get(f"/ws1/outputs/{quoted}", headers=headers)
+        assert page.status_code == 200, name
+        assert "<img src=y" not in page.text
+        assert f'<th scope="col">{first_row}</th>' in page.text
+        download = await client.get(f"/ws1/outputs/{quoted}?download=1", headers=headers)
+        disposition = download.headers["content-disposition"]
+        assert disposition == f"attachment; filename*=utf-8''{urllib.parse.quote(name)}"
+        assert '"' not in disposition and "<" not in disposition
+    await intact.check(client, allowed=lambda path: path.startswith("repos"))  # the test's repo
