@@ -54,6 +54,11 @@ ALTER TABLE jobs ADD COLUMN log_excerpt TEXT NOT NULL DEFAULT '';
     + SPLIT_LOG_LINES
     + """
 -- end hostile-http
+-- researcher-jobs: each job's sampled CPU and memory use
+ALTER TABLE jobs ADD COLUMN cpu_mean REAL;
+ALTER TABLE jobs ADD COLUMN cpu_peak REAL;
+ALTER TABLE jobs ADD COLUMN memory_mean_mb REAL;
+ALTER TABLE jobs ADD COLUMN memory_peak_mb REAL;
 """,
 }
 

@@ -93,7 +93,12 @@ CREATE TABLE jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     completed_at REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    -- researcher-jobs: CPU (percent of one core) and memory (MB) sampled while the job ran
+    cpu_mean REAL,
+    cpu_peak REAL,
+    memory_mean_mb REAL,
+    memory_peak_mb REAL
 );
 CREATE INDEX jobs_request ON jobs (job_request_id);
 CREATE INDEX jobs_workspace_action ON jobs (workspace_id, action, created_at);

@@ -109,6 +109,7 @@ ROUTES: list[BaseRoute] = [
     post("/{workspace}/", workspaces.create_job_request, "create_job_request"),
     post("/{workspace}/archive", workspaces.archive, "archive"),
     get("/{workspace}/outputs/{path:path}", workspaces.outputs, "outputs"),
+    get("/{workspace}/output-files/{path:path}", workspaces.output_file, "output_file"),
     get("/{workspace}/logs", jobs.logs_page, "logs"),
     get("/{workspace}/logs/{id}", jobs.job_request_page, "job_request"),
     post("/{workspace}/logs/{id}/cancel", jobs.cancel, "cancel"),

@@ -13,7 +13,7 @@ import aiosqlite
 from . import pipeline
 from .config import Settings
 from .db import Database, Row
-from .outputs import Manifest
+from .outputs import Manifest, action_definition
 from .queries import LATEST_JOB_PER_ACTION, request_status
 from .repos import Repos
 from .states import ACTIVE_STATES, StatusCode
@@ -52,16 +52,34 @@ async def load_project(repos: Repos, repo: str, branch: str) -> tuple[str, pipel
     return sha, pipeline.load_pipeline(text)
 
 
+def action_definitions(project: pipeline.Pipeline) -> dict[str, dict[str, Any]]:
+    """What each action of ``project`` runs, to compare with what made its outputs."""
+    return {
+        name: action_definition(action.run, action.args, action.needs)
+        for name, action in project.actions.items()
+    }
+
+
+def out_of_date(manifest: Manifest, project: pipeline.Pipeline) -> dict[str, str | None]:
+    """Why each action's recorded outputs are out of date against ``project``, or None."""
+    return manifest.out_of_date(action_definitions(project))
+
+
 async def _workspace_state(
-    conn: aiosqlite.Connection, workspace_dir: Path, workspace_id: int
+    conn: aiosqlite.Connection,
+    workspace_dir: Path,
+    workspace_id: int,
+    project: pipeline.Pipeline,
 ) -> dict[str, pipeline.ActionState]:
     cur = await conn.execute(LATEST_JOB_PER_ACTION, (workspace_id,))
     manifest = Manifest.load(workspace_dir)
+    stale = out_of_date(manifest, project)
     return {
         row["action"]: pipeline.ActionState(
             state=row["state"],
             job_id=row["id"],
             outputs_exist=manifest.outputs_exist(workspace_dir, row["action"]),
+            out_of_date=stale.get(row["action"]),
         )
         for row in await cur.fetchall()
     }
@@ -87,7 +105,7 @@ async def submit(
     workspace_dir = settings.data.workspace(workspace["name"])
     now = time.time()
     async with db.transaction() as conn:
-        state = await _workspace_state(conn, workspace_dir, workspace["id"])
+        state = await _workspace_state(conn, workspace_dir, workspace["id"], project)
         try:
             the_plan = pipeline.plan(project, actions, state, force_run_dependencies)
         except pipeline.UnknownActionError as e:
@@ -182,6 +200,10 @@ async def job_request_json(
     }
 
 
+# a job's sampled resource use, as columns of the jobs table and keys of its JSON
+METRICS = ("cpu_mean", "cpu_peak", "memory_mean_mb", "memory_peak_mb")
+
+
 def job_json(job: Row, show_log: bool = False) -> dict[str, Any]:
     """A job as the API shows it; ``log_excerpt`` only with ``show_log``."""
     shown = {
@@ -196,6 +218,7 @@ def job_json(job: Row, show_log: bool = False) -> dict[str, Any]:
         "started_at": iso_ms(job["started_at"]),
         "completed_at": iso_ms(job["completed_at"]),
         "exit_code": job["exit_code"],
+        "metrics": {name: job.get(name) for name in METRICS},
     }
     if show_log:
         shown["log_excerpt"] = job["log_excerpt"]

@@ -15,9 +15,11 @@ from . import auth, pipeline
 from .auth import User
 from .config import Settings
 from .db import Database, Row
+from .outputs import Manifest
 from .problems import FieldProblems, NotAllowed, NotFound, Problem
 from .queries import LATEST_JOB_PER_ACTION
 from .repos import BranchNotFound, FileNotFound, RepoError, Repos, check_allowed
+from .submit import action_definitions
 
 WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # first path segments the site itself uses; a workspace may not take one as its name
@@ -215,9 +217,15 @@ class ParsedProjects:
 
 
 async def workspace_actions(
-    db: Database, repos: Repos, projects: ParsedProjects, workspace: Row, fetch: bool = True
+    db: Database,
+    repos: Repos,
+    projects: ParsedProjects,
+    workspace: Row,
+    fetch: bool = True,
+    manifest: Manifest | None = None,
 ) -> dict[str, Any]:
-    """The workspace's actions at the branch head with their latest jobs, or the errors.
+    """The workspace's actions at the branch head with their latest jobs, or the errors;
+    given the workspace's ``manifest``, each with why its outputs are out of date.
 
     ``fetch=False`` reads the local mirror as it is, for status polling.
     """
@@ -235,6 +243,7 @@ async def workspace_actions(
     latest = {
         row["action"]: row for row in await db.fetchall(LATEST_JOB_PER_ACTION, (workspace["id"],))
     }
+    stale = manifest.out_of_date(action_definitions(project)) if manifest else {}
     for name, action in project.actions.items():
         job = latest.get(name)
         result["actions"].append(
@@ -246,6 +255,22 @@ async def workspace_actions(
                 "state": job["state"] if job else None,
                 "job_id": job["id"] if job else None,
                 "changed_at": job["updated_at"] if job else None,
+                "out_of_date": stale.get(name),
             }
         )
     return result
+
+
+async def workspace_outputs(
+    repos: Repos, projects: ParsedProjects, workspace: Row, manifest: Manifest
+) -> dict[str, Any]:
+    """The workspace's outputs by action and by file, each with ``out_of_date``: why, against
+    project.yaml at the head of its branch, or None. When project.yaml cannot be read,
+    nothing is known to be out of date and ``project_yaml_error`` says why."""
+    try:
+        sha = await repos.resolve_branch(workspace["repo"], workspace["branch"])
+        project = await projects.at(repos, workspace["repo"], sha)
+    except (RepoError, pipeline.ProjectValidationError) as e:
+        return {**manifest.with_out_of_date(None), "sha": None, "project_yaml_error": str(e)}
+    current = action_definitions(project)
+    return {**manifest.with_out_of_date(current), "sha": sha, "project_yaml_error": None}

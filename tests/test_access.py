@@ -22,6 +22,7 @@ from starlette.routing import Mount, Route
 
 from jobsite import auth
 from jobsite.config import GitHub, load_settings
+from jobsite.outputs import Manifest
 from jobsite.server import create_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -39,6 +40,7 @@ actions:
         a: output/a.csv
 """
 OK, SIGN_IN, REFUSED, NOT_FOUND = "ok", "sign in", "refused", "not found"
+FIGURE = '<svg xmlns="http://www.w3.org/2000/svg"><text>the figure only viewers see</text></svg>'
 
 
 def rule_anyone(role: str, public: bool) -> str:
@@ -117,6 +119,20 @@ async def with_bystander(world: World, role: str) -> dict[str, Any]:
         "VALUES (?, ?, 'developer')",
         (world.project_id, world.user_ids["bystander"]),
     )
+    return {}
+
+
+async def with_a_figure(world: World, role: str) -> dict[str, Any]:
+    """An SVG output of ws1 that output viewers may see, recorded as a job records one."""
+    ws = world.app.state.settings.data.workspace("ws1")
+    (ws / "output").mkdir(parents=True, exist_ok=True)
+    (ws / "output/plot.svg").write_text(FIGURE)
+    manifest = Manifest.load(ws)
+    entry = {"action": "generate", "job": world.ids["job_id"], "level": "moderately_sensitive",
+             "size": len(FIGURE), "visible": True, "not_visible_because": None}  # fmt: skip
+    manifest.record_action("generate", world.ids["job_id"], "sha", {"output/plot.svg": entry})
+    (ws / "metadata").mkdir(exist_ok=True)
+    (ws / "metadata/manifest.json").write_text(manifest.dumps())
     return {}
 
 
@@ -219,6 +235,9 @@ CASES = [
     Case("/{workspace}/archive", "POST", rule_developer, "/ws1/archive", 303,
          form=lambda: {"archived": "0"}),  # stays open: other cases run jobs in it
     Case("/{workspace}/outputs/{path:path}", "GET", rule_output_viewer, "/ws1/outputs/"),
+    Case("/{workspace}/output-files/{path:path}", "GET", rule_output_viewer,
+         "/ws1/output-files/output/plot.svg", setup=with_a_figure,
+         shows=(FIGURE, rule_output_viewer)),
     Case("/{workspace}/logs", "GET", rule_viewer, "/ws1/logs"),
     Case("/{workspace}/logs/{id}", "GET", rule_viewer, "/ws1/logs/{request_id}"),
     Case("/{workspace}/logs/{id}/cancel", "POST", rule_developer,

@@ -36,6 +36,7 @@ from .base import (
     require_user,
     site,
     via_token,
+    with_usage_so_far,
 )
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -175,8 +176,11 @@ async def workspace(request: Request) -> Response:
 async def outputs(request: Request) -> Response:
     row = await get_workspace(request, request.path_params["name"])
     await check_role(request, row["project_id"], "output_viewer")
-    ws_dir = site(request).settings.data.workspace(row["name"])
-    return JSONResponse(Manifest.load(ws_dir).data)
+    state = site(request)
+    manifest = await asyncio.to_thread(Manifest.load, state.settings.data.workspace(row["name"]))
+    return JSONResponse(
+        await workspaces.workspace_outputs(state.repos, state.projects, row, manifest)
+    )
 
 
 # -- job requests and jobs ----------------------------------------------------------------
@@ -238,7 +242,7 @@ async def cancel(request: Request) -> Response:
 
 @api
 async def job(request: Request) -> Response:
-    row = await get_job(request, request.path_params["id"])
+    row = with_usage_so_far(request, await get_job(request, request.path_params["id"]))
     show_log = await may_read_logs(request, row["project_id"])
     return JSONResponse({**submit.job_json(row, show_log), "workspace": row["workspace"]})
 

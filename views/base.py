@@ -260,6 +260,15 @@ async def get_job(request: Request, job_id: str) -> Row:
     return await _visible(request, job, "job", job_id)
 
 
+def with_usage_so_far(request: Request, job: Row) -> Row:
+    """A running job with the CPU and memory sampled so far: its columns are written only
+    when it ends."""
+    if job["state"] != "running":
+        return job
+    use = site(request).scheduler.executor.usage(job["id"])
+    return {**job, **use.as_json()} if use is not None else job
+
+
 async def get_job_request(request: Request, request_id: str) -> Row:
     row = None
     number = parse_number(request_id)

@@ -30,6 +30,7 @@ from .base import (
     render,
     site,
     url,
+    with_usage_so_far,
 )
 
 PAGE_SIZE = 20
@@ -136,7 +137,7 @@ def timeline(events: list[dict[str, Any]], job: dict[str, Any], now: float) -> l
 
 
 async def job_page(request: Request) -> Response:
-    job = await get_job(request, request.path_params["id"])
+    job = with_usage_so_far(request, await get_job(request, request.path_params["id"]))
     user = await current_user(request)
     state = site(request)
     db = state.db
