@@ -24,7 +24,22 @@ BUSY_TIMEOUT_MS = 10_000
 
 # SQL that takes a database from version N to N+1, keyed by N. schema.sql always holds the
 # whole current schema; a migration is added here whenever schema.sql changes.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    1: """
+-- researcher-requests: what was changed in a workspace, by whom
+CREATE TABLE workspace_events (
+    id INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id),
+    user_id INTEGER REFERENCES users(id),
+    kind TEXT NOT NULL,
+    old_value TEXT NOT NULL,
+    new_value TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX workspace_events_workspace ON workspace_events (workspace_id, id);
+-- end researcher-requests
+""",
+}
 
 
 class DatabaseVersionError(Exception):

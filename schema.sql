@@ -139,4 +139,17 @@ CREATE TABLE site_state (
     value TEXT NOT NULL
 );
 
-PRAGMA user_version = 1;
+-- researcher-requests: what was changed in a workspace, by whom (a branch change, for now)
+CREATE TABLE workspace_events (
+    id INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id),
+    user_id INTEGER REFERENCES users(id),
+    kind TEXT NOT NULL,                      -- 'branch'
+    old_value TEXT NOT NULL,
+    new_value TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX workspace_events_workspace ON workspace_events (workspace_id, id);
+-- end researcher-requests
+
+PRAGMA user_version = 2;

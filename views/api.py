@@ -14,9 +14,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .. import auth, metrics, notify, openapi, submit, workspaces
+from .. import auth, metrics, notify, openapi, site_status, submit, workspaces
 from ..db import Row
 from ..outputs import Manifest
+from ..queries import expected_start_times
+from ..states import State
 from ..units import iso_ms
 from .base import (
     HTTPError,
@@ -156,12 +158,43 @@ async def workspace(request: Request) -> Response:
             **workspace_json(row),
             "sha": found["sha"],
             "project_yaml_error": found["error"],
+            "changes": [
+                change_json(c) for c in await workspaces.workspace_changes(state.db, row["id"])
+            ],
             "actions": [
                 {"name": a["name"], "needs": a["needs"], "status": a["status"]}
                 for a in found["actions"]
             ],
         }
     )
+
+
+@api
+async def change_workspace(request: Request) -> Response:
+    """Change a workspace: its branch, for now (developers)."""
+    row = await get_workspace(request, request.path_params["name"])
+    user = await check_role(request, row["project_id"], "developer")
+    body = await json_body(request)
+    branch = field(body, "branch")
+    state = site(request)
+    changed = await workspaces.set_branch(state.db, state.repos, user, row, branch)
+    updated = await get_workspace(request, row["name"])
+    message = (
+        f"The workspace now runs branch {updated['branch']} (it was {row['branch']})"
+        if changed
+        else f"The workspace already runs branch {row['branch']}"
+    )
+    return JSONResponse({**workspace_json(updated), "changed": changed, "message": message})
+
+
+def change_json(change: Row) -> dict[str, Any]:
+    return {
+        "kind": change["kind"],
+        "from": change["old_value"],
+        "to": change["new_value"],
+        "by": change["username"],
+        "at": iso_ms(change["at"]),
+    }
 
 
 @api
@@ -184,6 +217,7 @@ async def create_job_request(request: Request) -> Response:
     if not all(isinstance(a, str) for a in actions):
         raise HTTPError(400, "actions must be a list of action names")
     force = bool(field(body, "force_run_dependencies", bool, required=False))
+    commit = field(body, "commit", str, required=False)
     notify_me = field(body, "notify", bool, required=False)
     if notify_me is None:
         notify_me = bool(row["notify_default"])
@@ -197,6 +231,7 @@ async def create_job_request(request: Request) -> Response:
         actions,
         force_run_dependencies=force,
         notify=notify_me,
+        commit=commit,
     )
     state.scheduler.wake()
     return JSONResponse(await submit.job_request_json(state.db, request_id), status_code=201)
@@ -226,7 +261,14 @@ async def cancel(request: Request) -> Response:
 @api
 async def job(request: Request) -> Response:
     row = await get_job(request, request.path_params["id"])
-    return JSONResponse({**submit.job_json(row), "workspace": row["workspace"]})
+    state = site(request)
+    expected = None
+    if row["state"] == State.PENDING and not state.scheduler.paused:
+        starts = await expected_start_times(state.db, state.settings.max_workers)
+        expected = iso_ms(starts.get(row["id"]))
+    return JSONResponse(
+        {**submit.job_json(row), "workspace": row["workspace"], "expected_start_at": expected}
+    )
 
 
 @api
@@ -237,6 +279,21 @@ async def job_log(request: Request) -> Response:
     if not path.exists():
         raise HTTPError(404, "this job has no log yet; it is written when the job finishes")
     return PlainTextResponse(await asyncio.to_thread(path.read_text, errors="replace"))
+
+
+# -- the queue ----------------------------------------------------------------------------
+
+
+@api
+async def status(request: Request) -> Response:
+    """The queue in the open: public when public_status is on, else for signed-in users."""
+    user = await current_user(request)
+    state = site(request)
+    if not state.settings.public_status and user is None:
+        raise HTTPError(401, "sign in (an API token) to see the status of the queue")
+    return JSONResponse(
+        await site_status.site_status(state.db, state.settings, state.scheduler, user)
+    )
 
 
 # -- the queue (site admins) --------------------------------------------------------------

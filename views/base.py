@@ -32,7 +32,7 @@ from ..repos import RepoError, Repos
 from ..runner import Scheduler
 from ..states import status_label
 from ..submit import SubmitError
-from ..units import ago, human_duration, iso, runtime, when
+from ..units import ago, expected_in, human_duration, iso, runtime, when
 from ..workspaces import ParsedProjects
 from . import csrf
 
@@ -402,5 +402,6 @@ def templates(directory: str) -> Jinja2Templates:
         dom_id=dom_id,
         commit_url=commit_url,
         human_duration=human_duration,
+        expected_in=expected_in,
     )
     return result
