@@ -21,7 +21,6 @@ from pathlib import Path
 GIT_TIMEOUT = 120.0
 _SHA = re.compile(r"[0-9a-f]{40}")
 _COMMIT = re.compile(r"[0-9a-f]{4,40}")  # a full sha, or a prefix of one as git accepts it
-MAX_CHANGED_FILES = 500  # files listed as changed between two commits; the rest are counted
 
 
 class RepoError(Exception):
@@ -200,9 +199,7 @@ class Repos:
             raise RepoError(f"could not check commit {sha[:7]} in {url}: {_last_line(err)}")
         return sha
 
-    async def changed_files(
-        self, url: str, old: str, new: str, limit: int = MAX_CHANGED_FILES
-    ) -> Changes:
+    async def changed_files(self, url: str, old: str, new: str, limit: int) -> Changes:
         """The files that differ between commits ``old`` and ``new`` (the mirror must hold
         both), the first ``limit`` of them listed."""
         code, out, err = await _git(

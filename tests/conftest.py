@@ -11,7 +11,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from helpers import GitRepo, Intact
+from helpers import Browser, GitRepo, Intact
 
 from jobsite import auth
 from jobsite.config import Settings, load_settings
@@ -153,3 +153,32 @@ def intact(tmp_path: Path, data_dir: Path) -> Intact:
     """Notes the files around the data dir before a hostile scenario; ``await
     intact.check(client)`` afterwards asserts the site survived it (see helpers.Intact)."""
     return Intact(tmp_path, data_dir)
+
+
+@pytest.fixture
+async def browser(app: Any):
+    """Makes a browser session; signed in as ``username`` (created on first use) unless None."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def make(username: str | None = None, *, admin: bool = False) -> Browser:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
+        clients.append(client)
+        session = Browser(client)
+        if username is not None:
+            if not await app.state.db.fetchone(
+                "SELECT 1 FROM users WHERE username = ?", (username,)
+            ):
+                await auth.create_user(app.state.db, username, "pw-1234567", is_admin=admin)
+            await session.get("/login")
+            response = await session.post(
+                "/login", {"username": username, "password": "pw-1234567"}
+            )
+            assert response.status_code == 303, response.text
+            await session.get("/")  # signing in starts a new session with a new CSRF token
+        return session
+
+    yield make
+    for client in clients:
+        await client.aclose()

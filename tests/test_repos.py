@@ -120,7 +120,7 @@ async def test_files_changed_between_two_commits(repos, make_repo):
     (repo.path / "gone.txt").unlink()
     second = repo.commit({"project.yaml": "version: 5\n", "new dir/n\u00e9w.txt": "n\n"})
     await repos.fetch(repo.url)
-    changes = await repos.changed_files(repo.url, first, second)
+    changes = await repos.changed_files(repo.url, first, second, 100)
     assert changes.total == 4
     assert sorted(changes.files, key=lambda c: c.path) == [
         ChangedFile("R", "b.py", "a.py"),
@@ -130,4 +130,4 @@ async def test_files_changed_between_two_commits(repos, make_repo):
     ]
     cut = await repos.changed_files(repo.url, first, second, limit=2)
     assert len(cut.files) == 2 and cut.total == 4
-    assert (await repos.changed_files(repo.url, second, second)).total == 0
+    assert (await repos.changed_files(repo.url, second, second, 100)).total == 0

@@ -36,6 +36,7 @@ from .base import (
 PAGE_SIZE = 20
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
 PROJECT_YAML_SHOWN = 200_000  # characters of a job request's project.yaml shown on its page
+CHANGED_FILES_SHOWN = 500  # files listed as changed since the last success; the rest counted
 COUNTED_STATES = (State.RUNNING, State.PENDING, State.SUCCEEDED, State.FAILED)
 
 
@@ -154,7 +155,7 @@ async def changes_since_success(
         return result
     try:
         changes = await site(request).repos.changed_files(
-            workspace["repo"], previous["sha"], row["sha"]
+            workspace["repo"], previous["sha"], row["sha"], CHANGED_FILES_SHOWN
         )
     except RepoError as e:
         result["error"] = str(e)
