@@ -106,3 +106,27 @@ async def test_backup_is_a_consistent_copy(tmp_path):
     conn = sqlite3.connect(tmp_path / "copy.sqlite")
     assert conn.execute("SELECT value FROM site_state").fetchall() == [("1",)]
     conn.close()
+
+
+async def test_a_version_1_database_gets_the_workspace_events_table(tmp_path):
+    path = tmp_path / "db.sqlite"
+    fresh = await Database.open(path)
+    wanted = await fresh.fetchall(
+        "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'workspace_events'"
+    )
+    await fresh.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE workspace_events")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    database = await Database.open(path)
+    try:
+        found = await database.fetchall(
+            "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'workspace_events'"
+        )
+        assert [(r["type"], r["name"]) for r in found] == [(r["type"], r["name"]) for r in wanted]
+        assert len(found) == 2  # the table and its index
+        assert await database.fetchval("PRAGMA user_version") == schema_version()
+    finally:
+        await database.close()
