@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -258,3 +262,172 @@ def test_config_reaches_the_action_as_arguments(checkout, jobsite_run):
     status, out = jobsite_run("configured", "--project-dir", str(root))
     assert status == 0, out
     assert (root / "output/args.txt").read_text() == '--config {"weeks": 4}\n'
+
+
+# -- running actions at once, and what opensafely run users look for ------------------------
+
+PAIR = """\
+version: "5"
+actions:
+  first:
+    run: python:v2 -c "sleep 3; mkdir -p output && echo 1 > output/first.csv"
+    outputs:
+      moderately_sensitive:
+        first: output/first.csv
+  second:
+    run: python:v2 -c "sleep 3; mkdir -p output && echo 2 > output/second.csv"
+    outputs:
+      moderately_sensitive:
+        second: output/second.csv
+  after:
+    run: python:v2 -c "cat output/first.csv output/second.csv > output/both.csv"
+    needs: [first, second]
+    outputs:
+      moderately_sensitive:
+        both: output/both.csv
+"""
+
+
+def steps(out: str) -> list[str]:
+    """The progress lines, each as "action: step"."""
+    return [
+        " ".join(line.split()[:2]).rstrip(":")
+        for line in out.splitlines()
+        if re.match(r"\w+: (preparing|executing|finalizing)", line)
+    ]
+
+
+def test_independent_actions_run_at_once_and_needs_wait(checkout, jobsite_run):
+    root = checkout(PAIR)
+    status, out = jobsite_run("after", "--project-dir", str(root))
+    assert status == 0, out
+    order = steps(out)
+    # both sleepers execute before either finishes; after starts once both are done
+    assert order.index("second: executing") < order.index("first: finalizing")
+    assert order.index("after: preparing") > max(
+        order.index("first: finalizing"), order.index("second: finalizing")
+    )
+    assert (root / "output/both.csv").read_text() == "1\n2\n"
+
+    status, out = jobsite_run("after", "-f", "-c", "1", "--project-dir", str(root))
+    assert status == 0, out
+    assert steps(out) == [
+        f"{action}: {step}"
+        for action in ("first", "second", "after")
+        for step in ("preparing", "executing", "finalizing")
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_a_concurrency_that_is_not_a_positive_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "first", "-c", value])
+    assert f"{value!r} is not a whole number of jobs, 1 or more" in capsys.readouterr().err
+
+
+def test_timestamps_start_every_line(checkout, jobsite_run):
+    root = checkout()
+    status, out = jobsite_run("generate", "--timestamps", "--project-dir", str(root))
+    assert status == 0, out
+    lines = [line for line in out.splitlines() if line]
+    assert len(lines) > 5
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  *\S", line), line
+    assert re.search(r"Z generate: succeeded in ", out)
+
+
+def test_github_output_groups_each_actions_lines_and_log(checkout, jobsite_run):
+    root = checkout(PAIR)
+    status, out = jobsite_run("after", "--format-output-for-github", "--project-dir", str(root))
+    assert status == 0, out
+    groups = re.findall(r"^::group::(.*?)\n(.*?)^::endgroup::$", out, re.M | re.S)
+    assert sorted(title for title, _ in groups) == [
+        "after: succeeded",
+        "first: succeeded",
+        "second: succeeded",
+    ]
+    for title, body in groups:
+        action = title.split(":")[0]
+        # one action's lines only, never another's mixed in, then its log
+        assert {line.split(":")[0] for line in body.splitlines()[:4]} == {action}
+        assert f"--- metadata/{action}.log ---" in body
+        assert "status:          succeeded" in body
+    assert "::group::" not in out.split("::endgroup::")[-1]  # the summary follows the groups
+    assert "All 3 actions succeeded." in out
+
+
+def run_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`jobsite ARGS` as a researcher types it, in its own process."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("jobsite")), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def command_env(settings):
+    """The environment `jobsite run` runs in: containers labelled for the test site."""
+    return {**os.environ, "JOBSITE_SITE_ID": settings.site_id, "JOBSITE_CONFIG": ""}
+
+
+def test_debug_keeps_containers_and_job_dirs_and_says_how_to_remove_them(
+    checkout, command_env, docker_client, settings
+):
+    root = checkout()
+    done = run_command("run", "generate", "--debug", "--project-dir", str(root), env=command_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "--debug: the containers and job dirs of this run were kept. To remove them:" in out
+    commands = [line.strip() for line in out.splitlines()[-2:]]
+    assert commands[0].startswith("docker container rm --force $(docker container ls")
+    assert commands[1].startswith("rm -rf ")
+    scratch = Path(commands[1].removeprefix("rm -rf "))
+
+    def containers():
+        return docker_client.containers.list(
+            all=True, filters={"label": f"jobsite={settings.site_id}"}
+        )
+
+    (kept,) = containers()
+    (job_dir,) = (scratch / "jobs").iterdir()
+    assert kept.labels["jobsite.job"] == job_dir.name
+    assert (job_dir / "output/counts.csv").read_text() == "n,total\n"  # as the job left it
+    assert (root / "output/counts.csv").exists()
+
+    for command in commands:  # what the run said to do
+        subprocess.run(command, shell=True, check=True, capture_output=True)
+    assert containers() == [] and not scratch.exists()
+
+
+def test_help_and_messages_that_opensafely_run_users_rely_on(checkout, command_env):
+    done = run_command("run", "--help", env=command_env)
+    assert done.returncode == 0
+    # every option of `opensafely run` has its counterpart, under the same names
+    for option in (
+        "-f, --force-run-dependencies",
+        "--project-dir",
+        "--continue-on-error",
+        "--timestamps",
+        "--debug",
+        "--format-output-for-github",
+        "-c N, --concurrency N",
+        "-m MEMORY, --memory MEMORY",
+        "--cpus CPUS, --cpu CPUS",
+    ):
+        assert option in done.stdout, option
+
+    root = checkout()
+    done = run_command("run", "nosuch", "--project-dir", str(root), env=command_env)
+    assert done.returncode == 2
+    assert done.stdout == (
+        "Error: `nosuch` is not an action in project.yaml. "
+        "The actions are: generate, analyse, run_all.\n"
+    )
+    done = run_command("run", "--project-dir", str(root), env=command_env)
+    assert done.returncode == 2
+    assert "No actions were requested: choose one or more of generate, analyse, run_all" in (
+        done.stdout
+    )
