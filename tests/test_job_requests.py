@@ -238,7 +238,7 @@ async def test_a_request_may_name_a_commit_of_the_branch(app, client, study):
     assert response.json()["sha"] == repo.git("rev-parse", "HEAD")
 
 
-async def test_a_commit_not_on_the_branch_is_a_clear_400(app, client, study):
+async def test_a_commit_not_on_the_branch_is_a_clear_400(app, client, study, intact):
     repo = study["repo"]
     repo.branch("experiment")
     elsewhere = repo.commit({"other.txt": "x"})
@@ -257,6 +257,7 @@ async def test_a_commit_not_on_the_branch_is_a_clear_400(app, client, study):
     assert response.status_code == 400
     assert response.json()["error"] == "commit must be a str"
     assert await app.state.db.fetchval("SELECT count(*) FROM job_requests") == before
+    await intact.check(client, allowed=lambda path: path.startswith("repos/study/"))
 
 
 async def test_the_workspace_form_takes_a_commit_and_keeps_it_when_refused(app, study):
@@ -306,7 +307,7 @@ async def test_a_developer_changes_the_branch_through_the_api(app, client, study
     assert len((await client.get("/api/v1/workspaces/ws1")).json()["changes"]) == 1
 
 
-async def test_a_branch_that_is_not_there_is_a_clear_400(app, client, study):
+async def test_a_branch_that_is_not_there_is_a_clear_400(app, client, study, intact):
     repo = study["repo"]
     repo.git("tag", "v1")
     repo.branch("no-project")
@@ -337,6 +338,7 @@ async def test_a_branch_that_is_not_there_is_a_clear_400(app, client, study):
     workspace = await app.state.db.fetchone("SELECT * FROM workspaces WHERE name = 'ws1'")
     assert workspace["branch"] == "main"
     assert await app.state.db.fetchval("SELECT count(*) FROM workspace_events") == 0
+    await intact.check(client, allowed=lambda path: path.startswith("repos/study/"))
 
 
 async def test_the_branch_form_on_the_workspace_page(app, study, browser):

@@ -207,6 +207,15 @@ async def test_a_waiting_job_is_expected_when_a_slot_frees(held, app, client, tw
     (listed,) = status["waiting"]
     assert listed["job_id"] == job_id and 470 < listed["expected_start_in_seconds"] < 490
     assert "in about 8 min" in text(await client.get("/status"))
+    (listed,) = (await client.get(f"/api/v1/job-requests/{waiting['id']}")).json()["jobs"]
+    # the job request's JSON gives each of its jobs the same
+    assert (
+        abs(
+            seconds_from_now(listed["expected_start_at"])
+            - seconds_from_now(job["expected_start_at"])
+        )
+        < 2
+    )
     request_page = await client.get(f"/ws2/logs/{waiting['id']}")
     assert "expected in about 8 min" in text(request_page)
 

@@ -240,7 +240,10 @@ async def create_job_request(request: Request) -> Response:
 @api
 async def job_request(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
-    return JSONResponse(await submit.job_request_json(site(request).db, row["id"]))
+    data = await submit.job_request_json(site(request).db, row["id"])
+    assert data is not None
+    data["jobs"] = await with_expected_starts(request, data["jobs"])
+    return JSONResponse(data)
 
 
 @api
@@ -261,14 +264,20 @@ async def cancel(request: Request) -> Response:
 @api
 async def job(request: Request) -> Response:
     row = await get_job(request, request.path_params["id"])
-    state = site(request)
-    expected = None
-    if row["state"] == State.PENDING and not state.scheduler.paused:
-        starts = await expected_start_times(state.db, state.settings.max_workers)
-        expected = iso_ms(starts.get(row["id"]))
-    return JSONResponse(
-        {**submit.job_json(row), "workspace": row["workspace"], "expected_start_at": expected}
+    (data,) = await with_expected_starts(
+        request, [{**submit.job_json(row), "workspace": row["workspace"]}]
     )
+    return JSONResponse(data)
+
+
+async def with_expected_starts(request: Request, jobs: list[dict[str, Any]]) -> list[dict]:
+    """Each job's JSON with its "expected_start_at": when it should start if it is waiting
+    (null once started, and while the queue is paused)."""
+    state = site(request)
+    starts: dict[str, float] = {}
+    if not state.scheduler.paused and any(job["state"] == State.PENDING for job in jobs):
+        starts = await expected_start_times(state.db, state.settings.max_workers)
+    return [{**job, "expected_start_at": iso_ms(starts.get(job["id"]))} for job in jobs]
 
 
 @api
