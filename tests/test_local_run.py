@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -374,12 +375,11 @@ def command_env(settings):
 
 
 def test_debug_keeps_containers_and_job_dirs_and_says_how_to_remove_them(
-    checkout, command_env, docker_client, settings
+    checkout, jobsite_run, docker_client, settings
 ):
     root = checkout()
-    done = run_command("run", "generate", "--debug", "--project-dir", str(root), env=command_env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+    status, out = jobsite_run("generate", "--debug", "--project-dir", str(root))
+    assert status == 0, out
     assert "--debug: the containers and job dirs of this run were kept. To remove them:" in out
     commands = [line.strip() for line in out.splitlines()[-2:]]
     assert commands[0].startswith("docker container rm --force $(docker container ls")
@@ -400,6 +400,34 @@ def test_debug_keeps_containers_and_job_dirs_and_says_how_to_remove_them(
     for command in commands:  # what the run said to do
         subprocess.run(command, shell=True, check=True, capture_output=True)
     assert containers() == [] and not scratch.exists()
+
+
+def test_ctrl_c_stops_the_running_jobs_and_removes_their_containers(
+    checkout, command_env, docker_client, settings
+):
+    root = checkout(PAIR.replace("sleep 3", "sleep 60"))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("jobsite")), "run", "after", "--project-dir",
+         str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=command_env,
+    )  # fmt: skip
+    assert process.stdout is not None
+    seen = []
+    while len([line for line in seen if ": executing" in line]) < 2:  # first and second
+        line = process.stdout.readline()
+        assert line, f"jobsite run ended before both sleepers ran: {''.join(seen)}"
+        seen.append(line)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Stopped: the running jobs were cancelled and their containers removed." in out
+    assert (
+        docker_client.containers.list(all=True, filters={"label": f"jobsite={settings.site_id}"})
+        == []
+    )
+    assert not (root / "output").exists()
 
 
 def test_help_and_messages_that_opensafely_run_users_rely_on(checkout, command_env):
