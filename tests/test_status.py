@@ -258,3 +258,14 @@ async def test_a_real_running_job_is_counted_until_it_ends(app, client, two_stud
         f"/api/v1/job-requests/{slow['id']}/cancel", json={}, headers=two_studies["alice"]
     )
     assert cancel.status_code == 200
+
+
+def test_expected_starts_read_as_people_say_them():
+    from jobsite.units import expected_in
+
+    assert expected_in(None) == ""
+    assert expected_in(20) == "in under a minute"
+    assert expected_in(4 * 60 + 10) == "in about 4 min"
+    assert expected_in(89 * 60) == "in about 89 min"
+    assert expected_in(2 * 3600) == "in about 2 h"
+    assert expected_in(3 * 86400) == "in about 3 days"

@@ -234,7 +234,10 @@ async def create_job_request(request: Request) -> Response:
         commit=commit,
     )
     state.scheduler.wake()
-    return JSONResponse(await submit.job_request_json(state.db, request_id), status_code=201)
+    data = await submit.job_request_json(state.db, request_id)
+    assert data is not None
+    data["jobs"] = await with_expected_starts(request, data["jobs"])
+    return JSONResponse(data, status_code=201)
 
 
 @api
@@ -255,6 +258,8 @@ async def cancel(request: Request) -> Response:
     state = site(request)
     cancelled = await submit.cancel(state.db, state.scheduler, row["id"], actions)
     data = await submit.job_request_json(state.db, row["id"])
+    assert data is not None
+    data["jobs"] = await with_expected_starts(request, data["jobs"])
     data["cancelled"] = cancelled
     if not cancelled:
         data["message"] = "Nothing to cancel: those jobs have already finished"
