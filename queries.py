@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from .db import Database, Row
@@ -200,3 +202,24 @@ async def expected_start_times(
             for row in [*jobs["queued"], *jobs["blocked"]]
         ],
     )
+
+
+class ExpectedStarts:
+    """``expected_start_times`` for pages and the API, computed again only when ``ttl``
+    seconds have passed or a job asked about is not in the last answer: with a long queue
+    it reads every pending job, and many pages poll it every few seconds."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._starts: dict[str, float] = {}
+        self._at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def of(self, db: Database, workers: int, job_ids: Iterable[str]) -> dict[str, float]:
+        """When each of the pending jobs ``job_ids`` should start."""
+        wanted = set(job_ids)
+        async with self._lock:
+            if time.monotonic() - self._at > self.ttl or not wanted <= self._starts.keys():
+                self._starts = await expected_start_times(db, workers)
+                self._at = time.monotonic()
+            return {job_id: self._starts[job_id] for job_id in wanted & self._starts.keys()}

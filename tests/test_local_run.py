@@ -326,6 +326,17 @@ def test_a_concurrency_that_is_not_a_positive_number_is_refused(value, capsys):
     assert f"{value!r} is not a whole number of jobs, 1 or more" in capsys.readouterr().err
 
 
+def test_an_unknown_action_lists_the_actions_there_are(checkout, jobsite_run):
+    root = checkout()
+    status, out = jobsite_run("generat", "--project-dir", str(root))
+    assert status == 2
+    assert out == (
+        "Error: `generat` is not an action in project.yaml. "
+        "The actions are: generate, analyse, run_all.\n"
+    )
+    assert not (root / "metadata").exists()
+
+
 def test_timestamps_start_every_line(checkout, jobsite_run):
     root = checkout()
     status, out = jobsite_run("generate", "--timestamps", "--project-dir", str(root))

@@ -11,6 +11,7 @@ from datetime import datetime
 import pytest
 from helpers import add_request, text, until
 
+from jobsite.queries import ExpectedStarts
 from jobsite.scheduling import DEFAULT_RUNTIME
 from jobsite.units import Size
 
@@ -269,3 +270,21 @@ def test_expected_starts_read_as_people_say_them():
     assert expected_in(89 * 60) == "in about 89 min"
     assert expected_in(2 * 3600) == "in about 2 h"
     assert expected_in(3 * 86400) == "in about 3 days"
+
+
+async def test_expected_starts_are_kept_a_while_unless_a_new_job_is_asked_about(
+    held, app, client, two_studies
+):
+    db = app.state.db
+    cache = ExpectedStarts(ttl=3600)
+    first = (await run(client, two_studies["alice"], "ws1", "quick"))["jobs"][0]["id"]
+    (before,) = (await cache.of(db, 1, [first])).values()
+    assert abs(before - time.time()) < 5  # the one worker is free
+
+    _, ids = await add_request(app, "ws2", "bob", [("slow", "sleep 1", ())])
+    await running(app, ids["slow"], time.time())
+    assert await cache.of(db, 1, [first]) == {first: before}  # kept: asked again too soon
+    second = (await run(client, two_studies["bob"], "ws2", "quick"))["jobs"][0]["id"]
+    starts = await cache.of(db, 1, [first, second])  # a job it has not seen: computed again
+    assert starts[first] > before + DEFAULT_RUNTIME - 5  # now after bob's slow job
+    assert await cache.of(db, 1, ["no-such-job"]) == {}

@@ -17,7 +17,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .. import auth, metrics, notify, openapi, site_status, submit, workspaces
 from ..db import Row
 from ..outputs import Manifest
-from ..queries import expected_start_times
 from ..states import State
 from ..units import iso_ms
 from .base import (
@@ -279,9 +278,10 @@ async def with_expected_starts(request: Request, jobs: list[dict[str, Any]]) -> 
     """Each job's JSON with its "expected_start_at": when it should start if it is waiting
     (null once started, and while the queue is paused)."""
     state = site(request)
+    waiting = [job["id"] for job in jobs if job["state"] == State.PENDING]
     starts: dict[str, float] = {}
-    if not state.scheduler.paused and any(job["state"] == State.PENDING for job in jobs):
-        starts = await expected_start_times(state.db, state.settings.max_workers)
+    if waiting and not state.scheduler.paused:
+        starts = await state.expected_starts.of(state.db, state.settings.max_workers, waiting)
     return [{**job, "expected_start_at": iso_ms(starts.get(job["id"]))} for job in jobs]
 
 

@@ -28,6 +28,7 @@ from ..graph import ICONS
 from ..metrics import SiteMetrics
 from ..notify import Notifier
 from ..problems import Conflict, NotAllowed, NotFound, Problem
+from ..queries import ExpectedStarts
 from ..repos import RepoError, Repos
 from ..runner import Scheduler
 from ..states import status_label
@@ -63,6 +64,7 @@ class Site:
         self.login_limiter = login_limiter
         self.sealer = sealer
         self.projects = ParsedProjects()
+        self.expected_starts = ExpectedStarts()
 
 
 def site(request: Request) -> Site:

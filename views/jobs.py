@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from .. import pipeline, submit
 from ..outputs import Manifest
-from ..queries import expected_start_times, job_request_rows, previous_success
+from ..queries import job_request_rows, previous_success
 from ..repos import RepoError
 from ..states import ACTIVE_STATES, State
 from .base import (
@@ -123,9 +123,10 @@ def job_counts(jobs: list[dict[str, Any]], now: float) -> dict[str, Any]:
 async def expected_starts(request: Request, jobs: list[dict[str, Any]]) -> dict[str, float]:
     """When the waiting jobs among ``jobs`` should start (none while the queue is paused)."""
     state = site(request)
-    if state.scheduler.paused or not any(job["state"] == State.PENDING for job in jobs):
+    waiting = [job["id"] for job in jobs if job["state"] == State.PENDING]
+    if state.scheduler.paused or not waiting:
         return {}
-    return await expected_start_times(state.db, state.settings.max_workers)
+    return await state.expected_starts.of(state.db, state.settings.max_workers, waiting)
 
 
 async def project_yaml_at(request: Request, repo: str, sha: str) -> dict[str, Any]:
