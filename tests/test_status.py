@@ -108,6 +108,8 @@ async def test_status_counts_jobs_overall_and_per_workspace(held, app, client, t
     # in the fair order: bob runs nothing yet, so his job goes ahead of alice's second one
     assert [j["workspace"] for j in status["waiting"]] == ["ws2", "ws1"]
 
+    home = await client.get("/")
+    assert '<a href="/status">Status</a>' in home.text  # every page links to it
     page = await client.get("/status")
     assert page.status_code == 200
     shown = text(page)
@@ -143,6 +145,7 @@ async def test_on_a_private_site_status_is_for_signed_in_users(
     assert "sign in" in response.json()["error"]
     page = await client.get("/status")
     assert page.status_code == 303 and page.headers["location"].startswith("/login")
+    assert '<a href="/status">' not in (await client.get("/login")).text
 
     # bob sees his own workspace by name and alice's only as a count
     status = (await client.get("/api/v1/status", headers=two_studies["bob"])).json()
