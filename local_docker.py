@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import logging
 import os
-import shutil
 import stat
 import threading
 import time
@@ -28,6 +28,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from . import jobdir
 from .config import Settings
 from .datadir import MANIFEST, action_log_name
 from .executor import ContainerExit, DockerUnavailable, JobError, JobSpec, Outcome
@@ -40,6 +41,8 @@ CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class LocalDockerExecutor:
@@ -126,19 +129,27 @@ class LocalDockerExecutor:
         recorded outputs of the job's direct dependencies."""
         workdir = self.data.job_dir(job.id)
         try:
-            if workdir.exists():
-                await asyncio.to_thread(shutil.rmtree, workdir)
-            workdir.mkdir(parents=True)
+            workdir.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(jobdir.remove_tree, workdir)
+            workdir.mkdir()
             if job.source_dir is not None:
-                await asyncio.to_thread(copy_files, job.source_dir, job.source_files, workdir)
+                await asyncio.to_thread(
+                    jobdir.copy_files, job.source_dir, job.source_files, workdir
+                )
             else:
                 assert self.repos is not None, "a job from a repo needs Repos"
                 await self.repos.export_tree(job.repo, job.sha, workdir)
             await asyncio.to_thread(self._copy_inputs, job, workdir)
             if os.getuid() == 0:
                 uid, gid = (int(x) for x in self.settings.job_user.split(":"))
-                await asyncio.to_thread(_chown_tree, workdir, uid, gid)
+                await asyncio.to_thread(jobdir.chown_tree, workdir, uid, gid)
             self._prepared_at[job.id] = time.time()
+        except jobdir.UnsafePath as e:
+            raise JobError(
+                StatusCode.INTERNAL_ERROR,
+                f"Could not prepare the job's files: {e}. jobsite never follows symbolic "
+                "links when it writes a job's files; remove the link from the repo.",
+            ) from e
         except RepoError as e:
             raise JobError(
                 StatusCode.INTERNAL_ERROR, f"Could not prepare the job's files: {e}"
@@ -161,9 +172,8 @@ class LocalDockerExecutor:
                         f"made by action {action}. Run {action} again (or tick Force run "
                         "dependencies).",
                     )
-                dest = workdir / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest)
+                # over whatever the repo has at that path (a link, say), never through it
+                jobdir.copy_in(src, workdir, rel, mode=0o644)
 
     # -- step 3: run -----------------------------------------------------------
 
@@ -438,7 +448,10 @@ class LocalDockerExecutor:
                 self._remove_container(job_id)
             except DockerUnavailable:
                 pass
-            shutil.rmtree(self.data.job_dir(job_id), ignore_errors=True)
+            try:
+                jobdir.remove_tree(self.data.job_dir(job_id))
+            except OSError as e:
+                logger.warning("could not remove the files of job %s: %s", job_id, e)
 
         await asyncio.to_thread(clean)
 
@@ -453,26 +466,6 @@ class LocalDockerExecutor:
             return {c["Labels"]["jobsite.job"]: c["State"] for c in found}
 
         return await asyncio.to_thread(list_them)
-
-
-def copy_files(source: Path, files: tuple[str, ...], dest: Path) -> None:
-    """Copy ``files`` (paths relative to ``source``) into ``dest``; links are copied as links,
-    as ``git archive`` does, and anything that is neither a file nor a link is left out."""
-    made: set[Path] = set()
-    for rel in files:
-        src = source / rel
-        target = dest / rel
-        try:
-            mode = os.lstat(src).st_mode
-        except FileNotFoundError:
-            continue  # deleted from the checkout since it was listed
-        if target.parent not in made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made.add(target.parent)
-        if stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), target)
-        elif stat.S_ISREG(mode):
-            shutil.copy(src, target)  # with its mode, so scripts stay executable
 
 
 class CappedLog:
@@ -680,12 +673,3 @@ def _docker_time(value: str | None) -> float:
     head, _, frac = value.rstrip("Z").partition(".")
     text = f"{head}.{(frac + '000000')[:6]}+00:00"
     return datetime.fromisoformat(text).timestamp()
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    os.chown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            if not stat.S_ISLNK(os.lstat(path).st_mode):
-                os.chown(path, uid, gid)

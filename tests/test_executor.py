@@ -421,10 +421,10 @@ async def test_full_disk_while_preparing_fails_clearly(settings, study, make_exe
     assert (await run(executor, make)).state == "succeeded"
     before = snapshot(workspace(settings))
 
-    def full(src, dst, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+    def full(src, dest, rel, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest / rel))
 
-    monkeypatch.setattr(executor_module.shutil, "copyfile", full)
+    monkeypatch.setattr(executor_module.jobdir, "copy_in", full)
     use = spec(study, "true", action="analyse", needs=["generate"])
     outcome = await run(executor, use)
     assert outcome.status_code == "internal_error"
