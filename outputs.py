@@ -43,13 +43,25 @@ def pattern_matches(pattern: str, path: str) -> bool:
     )
 
 
-def _walk(root: Path) -> dict[str, os.stat_result]:
-    """Every entry under ``root`` except directories, by relative path; links not followed."""
+def _walk(root: Path, max_depth: int) -> dict[str, os.stat_result]:
+    """Every entry under ``root`` except directories, by relative path, down to ``max_depth``
+    segments (no pattern reaches deeper); links not followed, unreadable directories left
+    out. Iterative: a job may leave a tree thousands deep."""
     found = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            full = os.path.join(dirpath, name)
-            found[os.path.relpath(full, root).replace(os.sep, "/")] = os.lstat(full)
+    stack = [("", 1)]
+    while stack:
+        prefix, depth = stack.pop()
+        try:
+            entries = list(os.scandir(root / prefix if prefix else root))
+        except OSError:
+            continue
+        for entry in entries:
+            rel = f"{prefix}{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                if depth < max_depth:
+                    stack.append((f"{rel}/", depth + 1))
+            else:
+                found[rel] = entry.stat(follow_symlinks=False)
     return found
 
 
@@ -68,7 +80,8 @@ def match_outputs(
     match that is not a regular file, lies behind a linked directory, or is larger than
     ``max_size``: collecting outputs never follows a link.
     """
-    entries = _walk(workdir)
+    patterns = [p for by_name in outputs.values() for p in by_name.values()]
+    entries = _walk(workdir, max((p.count("/") + 1 for p in patterns), default=1))
     links = sorted(path for path, st in entries.items() if stat.S_ISLNK(st.st_mode))
     matched: dict[str, str] = {}
     unmatched: list[str] = []

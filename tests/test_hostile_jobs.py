@@ -4,11 +4,16 @@ containers, and ends with the intact check."""
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import GitRepo, submit, wait_for_request
+
+from jobsite import jobdir
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
 
@@ -96,3 +101,161 @@ async def test_committed_links_do_not_carry_inputs_out_of_the_job(
     assert not Path("/etc/x.csv").exists()
     assert Path("/etc/passwd").read_bytes() == passwd
     await intact.check(client, allowed=made_by_test)
+
+
+def archive(members: list[tuple[tarfile.TarInfo, bytes]]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, content in members:
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content) if content else None)
+    buf.seek(0)
+    return buf
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o644
+    return info
+
+
+def test_an_archive_writes_only_files_dirs_and_links_inside_its_dir(tmp_path):
+    dest = tmp_path / "job"
+    dest.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("kept\n")
+    jobdir.extract_archive(
+        archive(
+            [
+                (member("a/", tarfile.DIRTYPE), b""),
+                (member("a/run.sh"), b"echo hi\n"),
+                (member("up", tarfile.SYMTYPE, ".."), b""),
+                (member("hard", tarfile.LNKTYPE, "a/run.sh"), b""),
+                (member("fifo", tarfile.FIFOTYPE), b""),
+                (member("dev", tarfile.CHRTYPE), b""),
+            ]
+        ),
+        dest,
+    )
+    assert sorted(os.listdir(dest)) == ["a", "up"]
+    assert os.readlink(dest / "up") == ".."
+    assert (dest / "a" / "run.sh").read_text() == "echo hi\n"
+    assert outside.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize(
+    "members, why",
+    [
+        ([("up", tarfile.SYMTYPE, ".."), ("up/outside.txt", tarfile.REGTYPE, "")], "up is a"),
+        ([("../outside.txt", tarfile.REGTYPE, "")], "not a plain relative path"),
+        ([("/tmp/x.txt", tarfile.REGTYPE, "")], "not a plain relative path"),
+        ([("a.txt", tarfile.REGTYPE, ""), ("a.txt", tarfile.REGTYPE, "")], "appears twice"),
+    ],
+)
+def test_an_archive_placing_a_file_through_a_link_or_outside_is_refused(tmp_path, members, why):
+    dest = tmp_path / "job"
+    dest.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("kept\n")
+    with pytest.raises(jobdir.UnsafePath, match=why):
+        jobdir.extract_archive(
+            archive(
+                [(member(name, kind, link), b"" if link else b"x") for name, kind, link in members]
+            ),
+            dest,
+        )
+    assert outside.read_text() == "kept\n"
+
+
+def test_an_input_over_a_real_directory_is_refused(tmp_path):
+    source = tmp_path / "x.csv"
+    source.write_text("n\n")
+    (tmp_path / "job" / "out" / "x.csv").mkdir(parents=True)
+    with pytest.raises(jobdir.UnsafePath, match="out/x.csv is a directory"):
+        jobdir.copy_in(source, tmp_path / "job", "out/x.csv")
+
+
+TRAPS = """\
+version: "4"
+actions:
+  trap:
+    run: >-
+      python:v2 -c "mkdir -p output locked/inner readonly &&
+      echo n > output/a.csv && echo x > locked/inner/f && echo y > readonly/f &&
+      chmod 000 locked/inner locked && chmod 500 readonly &&
+      i=0; while [ $i -lt 1200 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done;
+      echo leaf > leaf && cd /workspace && chmod 000 ."
+    outputs:
+      moderately_sensitive:
+        a: output/a.csv
+"""
+
+
+async def test_unreadable_and_deep_trees_do_not_outlive_the_job(
+    client, settings, alice, make_repo, intact
+):
+    from helpers import setup_workspace, until
+
+    await setup_workspace(client, alice, make_repo({"project.yaml": TRAPS}))
+    jobs = await run_actions(client, alice, ["trap"])
+    assert jobs["trap"]["status_code"] == "succeeded", jobs
+    job_dir = settings.data.job_dir(jobs["trap"]["id"])
+    await until(lambda: not job_dir.exists(), 30, "the job's dir to be removed")
+    assert landed(settings, "output/a.csv").read_text() == "n\n"
+    await intact.check(client, allowed=made_by_test)
+
+
+def build_traps(root: Path) -> None:
+    """What a job can leave behind, made by whoever runs this."""
+    (root / "locked" / "inner").mkdir(parents=True)
+    (root / "locked" / "inner" / "f").write_text("x")
+    (root / "readonly").mkdir()
+    (root / "readonly" / "f").write_text("y")
+    os.symlink("/etc", root / "etc")
+    os.symlink("..", root / "up")
+    os.chmod(root / "locked" / "inner", 0)
+    os.chmod(root / "locked", 0)
+    os.chmod(root / "readonly", 0o500)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1200):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    os.chmod(root, 0)
+
+
+def test_clean_up_as_the_job_s_own_user_removes_what_it_could_not_read(tmp_path):
+    """A site not run as root runs jobs as its own user, so permissions bind it: the
+    removal runs in a child process that is that user, with no privileges."""
+    if os.getuid() == 0:
+        home = Path(tempfile.mkdtemp())  # /tmp: a directory the unprivileged user can reach
+        os.chown(home, 65534, 65534)
+    else:
+        home = tmp_path
+    root = home / "job"
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the job's user, make the traps, remove them
+        code = 3
+        try:
+            if os.getuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            root.mkdir()
+            build_traps(root)
+            jobdir.remove_tree(root)
+            code = 1 if os.path.lexists(root) else 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    try:
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not os.path.lexists(root)
+        assert Path("/etc/passwd").exists()
+    finally:
+        if home != tmp_path:
+            jobdir.remove_tree(home)
