@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import csv
+import codecs
 import difflib
 import json
 import os
+import re
 import stat
 import time
 from fnmatch import fnmatchcase
@@ -23,6 +24,10 @@ VIEWABLE_TYPES = {
 }  # fmt: skip
 MAX_VIEWABLE_SIZE = 16 * 1024**2
 MAX_CSV_ROWS = 5000
+# files that may hold a table of patients: judged by their content (R writes .txt tables)
+TABLE_TYPES = {".csv", ".tsv", ".txt"}
+# patient_id as a name of its own: not part of a longer word, in any letter case
+_PATIENT_ID = re.compile(r"(?<![0-9a-z_])patient_id(?![0-9a-z_])", re.IGNORECASE)
 
 
 class OutputError(Exception):
@@ -158,7 +163,8 @@ def _close_files(pattern: str, files: list[str]) -> list[str]:
 def check_visibility(path: Path, level: str, suffix: str | None = None) -> tuple[bool, str | None]:
     """Whether an output viewer may see this file in the browser, and if not, why not.
 
-    ``suffix`` is the output's file type when ``path`` is a temporary name for it.
+    ``suffix`` is the output's file type when ``path`` is a temporary name for it. A file
+    whose content cannot be judged is not shown; judging never fails the job.
     """
     suffix = (path.suffix if suffix is None else suffix).lower()
     if level == "highly_sensitive":
@@ -168,15 +174,30 @@ def check_visibility(path: Path, level: str, suffix: str | None = None) -> tuple
     size = path.stat().st_size
     if size > MAX_VIEWABLE_SIZE:
         return False, f"larger than {MAX_VIEWABLE_SIZE // 1024**2} MB"
-    if suffix == ".csv":
-        with path.open(newline="", errors="replace") as f:
-            reader = csv.reader(f)
-            header = next(reader, [])
-            if any(column.strip().lower() == "patient_id" for column in header):
-                return False, "has a patient_id column"
-            rows = sum(1 for _ in reader)
-        if rows > MAX_CSV_ROWS:
-            return False, f"has {rows} rows, more than {MAX_CSV_ROWS}"
+    if suffix in TABLE_TYPES:
+        return _check_table(path.read_bytes())
+    return True, None
+
+
+def _check_table(data: bytes) -> tuple[bool, str | None]:
+    """A table is judged as text, whatever its separator (``,``, ``;``, tab) or quoting: it
+    must be UTF-8 (a byte order mark is fine), must not name patient_id anywhere, and must
+    have at most MAX_CSV_ROWS lines after its header."""
+    try:
+        text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        return False, (
+            "is not UTF-8 text (UTF-16, say), so it could not be checked; "
+            "write it as UTF-8 to have it shown"
+        )
+    if _PATIENT_ID.search(text):
+        return False, "has a patient_id column"
+    # lines are at least as many as records (a quoted field may hold a newline)
+    rows = max(0, len(text.splitlines()) - 1)
+    if rows > MAX_CSV_ROWS:
+        return False, f"has {rows} rows, more than {MAX_CSV_ROWS}"
     return True, None
 
 

@@ -173,7 +173,7 @@ def test_an_input_over_a_real_directory_is_refused(tmp_path):
     source = tmp_path / "x.csv"
     source.write_text("n\n")
     (tmp_path / "job" / "out" / "x.csv").mkdir(parents=True)
-    with pytest.raises(jobdir.UnsafePath, match="out/x.csv is a directory"):
+    with pytest.raises(jobdir.UnsafePath, match=r"out/x\.csv is a directory"):
         jobdir.copy_in(source, tmp_path / "job", "out/x.csv")
 
 
