@@ -17,7 +17,7 @@ import subprocess
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -72,8 +72,24 @@ def _open_dir(root_fd: int, parts: list[str], replace: bool) -> int:
 def _write_new(dir_fd: int, name: str, source: IO[bytes], mode: int) -> None:
     fd = os.open(name, _NEW_FILE_FLAGS, mode, dir_fd=dir_fd)
     with open(fd, "wb") as out:
-        while chunk := source.read(_CHUNK):
+        copy_data(source, out)
+
+
+def copy_data(source: IO[bytes], out: IO[bytes], digest: Any = None) -> int:
+    """Copy ``source`` into the new, empty file ``out``, leaving a hole wherever a chunk
+    reads as zeros, so that a sparse file takes no more disk than it did; returns the
+    length, and feeds every byte to ``digest`` (a hashlib object) when given."""
+    size = 0
+    while chunk := source.read(_CHUNK):
+        size += len(chunk)
+        if digest is not None:
+            digest.update(chunk)
+        if chunk.count(0) == len(chunk):
+            out.seek(len(chunk), os.SEEK_CUR)
+        else:
             out.write(chunk)
+    out.truncate(size)
+    return size
 
 
 def extract_archive(archive: IO[bytes], dest: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
+from docker.types import LogConfig
 
 from . import jobdir
 from .config import Settings
@@ -39,6 +40,7 @@ from .units import human_size, iso, precise_duration
 
 CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited
+DISK_CHECK_INTERVAL = 1.0  # at least this many seconds between two measures of a job's dir
 
 T = TypeVar("T")
 
@@ -59,6 +61,7 @@ class LocalDockerExecutor:
         self._created: dict[str, str] = {}  # job id -> container made by create(), not started
         # job id -> when its inputs were in place: files newer than that are the job's own
         self._prepared_at: dict[str, float] = {}
+        self._over_disk: dict[str, int] = {}  # job id -> bytes its dir held when stopped
 
     # -- paths -----------------------------------------------------------------
 
@@ -218,6 +221,16 @@ class LocalDockerExecutor:
                 memswap_limit=s.job_memory,
                 nano_cpus=int(s.job_cpus * 1e9),
                 binds={str(self.data.job_dir(job.id)): {"bind": CONTAINER_WORKDIR, "mode": "rw"}},
+                # the job writes only to /workspace (watched against job_disk) and /tmp, a
+                # tmpfs whose pages count against the job's memory: nothing lands unbounded
+                # in the engine's own storage
+                read_only=True,
+                tmpfs={"/tmp": f"rw,nosuid,nodev,size={s.job_memory},mode=1777"},
+                # the site keeps the log itself (capped); the engine's copy is bounded too
+                log_config=LogConfig(
+                    type=LogConfig.types.JSON,
+                    config={"max-size": str(max(s.log_limit, 1024**2)), "max-file": "2"},
+                ),
             )
 
             def create() -> dict:
@@ -270,15 +283,31 @@ class LocalDockerExecutor:
         log_done.add_done_callback(lambda f: f.cancelled() or f.exception())
         remaining = max(0.0, started_at + self.time_limit(job) - time.time())
         timed_out = False
+        watch = asyncio.create_task(self._watch_disk(job.id))
         try:
             await asyncio.wait_for(_in_daemon_thread(self._wait, job.id), remaining)
         except TimeoutError:
             timed_out = True
             await asyncio.to_thread(self._kill, job.id)
             await _in_daemon_thread(self._wait, job.id)
+        finally:
+            watch.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(log_done), LOG_DRAIN_TIMEOUT)
         return await asyncio.to_thread(self._inspect, job.id, timed_out)
+
+    async def _watch_disk(self, job_id: str) -> None:
+        """Stop the job when its files grow past ``job_disk``. Docker has no size limit for
+        a bind mount on most filesystems, so the dir is measured while the job runs, more
+        often when measuring is cheap; ``collect`` measures it once more at the end."""
+        while True:
+            began = time.monotonic()
+            used = await asyncio.to_thread(jobdir.disk_usage, self.data.job_dir(job_id))
+            if used > self.settings.job_disk:
+                self._over_disk[job_id] = used
+                await asyncio.to_thread(self._kill, job_id)
+                return
+            await asyncio.sleep(max(DISK_CHECK_INTERVAL, 20 * (time.monotonic() - began)))
 
     def _wait(self, job_id: str) -> None:
         with self._docker_calls():
@@ -340,7 +369,9 @@ class LocalDockerExecutor:
         Only a successful job changes the workspace, and it changes it whole or not at all.
         """
         log_text = await asyncio.to_thread(_read_text, self.data.log(job.id))
-        outcome = self._judge(job, exit, log_text)
+        stopped_at = self._over_disk.pop(job.id, None)
+        used = stopped_at or await asyncio.to_thread(jobdir.disk_usage, self.data.job_dir(job.id))
+        outcome = self._judge(job, exit, log_text, used, stopped=stopped_at is not None)
         outcome.exit_code = exit.exit_code
         outcome.image_id = exit.image_id
         if outcome.state == State.SUCCEEDED:
@@ -362,13 +393,26 @@ class LocalDockerExecutor:
             await asyncio.to_thread(_append, self.data.log(job.id), summary)
         return outcome
 
-    def _judge(self, job: JobSpec, exit: ContainerExit, log_text: str) -> Outcome:
+    def _judge(
+        self, job: JobSpec, exit: ContainerExit, log_text: str, disk_used: int, stopped: bool
+    ) -> Outcome:
         if exit.timed_out:
             return Outcome(
                 State.FAILED,
                 StatusCode.TIMED_OUT,
                 f"Job ran longer than its time limit of {precise_duration(self.time_limit(job))} "
                 "and was stopped",
+            )
+        if disk_used > self.settings.job_disk:
+            return Outcome(
+                State.FAILED,
+                StatusCode.OUT_OF_DISK,
+                f"The job's files (the repo, its inputs and what it wrote) took "
+                f"{human_size(disk_used)} of disk, more than this site's limit of "
+                f"{human_size(self.settings.job_disk)} per job (job_disk)"
+                + (", so the job was stopped" if stopped else "")
+                + ". Write less (delete temporary files as you go), or ask an admin to "
+                "raise the limit.",
             )
         if exit.exit_code == 137 and exit.oom_killed:
             return Outcome(
@@ -397,6 +441,7 @@ class LocalDockerExecutor:
             job.outputs,
             self.settings.max_output_size,
             made_since=self._prepared_at.get(job.id),
+            max_files=self.settings.max_output_files,
         )
         ws = self._workspace(job)
         with self._workspace_lock(ws):
@@ -444,6 +489,7 @@ class LocalDockerExecutor:
         def clean() -> None:
             self._created.pop(job_id, None)
             self._prepared_at.pop(job_id, None)
+            self._over_disk.pop(job_id, None)
             try:
                 self._remove_container(job_id)
             except DockerUnavailable:
@@ -552,12 +598,8 @@ class _Staging:
                 raise OutputError(StatusCode.INTERNAL_ERROR, f"Output {rel} is not a regular file")
             tmp, _ = self._tmp_for(rel)
             digest = hashlib.sha256()
-            size = 0
             with tmp.open("wb") as out:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    size += len(chunk)
-                    digest.update(chunk)
-                    out.write(chunk)
+                size = jobdir.copy_data(f, out, digest)  # a sparse output stays sparse
         return tmp, size, digest.hexdigest()
 
     def write(self, rel: str, data: bytes) -> None:

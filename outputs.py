@@ -15,7 +15,7 @@ from typing import Any
 
 from .datadir import MANIFEST
 from .states import StatusCode
-from .units import iso
+from .units import human_size, iso
 
 # what an output viewer may see in the browser (DESIGN section 10)
 VIEWABLE_TYPES = {
@@ -75,15 +75,18 @@ def match_outputs(
     outputs: dict[str, dict[str, str]],
     max_size: int,
     made_since: float | None = None,
+    max_files: int | None = None,
 ) -> dict[str, str]:
     """Relative path -> privacy level of every file matching the action's output patterns.
 
     ``made_since`` is when the job's inputs were in place: a pattern that matches nothing
     is shown with the files written since then (the job's own) that look close to it.
 
-    Raises OutputError for a pattern matching nothing (``unmatched_patterns``), and for a
-    match that is not a regular file, lies behind a linked directory, or is larger than
-    ``max_size``: collecting outputs never follows a link.
+    Raises OutputError for a pattern matching nothing (``unmatched_patterns``), for a
+    match that is not a regular file or lies behind a linked directory (collecting outputs
+    never follows a link), and for matches more than ``max_files`` or together larger than
+    ``max_size`` bytes (``too_much_output``; a sparse file counts at its full length, which
+    is what reading it gives).
     """
     patterns = [p for by_name in outputs.values() for p in by_name.values()]
     entries = _walk(workdir, max((p.count("/") + 1 for p in patterns), default=1))
@@ -97,7 +100,7 @@ def match_outputs(
             if not hits:
                 unmatched.append(pattern)
             for path in hits:
-                _check_output(path, entries[path], max_size)
+                _check_output(path, entries[path])
                 matched[path] = level
     if unmatched:
         made = sorted(
@@ -114,7 +117,28 @@ def match_outputs(
             StatusCode.UNMATCHED_PATTERNS,
             "No outputs found matching patterns: " + "; ".join(lines),
         )
+    _check_limits({path: entries[path].st_size for path in matched}, max_size, max_files)
     return matched
+
+
+def _check_limits(sizes: dict[str, int], max_size: int, max_files: int | None) -> None:
+    if max_files is not None and len(sizes) > max_files:
+        raise OutputError(
+            StatusCode.TOO_MUCH_OUTPUT,
+            f"The action's output patterns matched {len(sizes)} files, more than this site's "
+            f"limit of {max_files} (max_output_files). Write fewer files (combine them into "
+            "one table or archive), or ask an admin to raise the limit.",
+        )
+    total = sum(sizes.values())
+    if total > max_size:
+        largest = sorted(sizes, key=lambda path: -sizes[path])[:3]
+        named = ", ".join(f"{path} ({human_size(sizes[path])})" for path in largest)
+        raise OutputError(
+            StatusCode.TOO_MUCH_OUTPUT,
+            f"The action's outputs add up to {human_size(total)} ({total} bytes), more than "
+            f"this site's limit of {human_size(max_size)} (max_output_size); the largest: "
+            f"{named}. Write smaller outputs, or ask an admin to raise the limit.",
+        )
 
 
 def _refuse_linked_dirs(pattern: str, links: list[str]) -> None:
@@ -132,7 +156,7 @@ def _refuse_linked_dirs(pattern: str, links: list[str]) -> None:
                 )
 
 
-def _check_output(path: str, st: os.stat_result, max_size: int) -> None:
+def _check_output(path: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise OutputError(
             StatusCode.INTERNAL_ERROR,
@@ -144,12 +168,6 @@ def _check_output(path: str, st: os.stat_result, max_size: int) -> None:
         raise OutputError(
             StatusCode.INTERNAL_ERROR,
             f"Output {path} is {kind}, not a regular file; it was not copied.",
-        )
-    if st.st_size > max_size:
-        raise OutputError(
-            StatusCode.INTERNAL_ERROR,
-            f"Output {path} is {st.st_size} bytes, larger than the site's limit of "
-            f"{max_size} bytes for one output file",
         )
 
 
