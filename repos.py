@@ -105,13 +105,16 @@ class Repos:
             if not (path / "HEAD").exists():
                 self.root.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".clone-"))
-                code, _, err = await _git(
-                    "clone", "--mirror", "--quiet", "--", url, str(tmp), timeout=self.timeout
-                )
-                if code:
+                try:
+                    code, _, err = await _git(
+                        "clone", "--mirror", "--quiet", "--", url, str(tmp), timeout=self.timeout
+                    )
+                    if code:
+                        raise RepoUnreachable(f"could not clone {url}: {_last_line(err)}")
+                    tmp.rename(path)
+                finally:
+                    # a failed, timed-out or cancelled clone leaves nothing behind
                     shutil.rmtree(tmp, ignore_errors=True)
-                    raise RepoUnreachable(f"could not clone {url}: {_last_line(err)}")
-                tmp.rename(path)
             else:
                 code, _, err = await _git(
                     "fetch", "--prune", "--quiet", "origin", git_dir=path, timeout=self.timeout

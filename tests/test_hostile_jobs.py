@@ -4,16 +4,22 @@ containers, and ends with the intact check."""
 
 from __future__ import annotations
 
+import glob
 import io
 import os
+import re
+import socket
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
-from helpers import GitRepo, submit, wait_for_request
+from helpers import GitRepo, setup_workspace, submit, until, wait_for_request
 
 from jobsite import jobdir
+from jobsite.config import load_settings
+from jobsite.repos import Repos, RepoUnreachable
 
 pytestmark = pytest.mark.usefixtures("docker_cleanup")
 
@@ -32,6 +38,23 @@ actions:
       moderately_sensitive:
         used: used/x.csv
 """
+
+
+@pytest.fixture
+def settings(data_dir, repos_dir):
+    """The test site, with small limits for a job's disk, outputs and log."""
+    return load_settings(
+        environ={},
+        data_dir=str(data_dir),
+        repos={"allow": [f"{repos_dir}/*"]},
+        max_workers=2,
+        job_memory="256M",
+        job_cpus=1,
+        job_disk="32M",
+        max_output_files=20,
+        max_output_size="8M",
+        log_limit="1M",
+    )
 
 
 def commit_links(repo: GitRepo, links: dict[str, str], message: str = "links") -> str:
@@ -58,8 +81,6 @@ async def alice(client, make_user):
 
 @pytest.fixture
 async def study(client, alice, make_repo):
-    from helpers import setup_workspace
-
     repo = make_repo({"project.yaml": TWO_ACTIONS})
     await setup_workspace(client, alice, repo)
     return repo
@@ -196,8 +217,6 @@ actions:
 async def test_unreadable_and_deep_trees_do_not_outlive_the_job(
     client, settings, alice, make_repo, intact
 ):
-    from helpers import setup_workspace, until
-
     await setup_workspace(client, alice, make_repo({"project.yaml": TRAPS}))
     jobs = await run_actions(client, alice, ["trap"])
     assert jobs["trap"]["status_code"] == "succeeded", jobs
@@ -259,3 +278,174 @@ def test_clean_up_as_the_job_s_own_user_removes_what_it_could_not_read(tmp_path)
     finally:
         if home != tmp_path:
             jobdir.remove_tree(home)
+
+
+LIMITS = """\
+version: "4"
+actions:
+  fill:
+    run: python:v2 -c "dd if=/dev/zero of=big.csv bs=1M count=48 && sleep 600"
+    outputs:
+      moderately_sensitive:
+        a: big.csv
+  many:
+    run: python:v2 -c "mkdir -p out/many && for i in $(seq 30); do echo n > out/many/$i.csv; done"
+    outputs:
+      moderately_sensitive:
+        tables: out/many/*.csv
+  large:
+    run: >-
+      python:v2 -c "mkdir -p out/large && dd if=/dev/urandom of=out/large/a.csv bs=1M count=5 &&
+      dd if=/dev/urandom of=out/large/b.csv bs=1M count=5"
+    outputs:
+      moderately_sensitive:
+        tables: out/large/*.csv
+  sparse:
+    run: python:v2 -c "mkdir -p out/sparse && truncate -s 100G out/sparse/huge.csv"
+    outputs:
+      moderately_sensitive:
+        tables: out/sparse/*.csv
+  holes:
+    run: python:v2 -c "mkdir out && echo n > out/h.csv && truncate -s 6M out/h.csv"
+    outputs:
+      moderately_sensitive:
+        table: out/h.csv
+  outside:
+    run: >-
+      python:v2 -c "(echo x > /evil) 2>/dev/null && echo ROOT_WRITABLE_$((6*7));
+      dd if=/dev/zero of=/tmp/fill bs=1M count=400 2>/dev/null;
+      echo in-tmp=$(du -sm /tmp | cut -f1); echo n > outside.csv"
+    outputs:
+      moderately_sensitive:
+        a: outside.csv
+  chatty:
+    run: >-
+      python:v2 -c "yes 0123456789012345678901234567890123456789 | head -c 30000000;
+      touch said-it-all.txt; sleep 600"
+    outputs:
+      moderately_sensitive:
+        a: said-it-all.txt
+"""
+
+
+@pytest.fixture
+async def limits(client, alice, make_repo):
+    await setup_workspace(client, alice, make_repo({"project.yaml": LIMITS}))
+
+
+async def test_a_job_writing_past_job_disk_is_stopped_and_fails_clearly(
+    client, settings, alice, limits, intact
+):
+    jobs = await run_actions(client, alice, ["fill"])
+    job = jobs["fill"]
+    assert job["status_code"] == "out_of_disk", job
+    assert "more than this site's limit of 32 MiB per job (job_disk)" in job["status_message"]
+    assert "stopped" in job["status_message"]
+    await intact.check(client, allowed=made_by_test)
+
+
+@pytest.mark.parametrize(
+    "action, found",
+    [
+        pytest.param("many", "matched 30 files, more than this site's limit of 20", id="count"),
+        pytest.param("large", "add up to 10 MiB", id="size"),
+        pytest.param("sparse", "add up to 100 GiB", id="sparse"),
+    ],
+)
+async def test_outputs_over_the_site_s_limits_fail_the_job_and_change_nothing(
+    client, settings, alice, limits, intact, action, found
+):
+    jobs = await run_actions(client, alice, [action])
+    job = jobs[action]
+    assert job["status_code"] == "too_much_output", job
+    assert found in job["status_message"]
+    limit = "max_output_files" if action == "many" else "max_output_size"
+    assert limit in job["status_message"]
+    assert not landed(settings, f"out/{action}").exists()
+    await intact.check(client, allowed=made_by_test)
+
+
+async def test_a_sparse_output_lands_sparse(client, settings, alice, limits, intact):
+    jobs = await run_actions(client, alice, ["holes"])
+    assert jobs["holes"]["status_code"] == "succeeded", jobs
+    landed_file = landed(settings, "out/h.csv")
+    with landed_file.open("rb") as f:
+        assert f.read(2) == b"n\n"
+    assert landed_file.stat().st_size == 6 * 1024**2
+    assert landed_file.stat().st_blocks * 512 <= 2 * 1024**2  # the chunk holding "n"
+    await intact.check(client, allowed=made_by_test)
+
+
+async def test_a_job_cannot_write_outside_its_dir_and_tmp_is_bounded(
+    client, settings, alice, limits, intact
+):
+    jobs = await run_actions(client, alice, ["outside"])
+    job = jobs["outside"]
+    log = (await client.get(f"/api/v1/jobs/{job['id']}/log", headers=alice)).text
+    assert "ROOT_WRITABLE_42" not in log
+    if job["status_code"] != "out_of_memory":  # /tmp's pages count against job_memory
+        assert job["status_code"] == "succeeded", job
+        (in_tmp,) = re.findall(r"in-tmp=(\d+)", log)
+        assert int(in_tmp) <= 256
+    await intact.check(client, allowed=made_by_test)
+
+
+async def test_the_engine_s_own_copy_of_a_chatty_log_is_bounded(
+    client, settings, alice, limits, intact, docker_client
+):
+    request_id = await submit(client, alice, ["chatty"])
+
+    async def running_job():
+        data = (await client.get(f"/api/v1/job-requests/{request_id}", headers=alice)).json()
+        (job,) = data["jobs"]
+        return job if job["status_code"] == "executing" else None
+
+    job = await until(running_job, 30, "the chatty job to run")
+    await until(
+        lambda: settings.data.job_dir(job["id"]).joinpath("said-it-all.txt").exists(),
+        60,
+        "the job to write its 30 MB of log",
+    )
+    container = docker_client.containers.get(f"jobsite-{job['id']}")
+    config = container.attrs["HostConfig"]["LogConfig"]
+    engine_log = sum(os.path.getsize(p) for p in glob.glob(container.attrs["LogPath"] + "*"))
+    await client.post(f"/api/v1/job-requests/{request_id}/cancel", json={}, headers=alice)
+    await wait_for_request(client, alice, request_id)
+
+    assert config == {"Type": "json-file", "Config": {"max-file": "2", "max-size": "1048576"}}
+    assert engine_log <= 2 * 1024**2 + 64 * 1024
+    site_log = (await client.get(f"/api/v1/jobs/{job['id']}/log", headers=alice)).text
+    assert "bytes of log left out" in site_log
+    await intact.check(client, allowed=made_by_test)
+
+
+@pytest.fixture
+def silent_remote():
+    """A git:// URL on loopback whose server accepts and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"git://127.0.0.1:{server.getsockname()[1]}/study.git"
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+async def test_a_clone_that_times_out_leaves_nothing_behind(
+    client, settings, silent_remote, intact
+):
+    root = settings.data_dir / "repos"
+    with pytest.raises(RepoUnreachable, match="took longer than 1s"):
+        await Repos(root, timeout=1).fetch(silent_remote)
+    assert os.listdir(root) == []
+    await intact.check(client)
