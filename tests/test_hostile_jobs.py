@@ -9,6 +9,7 @@ import io
 import os
 import re
 import socket
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -449,3 +450,43 @@ async def test_a_clone_that_times_out_leaves_nothing_behind(
         await Repos(root, timeout=1).fetch(silent_remote)
     assert os.listdir(root) == []
     await intact.check(client)
+
+
+DEBIAN_PYTHON = Path("/usr/bin/python3.11")
+
+
+@pytest.mark.skipif(not DEBIAN_PYTHON.exists(), reason="no Debian system Python 3.11 here")
+def test_the_checkout_is_written_by_debian_s_python_without_tarfile_filters(tmp_path, make_repo):
+    """Debian 12's Python 3.11.2 has no tarfile extraction filters; jobsite needs none."""
+    repo = make_repo({"project.yaml": TWO_ACTIONS})
+    commit_links(repo, {"out/x.csv": "../q/y/../../PWNED.csv", "q/y": ".."})
+    archive_file = tmp_path / "tree.tar"
+    with archive_file.open("wb") as out:
+        subprocess.run(["git", "-C", str(repo.path), "archive", "HEAD"], stdout=out, check=True)
+    (tmp_path / "path").mkdir()
+    os.symlink(Path(jobdir.__file__).parent, tmp_path / "path" / "jobsite")
+    dest = tmp_path / "job"
+    dest.mkdir()
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[3]); from pathlib import Path; "
+        "from jobsite import jobdir; "
+        "jobdir.extract_archive(open(sys.argv[1], 'rb'), Path(sys.argv[2]))"
+    )
+    result = subprocess.run(
+        [
+            str(DEBIAN_PYTHON),
+            "-I",
+            "-c",
+            script,
+            str(archive_file),
+            str(dest),
+            str(tmp_path / "path"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert os.readlink(dest / "out" / "x.csv") == "../q/y/../../PWNED.csv"
+    assert (dest / "project.yaml").read_text() == TWO_ACTIONS
+    assert not (tmp_path / "PWNED.csv").exists()
