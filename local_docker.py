@@ -150,8 +150,9 @@ class LocalDockerExecutor:
         except jobdir.UnsafePath as e:
             raise JobError(
                 StatusCode.INTERNAL_ERROR,
-                f"Could not prepare the job's files: {e}. jobsite never follows symbolic "
-                "links when it writes a job's files; remove the link from the repo.",
+                f"Could not prepare the job's files: {e}. jobsite never writes through a "
+                "symbolic link or over a directory; change the repo so that nothing of that "
+                "kind stands at this path.",
             ) from e
         except RepoError as e:
             raise JobError(

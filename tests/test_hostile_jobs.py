@@ -125,6 +125,22 @@ async def test_committed_links_do_not_carry_inputs_out_of_the_job(
     await intact.check(client, allowed=made_by_test)
 
 
+async def test_a_committed_directory_where_an_input_goes_fails_clearly(
+    client, settings, alice, study, intact
+):
+    jobs = await run_actions(client, alice, ["make_x"])
+    assert jobs["make_x"]["status_code"] == "succeeded", jobs
+    study.commit({"out/x.csv/readme.txt": "a directory, not a table\n"})
+
+    jobs = await run_actions(client, alice, ["use_x"])
+
+    job = jobs["use_x"]
+    assert job["state"] == "failed", job
+    assert "out/x.csv is a directory, where a file is needed" in job["status_message"]
+    assert "change the repo" in job["status_message"]
+    await intact.check(client, allowed=made_by_test)
+
+
 def archive(members: list[tuple[tarfile.TarInfo, bytes]]) -> io.BytesIO:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
