@@ -285,6 +285,8 @@ class LocalDockerExecutor:
         remaining = max(0.0, started_at + self.time_limit(job) - time.time())
         timed_out = False
         watch = asyncio.create_task(self._watch_disk(job.id))
+        # a measure that failed is no reason to fail the job: collect measures once more
+        watch.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             await asyncio.wait_for(_in_daemon_thread(self._wait, job.id), remaining)
         except TimeoutError:

@@ -265,36 +265,61 @@ def build_traps(root: Path) -> None:
 
 
 def test_clean_up_as_the_job_s_own_user_removes_what_it_could_not_read(tmp_path):
-    """A site not run as root runs jobs as its own user, so permissions bind it: the
-    removal runs in a child process that is that user, with no privileges."""
-    if os.getuid() == 0:
-        home = Path(tempfile.mkdtemp())  # /tmp: a directory the unprivileged user can reach
+    """A site not run as root runs jobs as its own user, so permissions bind it: here the
+    traps are made and removed as an unprivileged user (the effective uid, when root)."""
+    root_user = os.geteuid() == 0
+    home = Path(tempfile.mkdtemp()) if root_user else tmp_path  # reachable by that user
+    if root_user:
         os.chown(home, 65534, 65534)
-    else:
-        home = tmp_path
     root = home / "job"
-    pid = os.fork()
-    if pid == 0:  # the child: drop to the job's user, make the traps, remove them
-        code = 3
+    try:
+        if root_user:
+            os.setegid(65534)
+            os.seteuid(65534)
         try:
-            if os.getuid() == 0:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
             root.mkdir()
             build_traps(root)
             jobdir.remove_tree(root)
-            code = 1 if os.path.lexists(root) else 0
         finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    try:
-        assert os.waitstatus_to_exitcode(status) == 0
+            if root_user:
+                os.seteuid(0)
+                os.setegid(0)
         assert not os.path.lexists(root)
         assert Path("/etc/passwd").exists()
     finally:
-        if home != tmp_path:
+        if root_user:
             jobdir.remove_tree(home)
+
+
+def test_removing_a_link_or_nothing_leaves_what_it_points_to(tmp_path):
+    target = tmp_path / "kept"
+    target.mkdir()
+    (target / "f").write_text("x")
+    os.symlink(target, tmp_path / "link")
+    jobdir.remove_tree(tmp_path / "link")
+    jobdir.remove_tree(tmp_path / "never-made")
+    assert not os.path.lexists(tmp_path / "link")
+    assert (target / "f").read_text() == "x"
+
+
+def test_a_local_checkout_is_copied_with_links_as_links_and_nothing_else(tmp_path):
+    checkout = tmp_path / "checkout"
+    (checkout / "analysis").mkdir(parents=True)
+    (checkout / "analysis" / "run.sh").write_text("echo hi\n")
+    os.chmod(checkout / "analysis" / "run.sh", 0o755)
+    os.symlink("../../outside.txt", checkout / "analysis" / "up.txt")
+    os.mkfifo(checkout / "fifo")
+    dest = tmp_path / "job"
+    dest.mkdir()
+    files = ("analysis/run.sh", "analysis/up.txt", "fifo", "deleted-since.txt")
+    jobdir.copy_files(checkout, files, dest)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == [
+        "analysis",
+        "analysis/run.sh",
+        "analysis/up.txt",
+    ]
+    assert os.readlink(dest / "analysis" / "up.txt") == "../../outside.txt"
+    assert os.stat(dest / "analysis" / "run.sh").st_mode & 0o777 == 0o755
 
 
 LIMITS = """\
