@@ -22,6 +22,9 @@ from typing import IO, Any
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
+# the disk a file or directory counts as at least: the bytes per inode of an ext4 filesystem
+# by default, so a job's share of the inodes is no larger than its share of the bytes
+INODE_SIZE = 16 * 1024
 
 
 class UnsafePath(Exception):
@@ -295,10 +298,16 @@ def chown_tree(path: Path, uid: int, gid: int) -> None:
 
 
 def disk_usage(path: Path) -> int:
-    """The bytes of disk the files under ``path`` take (sparse files by their real size;
-    links not followed), as GNU ``du`` counts them; 0 when ``path`` is gone."""
+    """The disk the files under ``path`` take, as a job's limit counts it: their real blocks
+    (a sparse file by what it holds; links not followed), as GNU ``du`` counts them, but each
+    file or directory at least INODE_SIZE, so that a million empty files cannot use up the
+    filesystem's inodes either. 0 when ``path`` is gone."""
+    return max(_du(path, "--block-size=1"), _du(path, "--inodes") * INODE_SIZE)
+
+
+def _du(path: Path, unit: str) -> int:
     result = subprocess.run(
-        ["du", "--summarize", "--block-size=1", "--one-file-system", "--", str(path)],
+        ["du", "--summarize", unit, "--one-file-system", "--", str(path)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

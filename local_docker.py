@@ -411,7 +411,8 @@ class LocalDockerExecutor:
                 State.FAILED,
                 StatusCode.OUT_OF_DISK,
                 f"The job's files (the repo, its inputs and what it wrote) took "
-                f"{human_size(disk_used)} of disk, more than this site's limit of "
+                f"{human_size(disk_used)} of disk (each file or directory counting as at least "
+                f"{human_size(jobdir.INODE_SIZE)}), more than this site's limit of "
                 f"{human_size(self.settings.job_disk)} per job (job_disk)"
                 + (", so the job was stopped" if stopped else "")
                 + ". Write less (delete temporary files as you go), or ask an admin to "

@@ -330,6 +330,11 @@ actions:
     outputs:
       moderately_sensitive:
         a: big.csv
+  files:
+    run: python:v2 -c "mkdir -p empty && cd empty && seq 3000 | xargs touch && sleep 600"
+    outputs:
+      moderately_sensitive:
+        a: empty/1.csv
   many:
     run: python:v2 -c "mkdir -p out/many && for i in $(seq 30); do echo n > out/many/$i.csv; done"
     outputs:
@@ -375,11 +380,12 @@ async def limits(client, alice, make_repo):
     await setup_workspace(client, alice, make_repo({"project.yaml": LIMITS}))
 
 
+@pytest.mark.parametrize("action", ["fill", "files"])  # bytes; empty files using up inodes
 async def test_a_job_writing_past_job_disk_is_stopped_and_fails_clearly(
-    client, settings, alice, limits, intact
+    client, settings, alice, limits, intact, action
 ):
-    jobs = await run_actions(client, alice, ["fill"])
-    job = jobs["fill"]
+    jobs = await run_actions(client, alice, [action])
+    job = jobs[action]
     assert job["status_code"] == "out_of_disk", job
     assert "more than this site's limit of 32 MiB per job (job_disk)" in job["status_message"]
     assert "stopped" in job["status_message"]
