@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import GitRepo, setup_workspace, submit, until, wait_for_request
 
-from jobsite import jobdir
+from jobsite import jobdir, ops
 from jobsite.config import load_settings
 from jobsite.repos import Repos, RepoUnreachable
 
@@ -537,3 +537,17 @@ def test_the_checkout_is_written_by_debian_s_python_without_tarfile_filters(tmp_
     assert os.readlink(dest / "out" / "x.csv") == "../q/y/../../PWNED.csv"
     assert (dest / "project.yaml").read_text() == TWO_ACTIONS
     assert not (tmp_path / "PWNED.csv").exists()
+
+
+async def test_prune_removes_a_leftover_job_dir_whatever_it_holds(app, client, settings, intact):
+    leftover = settings.data.job_dir("0123456789abcdef")
+    leftover.mkdir(parents=True)
+    build_traps(leftover)
+
+    found = await ops.prunable(app.state.db, settings.data, older_than=0)
+    assert [item.path for item in found] == [leftover]
+    assert ops.remove(found, dry_run=False) == 0
+
+    assert not os.path.lexists(leftover)
+    assert Path("/etc/passwd").exists()
+    await intact.check(client)
