@@ -104,7 +104,9 @@ class Settings:
     job_cpus: float = 2.0
     job_pids_limit: int = 1024
     job_user: str = "65534:65534"
-    max_output_size: Size = Size(16 * 1024**3)
+    job_disk: Size = Size(32 * 1024**3)  # a job's files (the repo, inputs, what it writes)
+    max_output_files: int = 10_000  # files a job's output patterns may match
+    max_output_size: Size = Size(16 * 1024**3)  # the total size of a job's outputs
     log_limit: Size = Size(8 * 1024**2)
     min_free_disk: Size = Size(1024**3)
     allow_pull: bool = True

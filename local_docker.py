@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import logging
 import os
-import shutil
 import stat
 import threading
 import time
@@ -27,7 +27,9 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
+from docker.types import LogConfig
 
+from . import jobdir
 from .config import Settings
 from .datadir import MANIFEST, action_log_name
 from .executor import (
@@ -54,8 +56,11 @@ CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited
 STATS_INTERVAL = 1.0  # seconds between two samples of a running job's CPU and memory use
 MIN_CPU_INTERVAL = 0.2  # seconds: CPU use over less time than this is mostly noise
+DISK_CHECK_INTERVAL = 1.0  # at least this many seconds between two measures of a job's dir
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class LocalDockerExecutor:
@@ -75,6 +80,7 @@ class LocalDockerExecutor:
         # job id -> the jobs whose outputs it was given, by action (kept in the manifest)
         self._inputs: dict[str, dict[str, str]] = {}
         self._usage: dict[str, UsageSamples] = {}  # running job id -> its samples so far
+        self._over_disk: dict[str, int] = {}  # job id -> bytes its dir held when stopped
 
     # -- paths -----------------------------------------------------------------
 
@@ -145,11 +151,13 @@ class LocalDockerExecutor:
         recorded outputs of the job's direct dependencies."""
         workdir = self.data.job_dir(job.id)
         try:
-            if workdir.exists():
-                await asyncio.to_thread(shutil.rmtree, workdir)
-            workdir.mkdir(parents=True)
+            workdir.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(jobdir.remove_tree, workdir)
+            workdir.mkdir()
             if job.source_dir is not None:
-                await asyncio.to_thread(copy_files, job.source_dir, job.source_files, workdir)
+                await asyncio.to_thread(
+                    jobdir.copy_files, job.source_dir, job.source_files, workdir
+                )
             else:
                 assert self.repos is not None, "a job from a repo needs Repos"
                 await self.repos.export_tree(job.repo, job.sha, workdir)
@@ -158,8 +166,15 @@ class LocalDockerExecutor:
             self._inputs[job.id] = input_jobs(manifest, job.needs)
             if os.getuid() == 0:
                 uid, gid = (int(x) for x in self.settings.job_user.split(":"))
-                await asyncio.to_thread(_chown_tree, workdir, uid, gid)
+                await asyncio.to_thread(jobdir.chown_tree, workdir, uid, gid)
             self._prepared_at[job.id] = time.time()
+        except jobdir.UnsafePath as e:
+            raise JobError(
+                StatusCode.INTERNAL_ERROR,
+                f"Could not prepare the job's files: {e}. jobsite never writes through a "
+                "symbolic link or over a directory; change the repo so that nothing of that "
+                "kind stands at this path.",
+            ) from e
         except RepoError as e:
             raise JobError(
                 StatusCode.INTERNAL_ERROR, f"Could not prepare the job's files: {e}"
@@ -182,9 +197,8 @@ class LocalDockerExecutor:
                         f"made by action {action}. Run {action} again (or tick Force run "
                         "dependencies).",
                     )
-                dest = workdir / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest)
+                # over whatever the repo has at that path (a link, say), never through it
+                jobdir.copy_in(src, workdir, rel, mode=0o644)
 
     # -- step 3: run -----------------------------------------------------------
 
@@ -229,6 +243,16 @@ class LocalDockerExecutor:
                 memswap_limit=s.job_memory,
                 nano_cpus=int(s.job_cpus * 1e9),
                 binds={str(self.data.job_dir(job.id)): {"bind": CONTAINER_WORKDIR, "mode": "rw"}},
+                # the job writes only to /workspace (watched against job_disk) and /tmp, a
+                # tmpfs whose pages count against the job's memory: nothing lands unbounded
+                # in the engine's own storage
+                read_only=True,
+                tmpfs={"/tmp": f"rw,nosuid,nodev,size={s.job_memory},mode=1777"},
+                # the site keeps the log itself (capped); the engine's copy is bounded too
+                log_config=LogConfig(
+                    type=LogConfig.types.JSON,
+                    config={"max-size": str(max(s.log_limit, 1024**2)), "max-file": "2"},
+                ),
             )
 
             def create() -> dict:
@@ -285,6 +309,9 @@ class LocalDockerExecutor:
         sampling.add_done_callback(lambda f: f.cancelled() or f.exception())
         remaining = max(0.0, started_at + self.time_limit(job) - time.time())
         timed_out = False
+        watch = asyncio.create_task(self._watch_disk(job.id))
+        # a measure that failed is no reason to fail the job: collect measures once more
+        watch.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             await asyncio.wait_for(_in_daemon_thread(self._wait, job.id), remaining)
         except TimeoutError:
@@ -294,6 +321,7 @@ class LocalDockerExecutor:
         finally:
             stop_sampling.set()
             self._usage.pop(job.id, None)
+            watch.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(log_done), LOG_DRAIN_TIMEOUT)
         exit = await asyncio.to_thread(self._inspect, job, timed_out)
@@ -316,6 +344,19 @@ class LocalDockerExecutor:
                 stop.wait(STATS_INTERVAL)
         except (DockerUnavailable, docker.errors.DockerException, requests.RequestException):
             return
+
+    async def _watch_disk(self, job_id: str) -> None:
+        """Stop the job when its files grow past ``job_disk``. Docker has no size limit for
+        a bind mount on most filesystems, so the dir is measured while the job runs, more
+        often when measuring is cheap; ``collect`` measures it once more at the end."""
+        while True:
+            began = time.monotonic()
+            used = await asyncio.to_thread(jobdir.disk_usage, self.data.job_dir(job_id))
+            if used > self.settings.job_disk:
+                self._over_disk[job_id] = used
+                await asyncio.to_thread(self._kill, job_id)
+                return
+            await asyncio.sleep(max(DISK_CHECK_INTERVAL, 20 * (time.monotonic() - began)))
 
     def _wait(self, job_id: str) -> None:
         with self._docker_calls():
@@ -391,7 +432,9 @@ class LocalDockerExecutor:
         Only a successful job changes the workspace, and it changes it whole or not at all.
         """
         log_text = await asyncio.to_thread(_read_text, self.data.log(job.id))
-        outcome = self._judge(job, exit, log_text)
+        stopped_at = self._over_disk.pop(job.id, None)
+        used = stopped_at or await asyncio.to_thread(jobdir.disk_usage, self.data.job_dir(job.id))
+        outcome = self._judge(job, exit, log_text, used, stopped=stopped_at is not None)
         outcome.exit_code = exit.exit_code
         outcome.image_id = exit.image_id
         if outcome.state == State.SUCCEEDED:
@@ -427,7 +470,9 @@ class LocalDockerExecutor:
             tmp.write_text(log_text + summary)
             os.replace(tmp, target)
 
-    def _judge(self, job: JobSpec, exit: ContainerExit, log_text: str) -> Outcome:
+    def _judge(
+        self, job: JobSpec, exit: ContainerExit, log_text: str, disk_used: int, stopped: bool
+    ) -> Outcome:
         if exit.cancelled:
             return Outcome(
                 State.FAILED, StatusCode.CANCELLED_BY_USER, StatusCode.CANCELLED_BY_USER.message
@@ -438,6 +483,18 @@ class LocalDockerExecutor:
                 StatusCode.TIMED_OUT,
                 f"Job ran longer than its time limit of {precise_duration(self.time_limit(job))} "
                 "and was stopped",
+            )
+        if disk_used > self.settings.job_disk:
+            return Outcome(
+                State.FAILED,
+                StatusCode.OUT_OF_DISK,
+                f"The job's files (the repo, its inputs and what it wrote) took "
+                f"{human_size(disk_used)} of disk (each file or directory counting as at least "
+                f"{human_size(jobdir.INODE_SIZE)}), more than this site's limit of "
+                f"{human_size(self.settings.job_disk)} per job (job_disk)"
+                + (", so the job was stopped" if stopped else "")
+                + ". Write less (delete temporary files as you go), or ask an admin to "
+                "raise the limit.",
             )
         if exit.exit_code == 137 and exit.oom_killed:
             if exit.usage is None:
@@ -469,6 +526,7 @@ class LocalDockerExecutor:
             job.outputs,
             self.settings.max_output_size,
             made_since=self._prepared_at.get(job.id),
+            max_files=self.settings.max_output_files,
         )
         ws = self._workspace(job)
         with self._workspace_lock(ws):
@@ -526,11 +584,15 @@ class LocalDockerExecutor:
             self._created.pop(job_id, None)
             self._prepared_at.pop(job_id, None)
             self._inputs.pop(job_id, None)
+            self._over_disk.pop(job_id, None)
             try:
                 self._remove_container(job_id)
             except DockerUnavailable:
                 pass
-            shutil.rmtree(self.data.job_dir(job_id), ignore_errors=True)
+            try:
+                jobdir.remove_tree(self.data.job_dir(job_id))
+            except OSError as e:
+                logger.warning("could not remove the files of job %s: %s", job_id, e)
 
         await asyncio.to_thread(clean)
 
@@ -545,26 +607,6 @@ class LocalDockerExecutor:
             return {c["Labels"]["jobsite.job"]: c["State"] for c in found}
 
         return await asyncio.to_thread(list_them)
-
-
-def copy_files(source: Path, files: tuple[str, ...], dest: Path) -> None:
-    """Copy ``files`` (paths relative to ``source``) into ``dest``; links are copied as links,
-    as ``git archive`` does, and anything that is neither a file nor a link is left out."""
-    made: set[Path] = set()
-    for rel in files:
-        src = source / rel
-        target = dest / rel
-        try:
-            mode = os.lstat(src).st_mode
-        except FileNotFoundError:
-            continue  # deleted from the checkout since it was listed
-        if target.parent not in made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made.add(target.parent)
-        if stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), target)
-        elif stat.S_ISREG(mode):
-            shutil.copy(src, target)  # with its mode, so scripts stay executable
 
 
 class CappedLog:
@@ -694,12 +736,8 @@ class _Staging:
                 raise OutputError(StatusCode.INTERNAL_ERROR, f"Output {rel} is not a regular file")
             tmp, _ = self._tmp_for(rel)
             digest = hashlib.sha256()
-            size = 0
             with tmp.open("wb") as out:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    size += len(chunk)
-                    digest.update(chunk)
-                    out.write(chunk)
+                size = jobdir.copy_data(f, out, digest)  # a sparse output stays sparse
         return tmp, size, digest.hexdigest()
 
     def write(self, rel: str, data: bytes) -> None:
@@ -829,12 +867,3 @@ def _docker_time(value: str | None) -> float:
     head, _, frac = value.rstrip("Z").partition(".")
     text = f"{head}.{(frac + '000000')[:6]}+00:00"
     return datetime.fromisoformat(text).timestamp()
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    os.chown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            if not stat.S_ISLNK(os.lstat(path).st_mode):
-                os.chown(path, uid, gid)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sqlite3
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import jobdir
 from .config import Settings
 from .datadir import DataDir
 from .db import Database
@@ -137,12 +137,17 @@ def _size(path: Path) -> int:
     if not path.is_dir() or path.is_symlink():
         return path.lstat().st_size
     total = 0
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
+    stack = [str(path)]  # iterative: a job may have left a tree thousands deep
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                total += entry.stat(follow_symlinks=False).st_size
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
     return total
 
 
@@ -154,10 +159,7 @@ def remove(found: list[Prunable], dry_run: bool) -> int:
     for item in found:
         if not dry_run:
             try:
-                if item.path.is_dir() and not item.path.is_symlink():
-                    shutil.rmtree(item.path)
-                else:
-                    item.path.unlink()
+                jobdir.remove_tree(item.path)  # whatever a job did to its dir
             except OSError as e:
                 print(f"Could not remove {item.path}: {e.strerror or e}", file=sys.stderr)
                 failed += 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import io
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Iterable
@@ -16,7 +18,7 @@ from typing import Any
 
 from .datadir import MANIFEST
 from .states import StatusCode
-from .units import iso
+from .units import human_size, iso
 
 # what an output viewer may see in the browser (DESIGN section 10)
 VIEWABLE_TYPES = {
@@ -32,6 +34,10 @@ PREVIEWS = {
     ".svg": "image", ".html": "frame", ".txt": "text", ".log": "text", ".md": "text",
     ".json": "text",
 }  # fmt: skip
+# files that may hold a table of patients: judged by their content (R writes .txt tables)
+TABLE_TYPES = {".csv", ".tsv", ".txt"}
+# patient_id as a name of its own: not part of a longer word, in any letter case
+_PATIENT_ID = re.compile(r"(?<![0-9a-z_])patient_id(?![0-9a-z_])", re.IGNORECASE)
 
 
 class OutputError(Exception):
@@ -52,13 +58,25 @@ def pattern_matches(pattern: str, path: str) -> bool:
     )
 
 
-def _walk(root: Path) -> dict[str, os.stat_result]:
-    """Every entry under ``root`` except directories, by relative path; links not followed."""
+def _walk(root: Path, max_depth: int) -> dict[str, os.stat_result]:
+    """Every entry under ``root`` except directories, by relative path, down to ``max_depth``
+    segments (no pattern reaches deeper); links not followed, unreadable directories left
+    out. Iterative: a job may leave a tree thousands deep."""
     found = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            full = os.path.join(dirpath, name)
-            found[os.path.relpath(full, root).replace(os.sep, "/")] = os.lstat(full)
+    stack = [("", 1)]
+    while stack:
+        prefix, depth = stack.pop()
+        try:
+            entries = list(os.scandir(root / prefix if prefix else root))
+        except OSError:
+            continue
+        for entry in entries:
+            rel = f"{prefix}{entry.name}"
+            if entry.is_dir(follow_symlinks=False):
+                if depth < max_depth:
+                    stack.append((f"{rel}/", depth + 1))
+            else:
+                found[rel] = entry.stat(follow_symlinks=False)
     return found
 
 
@@ -67,17 +85,21 @@ def match_outputs(
     outputs: dict[str, dict[str, str]],
     max_size: int,
     made_since: float | None = None,
+    max_files: int | None = None,
 ) -> dict[str, str]:
     """Relative path -> privacy level of every file matching the action's output patterns.
 
     ``made_since`` is when the job's inputs were in place: a pattern that matches nothing
     is shown with the files written since then (the job's own) that look close to it.
 
-    Raises OutputError for a pattern matching nothing (``unmatched_patterns``), and for a
-    match that is not a regular file, lies behind a linked directory, or is larger than
-    ``max_size``: collecting outputs never follows a link.
+    Raises OutputError for a pattern matching nothing (``unmatched_patterns``), for a
+    match that is not a regular file or lies behind a linked directory (collecting outputs
+    never follows a link), and for matches more than ``max_files`` or together larger than
+    ``max_size`` bytes (``too_much_output``; a sparse file counts at its full length, which
+    is what reading it gives).
     """
-    entries = _walk(workdir)
+    patterns = [p for by_name in outputs.values() for p in by_name.values()]
+    entries = _walk(workdir, max((p.count("/") + 1 for p in patterns), default=1))
     links = sorted(path for path, st in entries.items() if stat.S_ISLNK(st.st_mode))
     matched: dict[str, str] = {}
     unmatched: list[str] = []
@@ -88,7 +110,7 @@ def match_outputs(
             if not hits:
                 unmatched.append(pattern)
             for path in hits:
-                _check_output(path, entries[path], max_size)
+                _check_output(path, entries[path])
                 matched[path] = level
     if unmatched:
         made = sorted(
@@ -105,7 +127,28 @@ def match_outputs(
             StatusCode.UNMATCHED_PATTERNS,
             "No outputs found matching patterns: " + "; ".join(lines),
         )
+    _check_limits({path: entries[path].st_size for path in matched}, max_size, max_files)
     return matched
+
+
+def _check_limits(sizes: dict[str, int], max_size: int, max_files: int | None) -> None:
+    if max_files is not None and len(sizes) > max_files:
+        raise OutputError(
+            StatusCode.TOO_MUCH_OUTPUT,
+            f"The action's output patterns matched {len(sizes)} files, more than this site's "
+            f"limit of {max_files} (max_output_files). Write fewer files (combine them into "
+            "one table or archive), or ask an admin to raise the limit.",
+        )
+    total = sum(sizes.values())
+    if total > max_size:
+        largest = sorted(sizes, key=lambda path: -sizes[path])[:3]
+        named = ", ".join(f"{path} ({human_size(sizes[path])})" for path in largest)
+        raise OutputError(
+            StatusCode.TOO_MUCH_OUTPUT,
+            f"The action's outputs add up to {human_size(total)} ({total} bytes), more than "
+            f"this site's limit of {human_size(max_size)} (max_output_size); the largest: "
+            f"{named}. Write smaller outputs, or ask an admin to raise the limit.",
+        )
 
 
 def _refuse_linked_dirs(pattern: str, links: list[str]) -> None:
@@ -123,7 +166,7 @@ def _refuse_linked_dirs(pattern: str, links: list[str]) -> None:
                 )
 
 
-def _check_output(path: str, st: os.stat_result, max_size: int) -> None:
+def _check_output(path: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise OutputError(
             StatusCode.INTERNAL_ERROR,
@@ -135,12 +178,6 @@ def _check_output(path: str, st: os.stat_result, max_size: int) -> None:
         raise OutputError(
             StatusCode.INTERNAL_ERROR,
             f"Output {path} is {kind}, not a regular file; it was not copied.",
-        )
-    if st.st_size > max_size:
-        raise OutputError(
-            StatusCode.INTERNAL_ERROR,
-            f"Output {path} is {st.st_size} bytes, larger than the site's limit of "
-            f"{max_size} bytes for one output file",
         )
 
 
@@ -154,7 +191,8 @@ def _close_files(pattern: str, files: list[str]) -> list[str]:
 def check_visibility(path: Path, level: str, suffix: str | None = None) -> tuple[bool, str | None]:
     """Whether an output viewer may see this file in the browser, and if not, why not.
 
-    ``suffix`` is the output's file type when ``path`` is a temporary name for it.
+    ``suffix`` is the output's file type when ``path`` is a temporary name for it. A file
+    whose content cannot be judged is not shown; judging never fails the job.
     """
     suffix = (path.suffix if suffix is None else suffix).lower()
     if level == "highly_sensitive":
@@ -164,15 +202,30 @@ def check_visibility(path: Path, level: str, suffix: str | None = None) -> tuple
     size = path.stat().st_size
     if size > MAX_VIEWABLE_SIZE:
         return False, f"larger than {MAX_VIEWABLE_SIZE // 1024**2} MB"
-    if suffix == ".csv":
-        with path.open(newline="", errors="replace") as f:
-            reader = csv.reader(f)
-            header = next(reader, [])
-            if any(column.strip().lower() == "patient_id" for column in header):
-                return False, "has a patient_id column"
-            rows = sum(1 for _ in reader)
-        if rows > MAX_CSV_ROWS:
-            return False, f"has {rows} rows, more than {MAX_CSV_ROWS}"
+    if suffix in TABLE_TYPES:
+        return _check_table(path.read_bytes())
+    return True, None
+
+
+def _check_table(data: bytes) -> tuple[bool, str | None]:
+    """A table is judged as text, whatever its separator (``,``, ``;``, tab) or quoting: it
+    must be UTF-8 (a byte order mark is fine), must not name patient_id anywhere, and must
+    have at most MAX_CSV_ROWS lines after its header."""
+    try:
+        text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        return False, (
+            "is not UTF-8 text (UTF-16, say), so it could not be checked; "
+            "write it as UTF-8 to have it shown"
+        )
+    if _PATIENT_ID.search(text):
+        return False, "has a patient_id column"
+    # lines are at least as many as records (a quoted field may hold a newline)
+    rows = max(0, len(text.splitlines()) - 1)
+    if rows > MAX_CSV_ROWS:
+        return False, f"has {rows} rows, more than {MAX_CSV_ROWS}"
     return True, None
 
 
@@ -343,19 +396,25 @@ def read_output(workspace_dir: Path, rel: str, limit: int = MAX_VIEWABLE_SIZE) -
         return f.read(limit)
 
 
-def csv_preview(data: bytes, delimiter: str = ",", rows: int = PREVIEW_ROWS) -> dict[str, Any]:
+def csv_preview(
+    data: bytes, delimiter: str = ",", rows: int = PREVIEW_ROWS
+) -> dict[str, Any] | None:
     """The header and first ``rows`` rows of a CSV file, with its total row and column count
-    (rows not counting the header)."""
+    (rows not counting the header); None when it cannot be read as a table (a field larger
+    than the csv module takes, say): then it is shown as text."""
     reader = csv.reader(io.StringIO(data.decode(errors="replace"), newline=""), delimiter=delimiter)
-    header = next(reader, [])
     shown: list[list[str]] = []
     total = 0
-    columns = len(header)
-    for row in reader:
-        total += 1
-        columns = max(columns, len(row))
-        if total <= rows:
-            shown.append(row)
+    try:
+        header = next(reader, [])
+        columns = len(header)
+        for row in reader:
+            total += 1
+            columns = max(columns, len(row))
+            if total <= rows:
+                shown.append(row)
+    except csv.Error:
+        return None
     return {"header": header, "rows": shown, "total_rows": total, "total_columns": columns}
 
 

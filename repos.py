@@ -13,10 +13,11 @@ import hashlib
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import jobdir
 
 GIT_TIMEOUT = 120.0
 _SHA = re.compile(r"[0-9a-f]{40}")
@@ -125,13 +126,16 @@ class Repos:
             if not (path / "HEAD").exists():
                 self.root.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".clone-"))
-                code, _, err = await _git(
-                    "clone", "--mirror", "--quiet", "--", url, str(tmp), timeout=self.timeout
-                )
-                if code:
+                try:
+                    code, _, err = await _git(
+                        "clone", "--mirror", "--quiet", "--", url, str(tmp), timeout=self.timeout
+                    )
+                    if code:
+                        raise RepoUnreachable(f"could not clone {url}: {_last_line(err)}")
+                    tmp.rename(path)
+                finally:
+                    # a failed, timed-out or cancelled clone leaves nothing behind
                     shutil.rmtree(tmp, ignore_errors=True)
-                    raise RepoUnreachable(f"could not clone {url}: {_last_line(err)}")
-                tmp.rename(path)
             else:
                 code, _, err = await _git(
                     "fetch", "--prune", "--quiet", "origin", git_dir=path, timeout=self.timeout
@@ -259,8 +263,7 @@ class Repos:
 
 def _extract(archive, dest: Path) -> None:
     archive.seek(0)
-    with tarfile.open(fileobj=archive, mode="r:") as tar:
-        tar.extractall(dest, filter="data")
+    jobdir.extract_archive(archive, dest)  # by our own rules: no link is ever followed
 
 
 def _last_line(err: str) -> str:

@@ -40,6 +40,8 @@ class StatusCode(enum.StrEnum):
     CANCELLED_BY_USER = "cancelled_by_user"
     TIMED_OUT = "timed_out"
     OUT_OF_MEMORY = "out_of_memory"
+    OUT_OF_DISK = "out_of_disk"  # the job's files grew past job_disk
+    TOO_MUCH_OUTPUT = "too_much_output"  # over max_output_files or max_output_size
     INTERNAL_ERROR = "internal_error"
     NOT_RUN = "not_run"  # jobsite run only: an earlier action failed, so this one was skipped
 
@@ -64,6 +66,8 @@ MESSAGES: dict[StatusCode, str] = {
     StatusCode.DEPENDENCY_FAILED: "A job this one needs did not succeed",
     StatusCode.TIMED_OUT: "Job ran longer than its time limit",
     StatusCode.OUT_OF_MEMORY: "Job ran out of memory",
+    StatusCode.OUT_OF_DISK: "Job's files grew past its disk limit",
+    StatusCode.TOO_MUCH_OUTPUT: "Job's outputs are over the site's limits",
     StatusCode.INTERNAL_ERROR: "Internal error",
     StatusCode.NOT_RUN: "Not run: an earlier action failed",
 }

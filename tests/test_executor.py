@@ -484,10 +484,10 @@ async def test_full_disk_while_preparing_fails_clearly(settings, study, make_exe
     assert (await run(executor, make)).state == "succeeded"
     before = snapshot(workspace(settings))
 
-    def full(src, dst, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+    def full(src, dest, rel, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest / rel))
 
-    monkeypatch.setattr(executor_module.shutil, "copyfile", full)
+    monkeypatch.setattr(executor_module.jobdir, "copy_in", full)
     use = spec(study, "true", action="analyse", needs=["generate"])
     outcome = await run(executor, use)
     assert outcome.status_code == "internal_error"
@@ -662,7 +662,7 @@ def test_a_job_too_short_to_sample_has_no_figures_or_only_memory():
 def test_an_out_of_memory_job_not_yet_sampled_says_so(settings, study, make_executor):
     executor = make_executor(job_memory="32M")
     exit = executor_module.ContainerExit(137, True, False, 1.0, 2.0)
-    outcome = executor._judge(spec(study, "true"), exit, "")
+    outcome = executor._judge(spec(study, "true"), exit, "", disk_used=0, stopped=False)
     assert outcome.status_message.startswith(
         "Job ran out of memory (limit 32 MiB; its use was not sampled: it ran out within a second)"
     )

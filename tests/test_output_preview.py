@@ -63,6 +63,7 @@ async def outputs(client, make_user, make_repo, settings):
         {
             "project.yaml": PROJECT,
             "analysis/counts.csv": big_csv(1200),
+            "analysis/wide.csv": "n,blob\n1," + "x" * 200_000 + "\n",
             "analysis/notes.md": NOTES,
             "analysis/plot.svg": SVG,
             "analysis/report.html": REPORT,
@@ -106,6 +107,13 @@ async def test_a_csv_is_previewed_as_a_table_of_its_first_thousand_rows(client, 
     assert "<td>1000</td>" in response.text and "<td>1001</td>" not in response.text
     assert "<td>&lt;i&gt;7&lt;/i&gt;</td>" in response.text  # cells are text, never markup
     assert "<i>7</i>" not in response.text
+
+
+async def test_a_csv_with_a_field_too_wide_for_a_table_is_shown_as_text(client, outputs):
+    response = await client.get("/ws1/outputs/output/wide.csv", headers=outputs)
+    assert response.status_code == 200
+    assert "n,blob\n1,xxxx" in response.text
+    assert "rows and" not in plain(response.text)
 
 
 async def test_images_are_shown_inline_and_svg_scripts_never_run(client, outputs):

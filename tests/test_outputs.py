@@ -113,7 +113,7 @@ def test_a_fifo_is_refused(tmp_path):
 
 def test_an_output_over_the_size_limit_is_refused(tmp_path):
     make(tmp_path, {"output/big.csv": "x" * 101})
-    with pytest.raises(OutputError, match=r"output/big.csv is 101 bytes, larger than .* 100"):
+    with pytest.raises(OutputError, match=r"add up to 101 bytes .* limit of 100 bytes .*big.csv"):
         match_outputs(tmp_path, {"highly_sensitive": {"a": "output/*.csv"}}, 100)
 
 

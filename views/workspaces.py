@@ -331,7 +331,9 @@ async def outputs(request: Request) -> Response:
     }
     if context["kind"] == "table":
         context["table"] = csv_preview(data, "\t" if suffix == ".tsv" else ",")
-    elif context["kind"] == "text":
+        if context["table"] is None:
+            context["kind"] = "text"
+    if context["kind"] == "text":
         context["text"] = data[:PREVIEW_TEXT].decode(errors="replace")
         context["cut"] = len(data) > PREVIEW_TEXT
     return await render(request, "output.html", context)
