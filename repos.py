@@ -41,18 +41,78 @@ class FileNotFound(RepoError):
     pass
 
 
+# A repo address is an https (or http, ssh, git) URL of a host, or an absolute local path,
+# whose path is made of these segments only: never `.` or `..`, so no dot segment can walk
+# out of an allowed prefix, and no `%`, `?`, `#`, `@` or `\\` to smuggle one past the match.
+_URL = re.compile(
+    r"(?P<scheme>https|http|ssh|git)://(?P<host>[a-z0-9.-]+(:[0-9]{1,5})?)(?P<path>/.*)"
+)
+_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+_MAX_ADDRESS = 1000
+ADDRESS_RULE = (
+    "a repo is an https URL (https://host/owner/repo) or an absolute path on this machine, "
+    "and each part of its path has only letters, digits, '.', '_' and '-' (no '.' or '..' "
+    "parts, no '%', '?', '#', '@' or backslashes)"
+)
+
+
+def repo_address(repo: str) -> str:
+    """``repo`` as the site matches, stores and fetches it; RepoNotAllowed when it is not a
+    repo address (ADDRESS_RULE). A URL's scheme and host are lowercased and one trailing
+    ``/`` dropped; a local path becomes its real path (links resolved), as git would reach
+    it."""
+    candidate = repo.removesuffix("/")
+    if len(candidate) <= _MAX_ADDRESS:
+        if candidate.startswith("/"):
+            if _segments_ok(candidate[1:]):
+                return os.path.realpath(candidate)
+        else:
+            scheme, sep, rest = candidate.partition("://")
+            host, _, path = rest.partition("/")
+            url = f"{scheme.lower()}{sep}{host.lower()}/{path}"
+            match = _URL.fullmatch(url)
+            if match and _segments_ok(match["path"][1:]):
+                return url
+    shown = repo[:200] + ("..." if len(repo) > 200 else "")
+    raise RepoNotAllowed(f"{shown!r} is not a repo this site can use: {ADDRESS_RULE}.")
+
+
+def _segments_ok(path: str) -> bool:
+    return all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in path.split("/"))
+
+
 def is_allowed(url: str, patterns: list[str]) -> bool:
-    """Whether ``url`` matches one of the site's ``repos.allow`` patterns."""
-    return any(fnmatch.fnmatchcase(url, pattern) for pattern in patterns)
+    """Whether ``url`` is a repo address (repo_address) matching one of the site's
+    ``repos.allow`` patterns."""
+    try:
+        check_allowed(url, patterns)
+    except RepoNotAllowed:
+        return False
+    return True
 
 
-def check_allowed(url: str, patterns: list[str]) -> None:
-    if not is_allowed(url, patterns):
+def check_allowed(url: str, patterns: list[str]) -> str:
+    """``url`` as repo_address gives it, when it matches one of ``patterns``; else
+    RepoNotAllowed saying what is wrong."""
+    address = repo_address(url)
+    if not any(fnmatch.fnmatchcase(address, _real_pattern(p)) for p in patterns):
         allowed = ", ".join(patterns) or "(none)"
         raise RepoNotAllowed(
-            f"repo {url} is not allowed on this site; repos must match one of: {allowed}. "
+            f"repo {address} is not allowed on this site; repos must match one of: {allowed}. "
             "An admin can add a pattern to repos.allow in the settings."
         )
+    return address
+
+
+def _real_pattern(pattern: str) -> str:
+    """A local path pattern with its fixed leading directories as their real path, so that
+    it compares with the real paths repo_address gives."""
+    if not pattern.startswith("/"):
+        return pattern
+    parts = pattern.split("/")
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    prefix = "/".join(parts[:fixed]) or "/"
+    return "/".join([os.path.realpath(prefix), *parts[fixed:]])
 
 
 async def _git(

@@ -140,7 +140,7 @@ async def create_workspace(
         errors["branch"] = "branch is required"
     else:
         try:
-            check_allowed(repo, settings.repos.allow)
+            repo = check_allowed(repo, settings.repos.allow)
             sha = await repos.resolve_branch(repo, branch)
             await repos.read_file(repo, sha, "project.yaml")
         except (BranchNotFound, FileNotFound) as e:
