@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import hashlib
+import math
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 GIT_TIMEOUT = 120.0
+# However many pages show a repo, its mirror is fetched at most once per this many seconds
+# (unless someone acts on it: creating a workspace or submitting a job request fetches anew)
+FETCH_INTERVAL = 10.0
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -39,6 +44,12 @@ class BranchNotFound(RepoError):
 
 class FileNotFound(RepoError):
     pass
+
+
+class FileTooLarge(RepoError):
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__(f"{path} is {size} bytes, more than this site reads")
+        self.size = size
 
 
 # A repo address is an https (or http, ssh, git) URL of a host, or an absolute local path,
@@ -149,34 +160,60 @@ async def _git(
 class Repos:
     """Bare mirrors of workspace repos under ``<data_dir>/repos``."""
 
-    def __init__(self, root: Path, timeout: float = GIT_TIMEOUT) -> None:
+    def __init__(
+        self, root: Path, timeout: float = GIT_TIMEOUT, fetch_interval: float = FETCH_INTERVAL
+    ) -> None:
         self.root = root
         self.timeout = timeout
+        self.fetch_interval = fetch_interval
         self._locks: dict[str, asyncio.Lock] = {}
+        # url -> when its last fetch began (time.monotonic) and why it failed, if it did
+        self._fetched: dict[str, tuple[float, str | None]] = {}
 
     def mirror_path(self, url: str) -> Path:
         return self.root / f"{hashlib.sha1(url.encode()).hexdigest()}.git"
 
-    async def fetch(self, url: str) -> Path:
-        """Create or update the mirror of ``url``; returns its git dir."""
-        path = self.mirror_path(url)
+    async def fetch(self, url: str, fresh: bool = False) -> Path:
+        """Create or update the mirror of ``url``; returns its git dir.
+
+        A fetch that began less than ``fetch_interval`` seconds ago stands (its failure
+        too), so callers arriving together share one; ``fresh`` asks for a fetch begun
+        after the call, to see what was pushed just before it."""
+        asked = time.monotonic()
         async with self._locks.setdefault(url, asyncio.Lock()):
-            if not (path / "HEAD").exists():
-                self.root.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".clone-"))
-                code, _, err = await _git(
-                    "clone", "--mirror", "--quiet", "--", url, str(tmp), timeout=self.timeout
-                )
-                if code:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise RepoUnreachable(f"could not clone {url}: {_last_line(err)}")
-                tmp.rename(path)
-            else:
-                code, _, err = await _git(
-                    "fetch", "--prune", "--quiet", "origin", git_dir=path, timeout=self.timeout
-                )
-                if code:
-                    raise RepoUnreachable(f"could not fetch {url}: {_last_line(err)}")
+            began, failure = self._fetched.get(url, (-math.inf, None))
+            if began >= asked or (not fresh and asked - began < self.fetch_interval):
+                if failure is not None:
+                    raise RepoUnreachable(failure)
+                return self.mirror_path(url)
+            began = time.monotonic()
+            try:
+                path = await self._update(url)
+            except RepoUnreachable as e:
+                self._fetched[url] = (began, str(e))
+                raise
+            self._fetched[url] = (began, None)
+            return path
+
+    async def _update(self, url: str) -> Path:
+        """Clone the mirror of ``url``, or fetch into it."""
+        path = self.mirror_path(url)
+        if not (path / "HEAD").exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".clone-"))
+            code, _, err = await _git(
+                "clone", "--mirror", "--quiet", "--", url, str(tmp), timeout=self.timeout
+            )
+            if code:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RepoUnreachable(f"could not clone {url}: {_last_line(err)}")
+            tmp.rename(path)
+        else:
+            code, _, err = await _git(
+                "fetch", "--prune", "--quiet", "origin", git_dir=path, timeout=self.timeout
+            )
+            if code:
+                raise RepoUnreachable(f"could not fetch {url}: {_last_line(err)}")
         return path
 
     async def branches(self, url: str) -> list[str]:
@@ -188,9 +225,11 @@ class Repos:
             raise RepoError(f"could not list branches of {url}: {_last_line(err)}")
         return sorted(out.decode().split())
 
-    async def resolve_branch(self, url: str, branch: str, fetch: bool = True) -> str:
-        """The commit sha at the head of ``branch``."""
-        path = await self.fetch(url) if fetch else self.mirror_path(url)
+    async def resolve_branch(
+        self, url: str, branch: str, fetch: bool = True, fresh: bool = False
+    ) -> str:
+        """The commit sha at the head of ``branch`` (``fetch`` and ``fresh``: as ``fetch``)."""
+        path = await self.fetch(url, fresh) if fetch else self.mirror_path(url)
         code, out, _ = await _git(
             "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}", git_dir=path
         )
@@ -205,9 +244,17 @@ class Repos:
         assert _SHA.fullmatch(sha), sha
         return sha
 
-    async def read_file(self, url: str, sha: str, path: str) -> str:
-        """The text of ``path`` at commit ``sha`` (the mirror must already hold it)."""
-        code, out, _ = await _git("show", f"{sha}:{path}", git_dir=self.mirror_path(url))
+    async def read_file(self, url: str, sha: str, path: str, max_size: int | None = None) -> str:
+        """The text of ``path`` at commit ``sha`` (the mirror must already hold it);
+        FileTooLarge, without reading it, when it is larger than ``max_size`` bytes."""
+        git_dir = self.mirror_path(url)
+        if max_size is not None:
+            code, out, _ = await _git("cat-file", "-s", f"{sha}:{path}", git_dir=git_dir)
+            if code:
+                raise FileNotFound(f"{path} not found in {url} at commit {sha[:7]}")
+            if int(out) > max_size:
+                raise FileTooLarge(path, int(out))
+        code, out, _ = await _git("show", f"{sha}:{path}", git_dir=git_dir)
         if code:
             raise FileNotFound(f"{path} not found in {url} at commit {sha[:7]}")
         return out.decode(errors="replace")

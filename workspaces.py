@@ -5,19 +5,21 @@ No HTTP here: callers pass who is acting, and refusals are raised as ``problems`
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import sqlite3
 import time
 from collections import OrderedDict
 from typing import Any
 
-from . import auth, pipeline
+from . import auth, pipeline, submit
 from .auth import User
 from .config import Settings
 from .db import Database, Row
 from .problems import FieldProblems, NotAllowed, NotFound, Problem
 from .queries import LATEST_JOB_PER_ACTION
-from .repos import BranchNotFound, FileNotFound, RepoError, Repos, check_allowed
+from .repos import BranchNotFound, FileNotFound, FileTooLarge, RepoError, Repos, check_allowed
 
 WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # first path segments the site itself uses; a workspace may not take one as its name
@@ -141,8 +143,10 @@ async def create_workspace(
     else:
         try:
             repo = check_allowed(repo, settings.repos.allow)
-            sha = await repos.resolve_branch(repo, branch)
-            await repos.read_file(repo, sha, "project.yaml")
+            sha = await repos.resolve_branch(repo, branch, fresh=True)
+            # only that it is there matters here; the workspace page explains a file too large
+            with contextlib.suppress(FileTooLarge):
+                await repos.read_file(repo, sha, "project.yaml", max_size=pipeline.MAX_PROJECT_SIZE)
         except (BranchNotFound, FileNotFound) as e:
             errors["branch"] = str(e)
         except RepoError as e:
@@ -179,24 +183,42 @@ async def set_archived(db: Database, workspace_id: int, archived: bool) -> None:
 
 
 class ParsedProjects:
-    """project.yaml of a repo at a commit, parsed once: a commit never changes, and pages
-    poll the same one every few seconds. The most recently used few are kept."""
+    """project.yaml of a repo at a commit, parsed once, the pipeline or what is wrong with
+    it: a commit never changes, and pages poll the same one every few seconds. Callers
+    asking for one while it is parsed share that parse. The most recently used few are
+    kept."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.parsed: OrderedDict[tuple[str, str], pipeline.Pipeline] = OrderedDict()
+        # (repo, sha) -> the pipeline, or the problems of its project.yaml
+        self.parsed: OrderedDict[tuple[str, str], pipeline.Pipeline | list[str]] = OrderedDict()
+        self._parsing: dict[tuple[str, str], asyncio.Future[pipeline.Pipeline | list[str]]] = {}
 
     async def at(self, repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
         key = (repo, sha)
-        if key in self.parsed:
-            self.parsed.move_to_end(key)
+        found = self.parsed.get(key)
+        if found is None:
+            parsing = self._parsing.get(key)
+            if parsing is None:
+                parsing = self._parsing[key] = asyncio.ensure_future(self._parse(repos, key))
+                parsing.add_done_callback(lambda _: self._parsing.pop(key, None))
+            found = await asyncio.shield(parsing)  # one caller leaving stops it for no other
         else:
-            self.parsed[key] = pipeline.load_pipeline(
-                await repos.read_file(repo, sha, "project.yaml")
-            )
-            if len(self.parsed) > self.size:
-                self.parsed.popitem(last=False)
-        return self.parsed[key]
+            self.parsed.move_to_end(key)
+        if isinstance(found, list):
+            raise pipeline.ProjectValidationError(found)
+        return found
+
+    async def _parse(self, repos: Repos, key: tuple[str, str]) -> pipeline.Pipeline | list[str]:
+        found: pipeline.Pipeline | list[str]
+        try:
+            found = await submit.parse_project(repos, *key)
+        except pipeline.ProjectValidationError as e:
+            found = e.errors
+        self.parsed[key] = found
+        if len(self.parsed) > self.size:
+            self.parsed.popitem(last=False)
+        return found
 
 
 async def workspace_actions(
