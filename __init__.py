@@ -2,3 +2,22 @@
 
 The repository root is this package; docs/architecture.md shows its layers.
 """
+
+import sys
+
+# The oldest Python jobsite runs on (pyproject.toml's requires-python); every later one is
+# supported too. Checked on import, so that every way of starting jobsite says so plainly
+# rather than failing somewhere inside.
+OLDEST_PYTHON = (3, 11)
+
+
+def check_python(version: tuple[int, ...] = tuple(sys.version_info)) -> None:
+    if version[:2] < OLDEST_PYTHON:
+        raise SystemExit(
+            f"jobsite needs Python {OLDEST_PYTHON[0]}.{OLDEST_PYTHON[1]} or later, but this is "
+            f"Python {'.'.join(map(str, version[:3]))} ({sys.executable}). Install a newer "
+            "Python and make jobsite's virtual environment with it (make clean run)."
+        )
+
+
+check_python()

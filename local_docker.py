@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -28,7 +29,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from .config import Settings
+from .config import Settings, SettingsError
 from .datadir import MANIFEST, action_log_name
 from .executor import ContainerExit, DockerUnavailable, JobError, JobSpec, Outcome
 from .outputs import Manifest, OutputError, check_visibility, match_outputs
@@ -38,6 +39,8 @@ from .units import human_size, iso, precise_duration
 
 CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -113,6 +116,43 @@ class LocalDockerExecutor:
         except (DockerUnavailable, docker.errors.DockerException):
             self.close()
             return False
+
+    async def check_settings(self) -> None:
+        """Refuse, naming the setting, a database network that is not an internal Docker
+        network: a database action on it could reach the internet. With the engine down the
+        site still starts; each database job checks its network before it runs."""
+
+        def check() -> None:
+            for name, database in self.settings.databases.items():
+                if database.network:
+                    problem = self._network_problem(database.network)
+                    if problem:
+                        raise SettingsError(f"databases.{name}.network: {problem}")
+
+        try:
+            await asyncio.to_thread(check)
+        except DockerUnavailable as e:
+            log.warning("could not check the databases' networks yet: %s", e)
+
+    def _network_problem(self, network: str) -> str | None:
+        """What makes ``network`` unfit for database actions, if anything."""
+        with self._docker_calls():
+            try:
+                found = self._api().inspect_network(network)
+            except docker.errors.NotFound:
+                found = None
+        fix = (
+            "Database actions may only use an internal network (made with `docker network "
+            "create --internal NAME`, the database server attached to it), so that they reach "
+            "the database and nothing else."
+        )
+        if found is None:
+            return f"there is no Docker network {network!r}. {fix}"
+        if not found.get("Internal"):
+            return (
+                f"the Docker network {network!r} is not internal: it can reach the internet. {fix}"
+            )
+        return None
 
     def _user(self) -> str:
         if os.getuid() == 0:
@@ -198,6 +238,13 @@ class LocalDockerExecutor:
                 if job.database_url:
                     env["DATABASE_URL"] = job.database_url
                 network = job.database_network or "none"
+                problem = network != "none" and self._network_problem(network)
+                if problem:
+                    raise JobError(
+                        StatusCode.INTERNAL_ERROR,
+                        f"The database's network is not safe to use: {problem} An admin must "
+                        "fix the setting databases.<name>.network; then run the job again.",
+                    )
             host_config = api.create_host_config(
                 init=True,
                 network_mode=network,

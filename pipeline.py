@@ -573,10 +573,10 @@ class _ActionChecker:
             return None
         image, _, tag = parts[0].partition(":")
         if not image or not _TAG.fullmatch(tag):
-            shown = image or "IMAGE"
+            shown = _capped(image) or "IMAGE"
             self.error(
                 f"`run` of action `{name}` must start with an image and its version, in the "
-                f"form {shown}:vN (e.g. {shown}:v2), but it starts with `{parts[0]}`."
+                f"form {shown}:vN (e.g. {shown}:v2), but it starts with {_shown(parts[0])}."
             )
             return None
         if tag == "latest" and self.validator.applies("no_latest_tag"):
@@ -584,8 +584,8 @@ class _ActionChecker:
             if image in ("python", "r"):
                 hint = f" `{image}:latest` means `{image}:v1` (which is due to be retired)."
             self.error(
-                f"Action `{name}` uses `{parts[0]}`, but `latest` is not supported from "
-                f"version 5: give a version instead, e.g. `{image}:v2`.{hint}"
+                f"Action `{name}` uses {_shown(parts[0])}, but `latest` is not supported from "
+                f"version 5: give a version instead, e.g. `{_capped(image)}:v2`.{hint}"
             )
         if image.startswith("cohortextractor") and self.validator.applies("no_cohortextractor"):
             self.error(
@@ -729,7 +729,8 @@ class _ActionChecker:
                 self.error(
                     f"Action `{name}` runs `generate_cohort`, so its outputs must be in one "
                     f"directory (or it must pass `--output-dir`), but they are in "
-                    f"{len(directories)}: {', '.join(d + '/' for d in directories) or 'none'}."
+                    f"{len(directories)}: "
+                    f"{_capped(', '.join(d + '/' for d in directories)) or 'none'}."
                 )
         if ehrql := _EHRQL_GENERATE.match(run):
             command = ehrql.group(2).replace("_", "-")
@@ -751,7 +752,8 @@ class _ActionChecker:
             elif not _patterns_match_output_argument(spec, patterns):
                 self.error(
                     f"The outputs of action `{name}` must match its `--output` argument: "
-                    f"expected {_expected_pattern(spec)}, got {', '.join(patterns) or 'nothing'}."
+                    f"expected {_capped(_expected_pattern(spec))}, got "
+                    f"{_capped(', '.join(patterns)) or 'nothing'}."
                 )
 
 

@@ -37,7 +37,7 @@ def image_for(settings: Settings, action: pipeline.Action) -> str:
     if template is None:
         known = ", ".join(sorted(settings.images))
         raise SubmitError(
-            f"action {action.name} uses image {action.image!r}, which this site does not "
+            f"action {action.name} uses image {action.image[:200]!r}, which this site does not "
             f"provide (images here: {known})"
         )
     return template.replace("{name}", action.image).replace("{tag}", action.tag)
