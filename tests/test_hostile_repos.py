@@ -506,7 +506,10 @@ async def test_a_database_network_that_can_reach_the_internet_stops_the_site_at_
 
 
 @pytest.mark.docker
-def test_jobsite_serve_names_the_database_network_setting(networks, tmp_path, capsys):
+def test_jobsite_serve_names_the_database_network_setting(networks, tmp_path, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("it served"))
     config = tmp_path / "jobsite.yaml"
     config.write_text(
         yaml.safe_dump(
