@@ -3,6 +3,8 @@
 The repository root is this package; docs/architecture.md shows its layers.
 """
 
+from __future__ import annotations
+
 import sys
 
 # The oldest Python jobsite runs on (pyproject.toml's requires-python); every later one is
@@ -16,7 +18,8 @@ def check_python(version: tuple[int, ...] = tuple(sys.version_info)) -> None:
         raise SystemExit(
             f"jobsite needs Python {OLDEST_PYTHON[0]}.{OLDEST_PYTHON[1]} or later, but this is "
             f"Python {'.'.join(map(str, version[:3]))} ({sys.executable}). Install a newer "
-            "Python and make jobsite's virtual environment with it (make clean run)."
+            "Python and make jobsite's virtual environment with it: make clean run "
+            "PYTHON=python3.12, say."
         )
 
 
