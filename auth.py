@@ -3,6 +3,7 @@ signing in with GitHub. (The CSRF checks of web requests are in views.csrf.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -11,6 +12,7 @@ import secrets
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,18 @@ def password_problem(password: str, username: str) -> str | None:
     if password.lower() == username.lower():
         return "a password must not be the username"
     return None
+
+
+# what an unknown user's password, or a user without one, is checked against: a hash of a
+# secret no one knows, at the site's cost, so that every sign-in costs one scrypt
+_DUMMY_HASHES: dict[tuple[int, ...], str] = {}
+
+
+def dummy_hash() -> str:
+    cost = tuple(_SCRYPT.values())
+    if cost not in _DUMMY_HASHES:
+        _DUMMY_HASHES[cost] = hash_password(secrets.token_urlsafe(32))
+    return _DUMMY_HASHES[cost]
 
 
 def hash_password(password: str) -> str:
@@ -134,27 +148,85 @@ def session_stamp(password_hash: str | None) -> str:
     return hashlib.sha256((password_hash or "").encode()).hexdigest()[:16]
 
 
-async def start_session(db: Database, session: dict[str, Any], user_id: int) -> None:
-    """Sign the session in as the user, afresh, so no session made before can be reused."""
+SESSION_ID = "session_id"  # the session cookie's key for its server-side row
+
+
+async def start_session(
+    db: Database, session: dict[str, Any], user_id: int, max_age: float
+) -> None:
+    """Sign the session in as the user, afresh, so no session made before can be reused.
+
+    The session is also kept on the server, so that signing out ends it there: a cookie
+    copied before then is of no use after. The user's sessions older than ``max_age``
+    seconds are cleared out on the way."""
     stored = await db.fetchval("SELECT password_hash FROM users WHERE id = ?", (user_id,))
+    session_id = secrets.token_urlsafe(32)
+    async with db.transaction() as conn:
+        previous = session.get(SESSION_ID)
+        if isinstance(previous, str):
+            await conn.execute("DELETE FROM sessions WHERE id = ?", (hash_token(previous),))
+        await conn.execute(
+            "DELETE FROM sessions WHERE user_id = ? AND created_at < ?",
+            (user_id, time.time() - max_age),
+        )
+        await conn.execute(
+            "INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)",
+            (hash_token(session_id), user_id, time.time()),
+        )
     session.clear()
     session["user_id"] = user_id
     session["stamp"] = session_stamp(stored)
+    session[SESSION_ID] = session_id
 
 
-async def load_session_user(db: Database, session: dict[str, Any]) -> User | None:
+async def end_session(db: Database, session: dict[str, Any], max_age: float) -> None:
+    """Sign out: the session's row goes, and with it every use of its cookie; sessions of
+    anyone older than ``max_age`` seconds are cleared out on the way."""
+    session_id = session.get(SESSION_ID)
+    session.clear()
+    async with db.transaction() as conn:
+        if isinstance(session_id, str):
+            await conn.execute("DELETE FROM sessions WHERE id = ?", (hash_token(session_id),))
+        await conn.execute("DELETE FROM sessions WHERE created_at < ?", (time.time() - max_age,))
+
+
+async def load_session_user(db: Database, session: dict[str, Any], max_age: float) -> User | None:
+    """The session's user while its server-side row lasts (up to ``max_age`` seconds)."""
+    session_id = session.get(SESSION_ID)
+    if not isinstance(session_id, str) or not isinstance(session.get("user_id"), int):
+        return None
+    row = await db.fetchone(
+        "SELECT user_id FROM sessions WHERE id = ? AND created_at >= ?",
+        (hash_token(session_id), time.time() - max_age),
+    )
+    if row is None or row["user_id"] != session["user_id"]:
+        return None
     return await load_user(db, session["user_id"], stamp=session.get("stamp", ""))
 
 
 async def authenticate_password(db: Database, username: str, password: str) -> User | None:
+    """The user whose username and password these are, or None.
+
+    Every attempt costs one scrypt, in a thread (it takes ~50 ms of CPU): an unknown
+    username, or a user who signs in with GitHub only, is checked against a dummy hash,
+    so the time taken does not tell which names exist or have a password."""
     row = await db.fetchone(
         "SELECT id, password_hash FROM users WHERE username = ? AND is_active = 1", (username,)
     )
-    # hash even for an unknown user, so response time does not reveal which names exist
-    stored = row["password_hash"] if row else hash_password("timing-equaliser")
-    if not verify_password(password, stored) or row is None:
+    stored = row["password_hash"] if row and row["password_hash"] else await _dummy()
+    matches = await check_password(password, stored)
+    if not matches or row is None or not row["password_hash"]:
         return None
     return await load_user(db, row["id"])
+
+
+async def _dummy() -> str:
+    return await asyncio.to_thread(dummy_hash)
+
+
+async def check_password(password: str, stored: str | None) -> bool:
+    """verify_password in a thread, for callers on the event loop."""
+    return await asyncio.to_thread(verify_password, password, stored)
 
 
 # "last used" is kept to the minute, so that a busy API client does not make every one of
@@ -163,13 +235,15 @@ TOKEN_USE_RESOLUTION = 60.0
 
 
 async def authenticate_token(db: Database, token: str) -> User | None:
+    """The user of a token that exists and has not expired."""
+    now = time.time()
     row = await db.fetchone(
-        "SELECT id, user_id, last_used_at FROM api_tokens WHERE token_hash = ?",
-        (hash_token(token),),
+        "SELECT id, user_id, last_used_at FROM api_tokens WHERE token_hash = ? "
+        "AND (expires_at IS NULL OR expires_at > ?)",
+        (hash_token(token), now),
     )
     if row is None:
         return None
-    now = time.time()
     if row["last_used_at"] is None or now - row["last_used_at"] >= TOKEN_USE_RESOLUTION:
         await db.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, row["id"]))
     return await load_user(db, row["user_id"])
@@ -192,7 +266,7 @@ async def create_user(
             username,
             full_name,
             email,
-            hash_password(password) if password else None,
+            await asyncio.to_thread(hash_password, password) if password else None,
             github_id,
             int(is_admin),
             time.time(),
@@ -201,19 +275,32 @@ async def create_user(
 
 
 async def set_password(db: Database, user_id: int, password: str) -> None:
-    await db.execute(
-        "UPDATE users SET password_hash = ? WHERE id = ?", (hash_password(password), user_id)
-    )
+    stored = await asyncio.to_thread(hash_password, password)
+    await db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (stored, user_id))
 
 
-async def create_token(db: Database, user_id: int, name: str) -> str:
-    """A new API token; only its hash is kept, so this is the one time it can be shown."""
+async def create_token(
+    db: Database, user_id: int, name: str, expires_in: float | None = None
+) -> str:
+    """A new API token, valid for ``expires_in`` seconds (None: until revoked); only its
+    hash is kept, so this is the one time it can be shown."""
     token = new_token()
+    now = time.time()
     await db.execute(
-        "INSERT INTO api_tokens (user_id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
-        (user_id, name, hash_token(token), time.time()),
+        "INSERT INTO api_tokens (user_id, name, token_hash, created_at, expires_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (user_id, name, hash_token(token), now, None if expires_in is None else now + expires_in),
     )
     return token
+
+
+async def reset_password(db: Database, user_id: int, password: str) -> None:
+    """A password set for the user by someone else (a site admin): every session and API
+    token they had ends with it, as whoever asked for the reset may fear they leaked."""
+    await set_password(db, user_id, password)
+    async with db.transaction() as conn:
+        await conn.execute("DELETE FROM api_tokens WHERE user_id = ?", (user_id,))
+        await conn.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
 
 
 async def revoke_token(db: Database, user_id: int, token_id: int) -> bool:
@@ -253,8 +340,41 @@ class RateLimiter:
         hits.append(now)
         return True
 
+    def full(self, key: str) -> bool:
+        """Whether the next attempt for ``key`` would be refused (it is not counted)."""
+        now = time.monotonic()
+        return sum(1 for t in self.hits.get(key, []) if now - t < self.window) >= self.limit
+
     def reset(self, key: str) -> None:
         self.hits.pop(key, None)
+
+
+class SignInThrottle:
+    """How often password sign-ins may be tried, such that a stranger cannot lock a user
+    out: at most ``per_user`` attempts per username from one address, and ``per_address``
+    in all from one address, within ``window`` seconds. Guessing one user's password from
+    one address stops soon; guessing from many addresses stops each of them soon; and
+    attempts from elsewhere never stop the user signing in from their own address."""
+
+    def __init__(self, per_user: int = 10, per_address: int = 50, window: float = 300) -> None:
+        self.pairs = RateLimiter(per_user, window)
+        self.addresses = RateLimiter(per_address, window)
+
+    def allow(self, username: str, address: str) -> bool:
+        """Whether this attempt may go ahead; it is counted when it may."""
+        pair = self._pair(username, address)
+        if self.pairs.full(pair) or self.addresses.full(address):
+            return False
+        return self.pairs.allow(pair) and self.addresses.allow(address)
+
+    def succeeded(self, username: str, address: str) -> None:
+        """A right password forgets that user's failed attempts from that address."""
+        self.pairs.reset(self._pair(username, address))
+
+    @staticmethod
+    def _pair(username: str, address: str) -> str:
+        # a fixed-size key, however long a username is sent
+        return f"{address} {hashlib.sha256(username.lower().encode()).hexdigest()}"
 
 
 # -- GitHub ---------------------------------------------------------------------------
@@ -262,6 +382,10 @@ class RateLimiter:
 
 class GitHubError(Exception):
     """Signing in with GitHub, or asking it something, went wrong; the message says how."""
+
+
+class NotAMember(GitHubError):
+    """GitHub says the user is not a member of an org (or will not say they are)."""
 
 
 @dataclass
@@ -276,7 +400,6 @@ class GitHub:
     """The OAuth web flow and the few API calls the site needs, against github.com or a
     GitHub Enterprise server (``github.base_url`` / ``github.api_url``)."""
 
-    SCOPE = "user:email"
     TIMEOUT = 15.0
     MAX_REPO_PAGES = 10
 
@@ -285,12 +408,18 @@ class GitHub:
         self.base_url = settings.base_url.rstrip("/")
         self.api_url = settings.api_url.rstrip("/")
 
+    @property
+    def scope(self) -> str:
+        """What the site asks to read: email addresses, and org memberships when it lets
+        members of allowed orgs in (private memberships are hidden without read:org)."""
+        return "user:email read:org" if self.settings.allowed_orgs else "user:email"
+
     def authorize_url(self, redirect_uri: str, state: str) -> str:
         query = urllib.parse.urlencode(
             {
                 "client_id": self.settings.client_id,
                 "redirect_uri": redirect_uri,
-                "scope": self.SCOPE,
+                "scope": self.scope,
                 "state": state,
                 "allow_signup": "false",
             }
@@ -336,6 +465,19 @@ class GitHub:
         primary = [e for e in verified if e.get("primary")]
         return (primary or verified or [{}])[0].get("email")
 
+    async def allowed_org(self, token: str) -> str | None:
+        """The first of ``github.allowed_orgs`` the token's user is an active member of."""
+        async with httpx.AsyncClient(timeout=self.TIMEOUT) as client:
+            for org in self.settings.allowed_orgs:
+                url = f"{self.api_url}/user/memberships/orgs/{urllib.parse.quote(org, safe='')}"
+                try:
+                    response = await self._send(client, "GET", url, token=token)
+                except NotAMember:
+                    continue
+                if response.json().get("state") == "active":
+                    return org
+        return None
+
     async def repos(self, token: str) -> list[dict[str, Any]]:
         """The repositories the user can read, most recently pushed first."""
         url: str | None = f"{self.api_url}/user/repos?per_page=100&sort=pushed"
@@ -377,6 +519,8 @@ class GitHub:
             raise GitHubError(f"cannot reach GitHub at {url}: {e}") from None
         if response.status_code == 401:
             raise GitHubError("GitHub no longer accepts the sign-in; sign in with GitHub again")
+        if response.status_code in (403, 404) and "/user/memberships/orgs/" in url:
+            raise NotAMember(url)  # not a member, or the org keeps this app out
         if response.status_code >= 400:
             raise GitHubError(f"GitHub answered {response.status_code} for {url}")
         return response
@@ -400,9 +544,16 @@ class Sealer:
             return None
 
 
-async def user_for_github(db: Database, account: GitHubUser, signed_in: User | None) -> int:
+async def user_for_github(
+    db: Database,
+    account: GitHubUser,
+    signed_in: User | None,
+    may_join: Callable[[], Awaitable[bool]],
+) -> int:
     """The site's user for a GitHub account: the linked one, the signed-in user (who is
-    linking their account), or a new user named after the GitHub login."""
+    linking their account), the user an admin added for the login, or, when ``may_join``
+    says the account may have one (it is in an allowed org), a new user named after it.
+    Anyone else is refused, and told to ask a site admin."""
     linked = await db.fetchone("SELECT id, is_active FROM users WHERE github_id = ?", (account.id,))
     if linked is not None:
         if not linked["is_active"]:
@@ -420,6 +571,12 @@ async def user_for_github(db: Database, account: GitHubUser, signed_in: User | N
     if added is not None:
         await db.execute("UPDATE users SET github_id = ? WHERE id = ?", (account.id, added["id"]))
         return added["id"]
+    if not await may_join():
+        raise NotAllowed(
+            f"there is no account on this site for the GitHub user {account.login}. "
+            f"Ask a site admin to add {account.login} (on the admin's users page, or with "
+            f"jobsite user add {account.login} --github), then sign in with GitHub again"
+        )
     try:
         return await create_user(
             db,

@@ -60,10 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     user = commands.add_parser("user", help="manage users").add_subparsers(
         dest="user_command", required=True, metavar="SUBCOMMAND"
     )
-    add = user.add_parser("add", help="add a local user")
+    add = user.add_parser("add", help="add a user")
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="make the user a site admin")
     add.add_argument("--password", help="default: a random password, printed once")
+    add.add_argument(
+        "--github",
+        action="store_true",
+        help="the user signs in with GitHub: NAME is their GitHub login, and they have no password",
+    )
     add.add_argument("--email")
 
     token = commands.add_parser("token", help="manage API tokens").add_subparsers(
@@ -72,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     create = token.add_parser("create", help="print a new API token for a user")
     create.add_argument("name", help="the user's username")
     create.add_argument("--label", default="cli", help="a name for the token")
+    create.add_argument(
+        "--expires",
+        metavar="DAYS",
+        type=int,
+        help="the token stops working after DAYS days (default: when revoked)",
+    )
 
     backup_parser = commands.add_parser(
         "backup", help="copy the database, consistently, while the site runs"
@@ -239,7 +250,10 @@ def check_project(args: argparse.Namespace) -> int:
 
 def user_add(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    password = args.password or secrets.token_urlsafe(12)
+    if args.github and args.password:
+        print("jobsite: a user who signs in with GitHub has no password", file=sys.stderr)
+        return 2
+    password = None if args.github else args.password or secrets.token_urlsafe(12)
 
     async def add(db: Database) -> int:
         try:
@@ -249,7 +263,9 @@ def user_add(args: argparse.Namespace) -> int:
             return 1
         role = "admin" if args.admin else "user"
         print(f"Added {role} {args.name}.")
-        if not args.password:
+        if args.github:
+            print(f"They sign in with GitHub as {args.name}.")
+        elif not args.password:
             print(f"Password (shown only now): {password}")
         return 0
 
@@ -264,7 +280,11 @@ def token_create(args: argparse.Namespace) -> int:
         if user_id is None:
             print(f"jobsite: there is no user {args.name!r}", file=sys.stderr)
             return 1
-        print(await auth.create_token(db, user_id, args.label))
+        if args.expires is not None and args.expires < 1:
+            print("jobsite: --expires needs a number of days, at least 1", file=sys.stderr)
+            return 2
+        lifetime = None if args.expires is None else args.expires * 86400.0
+        print(await auth.create_token(db, user_id, args.label, lifetime))
         return 0
 
     return asyncio.run(_with_db(settings, create))

@@ -56,6 +56,9 @@ class GitHub:
     client_secret: str | None = None
     base_url: str = "https://github.com"
     api_url: str = "https://api.github.com"
+    # members of these GitHub organisations get an account on their first sign-in; anyone
+    # else signs in with GitHub only once a site admin has added their login
+    allowed_orgs: list[str] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
@@ -121,6 +124,11 @@ class Settings:
     local_accounts: bool = True
     public_status: bool = True
     session_max_age: Duration = Duration(14 * 86400)
+    project_registration: str = "users"  # who may register projects: "users" or "admins"
+    # a request body larger than this is refused (413) before it is read; one that takes
+    # longer than request_body_timeout to arrive is refused too (408)
+    max_request_size: Size = Size(1024**2)
+    request_body_timeout: Duration = Duration(30)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -131,6 +139,10 @@ class Settings:
         self.base_url = self.base_url.rstrip("/")
         if self.max_workers < 1:
             raise SettingsError("max_workers: must be at least 1")
+        if self.project_registration not in ("users", "admins"):
+            raise SettingsError(
+                f"project_registration: must be users or admins, not {self.project_registration!r}"
+            )
 
     @property
     def data(self) -> DataDir:

@@ -24,7 +24,43 @@ BUSY_TIMEOUT_MS = 10_000
 
 # SQL that takes a database from version N to N+1, keyed by N. schema.sql always holds the
 # whole current schema; a migration is added here whenever schema.sql changes.
-MIGRATIONS: dict[int, str] = {}
+# hostile-http: jobs that failed before log lines had a field of their own carry them in
+# their public status message ("...(exit code 3): line | line"): they move to log_excerpt
+SPLIT_LOG_LINES = """
+UPDATE jobs SET
+    log_excerpt = replace(substr(status_message, instr(status_message, '): ') + 3), ' | ',
+        char(10)),
+    status_message = substr(status_message, 1, instr(status_message, '): '))
+WHERE status_code = 'nonzero_exit'
+    AND status_message LIKE 'Job exited with an error (exit code %): %';
+UPDATE job_events SET status_message = substr(status_message, 1, instr(status_message, '): '))
+WHERE status_code = 'nonzero_exit'
+    AND status_message LIKE 'Job exited with an error (exit code %): %';
+"""
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+-- hostile-http: server-side sessions, expiring API tokens, a failed job's log excerpt
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at REAL NOT NULL
+);
+CREATE INDEX sessions_user ON sessions (user_id);
+CREATE INDEX sessions_created ON sessions (created_at);
+ALTER TABLE api_tokens ADD COLUMN expires_at REAL;
+ALTER TABLE jobs ADD COLUMN log_excerpt TEXT NOT NULL DEFAULT '';
+"""
+    + SPLIT_LOG_LINES
+    + """
+-- end hostile-http
+-- researcher-jobs: each job's sampled CPU and memory use
+ALTER TABLE jobs ADD COLUMN cpu_mean REAL;
+ALTER TABLE jobs ADD COLUMN cpu_peak REAL;
+ALTER TABLE jobs ADD COLUMN memory_mean_mb REAL;
+ALTER TABLE jobs ADD COLUMN memory_peak_mb REAL;
+""",
+}
 
 
 class DatabaseVersionError(Exception):

@@ -57,8 +57,33 @@ class JobSpec:
 
 
 @dataclass
+class ResourceUse:
+    """A job's CPU and memory use, sampled while it ran: CPU in percent of one core (None
+    when the job ended before its CPU use could be measured), memory in MB."""
+
+    cpu_mean: float | None
+    cpu_peak: float | None
+    memory_mean_mb: float
+    memory_peak_mb: float
+    samples: int
+
+    def as_json(self) -> dict[str, float | None]:
+        figures = {
+            "cpu_mean": self.cpu_mean,
+            "cpu_peak": self.cpu_peak,
+            "memory_mean_mb": self.memory_mean_mb,
+            "memory_peak_mb": self.memory_peak_mb,
+        }
+        return {key: None if value is None else round(value, 1) for key, value in figures.items()}
+
+
+@dataclass
 class ContainerExit:
-    """How a job's run ended (its container's exit, on Docker)."""
+    """How a job's run ended (its container's exit, on Docker).
+
+    ``cancelled`` is set by the scheduler when a user stopped the job: ``collect`` then
+    only writes its log.
+    """
 
     exit_code: int
     oom_killed: bool
@@ -66,6 +91,9 @@ class ContainerExit:
     started_at: float
     finished_at: float
     image_id: str | None = None
+    image_digest: str | None = None  # the registry digest of the image, when it has one
+    usage: ResourceUse | None = None
+    cancelled: bool = False
 
 
 @dataclass
@@ -74,10 +102,12 @@ class Outcome:
 
     state: str
     status_code: str
-    status_message: str
+    status_message: str  # public: anyone who may see the job reads it
     exit_code: int | None = None
     image_id: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)  # path -> level
+    log_excerpt: str = ""  # the last lines of a failed job's log: for those who may read it
+    not_shown: dict[str, str] = field(default_factory=dict)  # path -> why viewers cannot see it
 
 
 class Executor(Protocol):
@@ -116,11 +146,17 @@ class Executor(Protocol):
         ...
 
     async def collect(self, job: JobSpec, exit: ContainerExit) -> Outcome:
-        """Steps 4 and 5: how the job ended; on success its outputs go into the workspace."""
+        """Steps 4 and 5: how the job ended; on success its outputs go into the workspace.
+        Every job that ran gets its log, failed and cancelled ones too."""
         ...
 
     async def cancel(self, job_id: str) -> None:
         """Stop a job's run; a job that is not running is fine."""
+        ...
+
+    def usage(self, job_id: str) -> ResourceUse | None:
+        """The CPU and memory use sampled so far of a job that is running, or None (not
+        running, or not sampled yet). ``wait`` gives the whole run's in ``ContainerExit``."""
         ...
 
     async def adopt(self) -> dict[str, str]:

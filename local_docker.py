@@ -31,14 +31,30 @@ import requests.exceptions
 
 from .config import Settings, SettingsError
 from .datadir import MANIFEST, action_log_name
-from .executor import ContainerExit, DockerUnavailable, JobError, JobSpec, Outcome
-from .outputs import Manifest, OutputError, check_visibility, match_outputs
+from .executor import (
+    ContainerExit,
+    DockerUnavailable,
+    JobError,
+    JobSpec,
+    Outcome,
+    ResourceUse,
+)
+from .outputs import (
+    Manifest,
+    OutputError,
+    action_definition,
+    check_visibility,
+    input_jobs,
+    match_outputs,
+)
 from .repos import RepoError, Repos
 from .states import State, StatusCode
 from .units import human_size, iso, precise_duration
 
 CONTAINER_WORKDIR = "/workspace"
 LOG_DRAIN_TIMEOUT = 30.0  # seconds to wait for the end of a log after its container exited
+STATS_INTERVAL = 1.0  # seconds between two samples of a running job's CPU and memory use
+MIN_CPU_INTERVAL = 0.2  # seconds: CPU use over less time than this is mostly noise
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +75,9 @@ class LocalDockerExecutor:
         self._created: dict[str, str] = {}  # job id -> container made by create(), not started
         # job id -> when its inputs were in place: files newer than that are the job's own
         self._prepared_at: dict[str, float] = {}
+        # job id -> the jobs whose outputs it was given, by action (kept in the manifest)
+        self._inputs: dict[str, dict[str, str]] = {}
+        self._usage: dict[str, UsageSamples] = {}  # running job id -> its samples so far
 
     # -- paths -----------------------------------------------------------------
 
@@ -175,6 +194,8 @@ class LocalDockerExecutor:
                 assert self.repos is not None, "a job from a repo needs Repos"
                 await self.repos.export_tree(job.repo, job.sha, workdir)
             await asyncio.to_thread(self._copy_inputs, job, workdir)
+            manifest = await asyncio.to_thread(Manifest.load, self._workspace(job))
+            self._inputs[job.id] = input_jobs(manifest, job.needs)
             if os.getuid() == 0:
                 uid, gid = (int(x) for x in self.settings.job_user.split(":"))
                 await asyncio.to_thread(_chown_tree, workdir, uid, gid)
@@ -305,6 +326,10 @@ class LocalDockerExecutor:
         log_done = _in_daemon_thread(self._follow_log, job.id)
         # a log that could not be followed is no reason to fail the job: what arrived is kept
         log_done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        usage, stop_sampling = UsageSamples(), threading.Event()
+        self._usage[job.id] = usage
+        sampling = _in_daemon_thread(self._sample_usage, job.id, usage, stop_sampling)
+        sampling.add_done_callback(lambda f: f.cancelled() or f.exception())
         remaining = max(0.0, started_at + self.time_limit(job) - time.time())
         timed_out = False
         try:
@@ -313,9 +338,31 @@ class LocalDockerExecutor:
             timed_out = True
             await asyncio.to_thread(self._kill, job.id)
             await _in_daemon_thread(self._wait, job.id)
+        finally:
+            stop_sampling.set()
+            self._usage.pop(job.id, None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(log_done), LOG_DRAIN_TIMEOUT)
-        return await asyncio.to_thread(self._inspect, job.id, timed_out)
+        exit = await asyncio.to_thread(self._inspect, job, timed_out)
+        exit.usage = usage.result()
+        return exit
+
+    def usage(self, job_id: str) -> ResourceUse | None:
+        samples = self._usage.get(job_id)
+        return samples.result() if samples is not None else None
+
+    def _sample_usage(self, job_id: str, usage: UsageSamples, stop: threading.Event) -> None:
+        """Sample the container's CPU and memory use until ``stop`` is set or it is gone.
+        Sampling is best effort: a sample Docker cannot give is skipped, never a failure."""
+        name = self.container_name(job_id)
+        try:
+            state = self._api().inspect_container(name)["State"]
+            usage.started_at = _docker_time(state.get("StartedAt"))
+            while not stop.is_set():
+                usage.add(self._api().stats(name, stream=False, one_shot=True), time.time())
+                stop.wait(STATS_INTERVAL)
+        except (DockerUnavailable, docker.errors.DockerException, requests.RequestException):
+            return
 
     def _wait(self, job_id: str) -> None:
         with self._docker_calls():
@@ -346,9 +393,10 @@ class LocalDockerExecutor:
         """Stop a job's container; a missing container is fine."""
         await asyncio.to_thread(self._kill, job_id)
 
-    def _inspect(self, job_id: str, timed_out: bool) -> ContainerExit:
+    def _inspect(self, job: JobSpec, timed_out: bool) -> ContainerExit:
         with self._docker_calls():
-            attrs = self._api().inspect_container(self.container_name(job_id))
+            attrs = self._api().inspect_container(self.container_name(job.id))
+            digest = self._image_digest(attrs.get("Image"), job.image)
         state = attrs["State"]
         return ContainerExit(
             exit_code=state.get("ExitCode", -1),
@@ -357,7 +405,20 @@ class LocalDockerExecutor:
             started_at=_docker_time(state.get("StartedAt")),
             finished_at=_docker_time(state.get("FinishedAt")),
             image_id=attrs.get("Image"),
+            image_digest=digest,
         )
+
+    def _image_digest(self, image_id: str | None, image: str) -> str | None:
+        """The registry digest of the job's image (``name@sha256:...``), or None for an image
+        that never came from a registry (built or loaded on this machine)."""
+        if not image_id:
+            return None
+        try:
+            digests = self._api().inspect_image(image_id).get("RepoDigests") or []
+        except docker.errors.NotFound:
+            return None
+        repository = image.rpartition(":")[0] if "@" not in image else image.partition("@")[0]
+        return next((d for d in digests if d.partition("@")[0] == repository), None)
 
     def _remove_container(self, job_id: str) -> None:
         with self._docker_calls():
@@ -396,10 +457,28 @@ class LocalDockerExecutor:
                 )
         if outcome.state != State.SUCCEEDED:
             summary = _summary(job, exit, outcome)
-            await asyncio.to_thread(_append, self.data.log(job.id), summary)
+            with contextlib.suppress(OSError):  # a full disk: the job's failure says so already
+                await asyncio.to_thread(self._keep_failed_log, job, log_text, summary)
+        self._inputs.pop(job.id, None)
         return outcome
 
+    def _keep_failed_log(self, job: JobSpec, log_text: str, summary: str) -> None:
+        """A failed job changes no output, but its log goes where a researcher looks next:
+        ``metadata/<action>.log``, as for a job that succeeded."""
+        _append(self.data.log(job.id), summary)
+        ws = self._workspace(job)
+        with self._workspace_lock(ws):
+            target = ws / action_log_name(job.action)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{job.id}.tmp")
+            tmp.write_text(log_text + summary)
+            os.replace(tmp, target)
+
     def _judge(self, job: JobSpec, exit: ContainerExit, log_text: str) -> Outcome:
+        if exit.cancelled:
+            return Outcome(
+                State.FAILED, StatusCode.CANCELLED_BY_USER, StatusCode.CANCELLED_BY_USER.message
+            )
         if exit.timed_out:
             return Outcome(
                 State.FAILED,
@@ -408,19 +487,22 @@ class LocalDockerExecutor:
                 "and was stopped",
             )
         if exit.exit_code == 137 and exit.oom_killed:
+            if exit.usage is None:
+                peak = "its use was not sampled: it ran out within a second"
+            else:
+                peak = f"peak sampled use {human_size(exit.usage.memory_peak_mb * 1e6)}"
             return Outcome(
                 State.FAILED,
                 StatusCode.OUT_OF_MEMORY,
-                f"Job ran out of memory (limit {human_size(self.settings.job_memory)}) "
-                "and was stopped",
+                f"Job ran out of memory (limit {human_size(self.settings.job_memory)}; {peak}) "
+                "and was stopped. Use less memory, or ask an admin for a higher job_memory.",
             )
         if exit.exit_code != 0:
             lines = [line for line in log_text.splitlines() if line.strip()][-3:]
-            tail = [_strip_timestamp(line) for line in lines]
+            # the log's lines stay out of the public status message (DESIGN section 10)
+            tail = "\n".join(_strip_timestamp(line) for line in lines)
             message = f"Job exited with an error (exit code {exit.exit_code})"
-            if tail:
-                message += ": " + " | ".join(tail)
-            return Outcome(State.FAILED, StatusCode.NONZERO_EXIT, message[:1000])
+            return Outcome(State.FAILED, StatusCode.NONZERO_EXIT, message, log_excerpt=tail[-1000:])
         return Outcome(State.SUCCEEDED, StatusCode.SUCCEEDED, StatusCode.SUCCEEDED.message)
 
     def _collect_outputs(
@@ -445,6 +527,8 @@ class LocalDockerExecutor:
                 for rel, level in matched.items():
                     tmp, size, digest = staging.copy_in(workdir, rel)
                     visible, reason = check_visibility(tmp, level, suffix=Path(rel).suffix)
+                    if not visible:
+                        outcome.not_shown[rel] = reason or "not shown"
                     files[rel] = {
                         "action": job.action,
                         "job": job.id,
@@ -458,7 +542,14 @@ class LocalDockerExecutor:
                 outcome.outputs = dict(matched)
                 summary = _summary(job, exit, outcome)
                 staging.write(action_log_name(job.action), (log_text + summary).encode())
-                manifest.record_action(job.action, job.id, job.sha, files)
+                manifest.record_action(
+                    job.action,
+                    job.id,
+                    job.sha,
+                    files,
+                    definition=action_definition(job.run_command, job.args, job.needs),
+                    inputs=self._inputs.get(job.id) or input_jobs(manifest, job.needs),
+                )
                 staging.write(MANIFEST, manifest.dumps().encode())
             except BaseException:
                 staging.discard()
@@ -481,6 +572,7 @@ class LocalDockerExecutor:
         def clean() -> None:
             self._created.pop(job_id, None)
             self._prepared_at.pop(job_id, None)
+            self._inputs.pop(job_id, None)
             try:
                 self._remove_container(job_id)
             except DockerUnavailable:
@@ -568,6 +660,49 @@ class CappedLog:
             )
         self.file.write(self.tail)
         self.file.close()
+
+
+class UsageSamples:
+    """CPU and memory samples of one container, from Docker's stats, summed as they come.
+
+    CPU use is the change in the container's CPU time between two samples over the time
+    between them (the first sample is measured from the container's start), in percent of
+    one core; memory is what Docker reports less the reclaimable page cache, as
+    ``docker stats`` shows it.
+    """
+
+    def __init__(self) -> None:
+        self.started_at: float | None = None
+        self.cpus: list[float] = []
+        self.memory: list[float] = []  # MB
+        self._last: tuple[float, int] | None = None  # (at, CPU nanoseconds)
+
+    def add(self, stats: dict[str, Any], at: float) -> None:
+        cpu_ns = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
+        memory = stats.get("memory_stats", {})
+        if not memory or not cpu_ns:  # the container has stopped
+            return
+        cache = memory.get("stats", {})
+        used = memory.get("usage", 0) - cache.get(
+            "total_inactive_file", cache.get("inactive_file", 0)
+        )
+        self.memory.append(max(0, used) / 1e6)
+        last = self._last or ((self.started_at, 0) if self.started_at else None)
+        if last is not None and at - last[0] >= MIN_CPU_INTERVAL:
+            self.cpus.append(max(0.0, (cpu_ns - last[1]) / ((at - last[0]) * 1e9) * 100))
+        self._last = (at, cpu_ns)
+
+    def result(self) -> ResourceUse | None:
+        if not self.memory:
+            return None
+        cpus = self.cpus
+        return ResourceUse(
+            cpu_mean=sum(cpus) / len(cpus) if cpus else None,
+            cpu_peak=max(cpus) if cpus else None,
+            memory_mean_mb=sum(self.memory) / len(self.memory),
+            memory_peak_mb=max(self.memory),
+            samples=len(self.memory),
+        )
 
 
 class _Staging:
@@ -689,15 +824,29 @@ def _summary(job: JobSpec, exit: ContainerExit, outcome: Outcome) -> str:
         f"commit:          {job.sha}",
         f"run:             {job.run_command}",
         f"image:           {job.image} ({exit.image_id or 'unknown id'})",
+        f"image digest:    {exit.image_digest or 'none (not pulled from a registry)'}",
         f"exit code:       {exit.exit_code}",
         f"started:         {iso(exit.started_at)}",
         f"finished:        {iso(exit.finished_at)}",
         f"duration:        {precise_duration(max(0.0, exit.finished_at - exit.started_at))}",
         f"status:          {outcome.status_code}: {outcome.status_message}",
     ]
+    if exit.usage is not None:
+        use = exit.usage
+        cpu = "not measured (the job was too short)"
+        if use.cpu_mean is not None:
+            cpu = f"mean {use.cpu_mean:.1f}%, peak {use.cpu_peak:.1f}% of one core"
+        lines.append(f"CPU:             {cpu}")
+        lines.append(
+            f"memory:          mean {use.memory_mean_mb:.1f} MB, peak {use.memory_peak_mb:.1f} MB "
+            f"({use.samples} sample{'s' * (use.samples != 1)})"
+        )
     if outcome.outputs:
         lines.append("outputs:")
         lines.extend(f"  {path}  ({level})" for path, level in sorted(outcome.outputs.items()))
+    if outcome.not_shown:
+        lines.append("not shown to output viewers:")
+        lines.extend(f"  {path}: {why}" for path, why in sorted(outcome.not_shown.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ from .datadir import action_log_name
 from .executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
 from .outputs import Manifest, pattern_matches
 from .states import State, StatusCode
+from .submit import out_of_date
 
 Print = Callable[[str], None]
 
@@ -119,6 +120,8 @@ class LocalRun:
         images = self._images(project, plan)
         if images is None:
             return 1
+        for action, why in plan.stale.items():
+            self.out(f"{action}: its outputs are out of date ({why}); running it again")
         if not await self.executor.available():
             self.out(
                 "Error: Docker is not running, or this user may not use it. Start Docker "
@@ -133,11 +136,13 @@ class LocalRun:
         """What the site would read from its database: each action's last successful job."""
         manifest = Manifest.load(self.project_dir)
         recorded = manifest.data["actions"]
+        stale = out_of_date(manifest, project)
         return {
             name: pipeline.ActionState(
                 State.SUCCEEDED,
                 recorded[name]["job"],
                 manifest.outputs_exist(self.project_dir, name),
+                stale.get(name),
             )
             for name in project.actions
             if name in recorded
@@ -268,10 +273,13 @@ class LocalRun:
         logged = outcome.state == State.SUCCEEDED
         if not logged:
             logged = await asyncio.to_thread(self._keep_failed_log, job)
+        message = outcome.status_message
+        if outcome.log_excerpt:  # a run of one's own checkout: its log is one's own to read
+            message += ": " + " | ".join(outcome.log_excerpt.splitlines())
         result = Result(
             job.action,
             outcome.status_code,
-            outcome.status_message,
+            message,
             outcome.outputs,
             time.monotonic() - began,
             action_log_name(job.action) if logged else None,

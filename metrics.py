@@ -43,6 +43,9 @@ from .states import State, StatusCode
 # seconds; jobs run from seconds to a day, and wait from none to hours
 DURATION_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 WAIT_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 24 * 3600)
+# a job's sampled peak memory (MB) and mean CPU (percent of one core)
+MEMORY_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+CPU_BUCKETS = (5, 10, 25, 50, 75, 100, 150, 200, 400, 800)
 DOCKER_CHECK_TIMEOUT = 5.0
 # seconds after which a finished job's row is surely written: completed_at is taken when the
 # outputs land, and written after the container and temporary dir are removed
@@ -101,6 +104,8 @@ class Tally:
         self.queued = 0  # pending jobs whose dependencies are met
         self.duration = Histogram(DURATION_BUCKETS)
         self.wait = Histogram(WAIT_BUCKETS)
+        self.memory_peak = Histogram(MEMORY_BUCKETS)
+        self.cpu_mean = Histogram(CPU_BUCKETS)
 
     def add(self, job: Row) -> None:
         self.by_state[job["state"]] += 1
@@ -115,6 +120,10 @@ class Tally:
             self.wait.add(max(0.0, job["started_at"] - job["created_at"]))
             if job["completed_at"] is not None:
                 self.duration.add(max(0.0, job["completed_at"] - job["started_at"]))
+        if job["completed_at"] is not None and job["memory_peak_mb"] is not None:
+            self.memory_peak.add(job["memory_peak_mb"])
+        if job["completed_at"] is not None and job["cpu_mean"] is not None:
+            self.cpu_mean.add(job["cpu_mean"])
 
     @classmethod
     async def of_finished(cls, db: Database, until: float) -> Tally:
@@ -129,11 +138,16 @@ class Tally:
         ):
             tally.by_state[row["state"]] += row["n"]
             tally.by_status_code[row["status_code"]] += row["n"]
-        for histogram, value in ((tally.duration, DURATION), (tally.wait, WAIT)):
+        for histogram, value, known in (
+            (tally.duration, DURATION, "started_at"),
+            (tally.wait, WAIT, "started_at"),
+            (tally.memory_peak, "memory_peak_mb", "memory_peak_mb"),
+            (tally.cpu_mean, "cpu_mean", "cpu_mean"),
+        ):
             for row in await db.fetchall(
                 f"SELECT {histogram.bucket_sql(value)} AS bucket, count(*) AS n, "
                 f"total({value}) AS total FROM jobs "
-                "WHERE +completed_at <= ? AND started_at IS NOT NULL GROUP BY bucket",
+                f"WHERE +completed_at <= ? AND {known} IS NOT NULL GROUP BY bucket",
                 (until,),
             ):
                 histogram.counts[row["bucket"]] += row["n"]
@@ -141,7 +155,10 @@ class Tally:
         return tally
 
 
-JOB_FIGURES = "SELECT state, status_code, created_at, started_at, completed_at FROM jobs"
+JOB_FIGURES = (
+    "SELECT state, status_code, created_at, started_at, completed_at, memory_peak_mb, cpu_mean "
+    "FROM jobs"
+)
 
 
 class SiteMetrics(Collector):
@@ -233,6 +250,14 @@ class SiteMetrics(Collector):
             ),
             tally.wait.family(
                 "jobsite_job_wait_seconds", "Time from a job's creation to its start"
+            ),
+            tally.memory_peak.family(
+                "jobsite_job_memory_peak_megabytes",
+                "Peak memory use of finished jobs, sampled from Docker while they ran",
+            ),
+            tally.cpu_mean.family(
+                "jobsite_job_cpu_mean_percent",
+                "Mean CPU use of finished jobs in percent of one core, sampled while they ran",
             ),
             GaugeMetricFamily("jobsite_outbox_unsent", "Emails not (yet) sent", value=unsent),
             GaugeMetricFamily(

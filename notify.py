@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
+from .auth import load_user
 from .config import Settings
 from .db import Database, Row
 from .states import State, StatusCode
@@ -42,9 +43,10 @@ def status_word(state: str, status_code: str) -> str:
     return "Failed"
 
 
-def job_email(job: Row, job_url: str) -> tuple[str, str]:
+def job_email(job: Row, job_url: str, show_log: bool = False) -> tuple[str, str]:
     """Subject and body of the email about a finished ``job`` (a row with its workspace),
-    linking to its page at ``job_url``."""
+    linking to its page at ``job_url``; with ``show_log`` (the requester may read the
+    job's log), a failed job's last log lines too."""
     word = status_word(job["state"], job["status_code"])
     subject = f"{word}: [{job['workspace']}] {job['action']}"
     if job["started_at"] is None:
@@ -62,7 +64,12 @@ def job_email(job: Row, job_url: str) -> tuple[str, str]:
         f"Elapsed:    {took}\n"
         f"Finished:   {finished}\n"
         "\n"
-        "The job's timeline and log:\n"
+        + (
+            f"The last lines of its log:\n{job['log_excerpt']}\n\n"
+            if show_log and job["log_excerpt"]
+            else ""
+        )
+        + "The job's timeline and log:\n"
         f"{job_url}\n"
         "\n"
         f"You get this email because job request {job['job_request_id']} was submitted with "
@@ -105,7 +112,8 @@ class Notifier:
         """The scheduler's hook: queue the email about ``job_id`` if its requester asked."""
         job = await self.db.fetchone(
             "SELECT j.id, j.job_request_id, j.action, j.state, j.status_code, j.status_message, "
-            "j.started_at, j.completed_at, w.name AS workspace, r.notify, u.username, u.email "
+            "j.log_excerpt, j.started_at, j.completed_at, w.name AS workspace, w.project_id, "
+            "r.notify, r.created_by, u.username, u.email "
             "FROM jobs j JOIN job_requests r ON r.id = j.job_request_id "
             "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = r.created_by "
             "WHERE j.id = ?",
@@ -121,7 +129,9 @@ class Notifier:
                 job["username"],
             )
             return
-        subject, body = job_email(job, self.job_url(job_id))
+        requester = await load_user(self.db, job["created_by"])
+        show_log = bool(requester and requester.can_view_outputs(job["project_id"]))
+        subject, body = job_email(job, self.job_url(job_id), show_log)
         now = time.time()
         await self.db.execute(
             "INSERT INTO outbox (job_id, to_addr, subject, body, next_attempt_at, created_at) "

@@ -103,8 +103,26 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "started_at": MAYBE_TIME,
             "completed_at": MAYBE_TIME,
             "exit_code": {"type": ["integer", "null"]},
+            "metrics": obj(
+                {
+                    name: {"type": ["number", "null"], "description": what}
+                    for name, what in (
+                        ("cpu_mean", "mean CPU use while it ran, in percent of one core"),
+                        ("cpu_peak", "peak CPU use, in percent of one core"),
+                        ("memory_mean_mb", "mean memory use, in MB"),
+                        ("memory_peak_mb", "peak memory use, in MB"),
+                    )
+                }
+            ),
         },
-        {"workspace": STRING},
+        {
+            "workspace": STRING,
+            "log_excerpt": {
+                **STRING,
+                "description": "a failed job's last log lines; only to those who may read "
+                "its log (output viewers)",
+            },
+        },
     ),
     "JobRequest": obj(
         {
@@ -124,8 +142,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Cancel": obj({}, {"actions": {**NAMES, "description": "default: every job"}}),
     "Manifest": obj(
         {
-            "actions": {"type": "object", "description": "action -> its latest successful run"},
-            "files": {"type": "object", "description": "path -> level, size, sha256, visible"},
+            "actions": {
+                "type": "object",
+                "description": "action -> its latest successful run: job, commit, files, "
+                "definition (run, args, needs), inputs (action -> job read), out_of_date",
+            },
+            "files": {
+                "type": "object",
+                "description": "path -> action, job, level, size, sha256, visible, out_of_date "
+                "(why the file is out of date, or null)",
+            },
+            "sha": {**MAYBE_STRING, "description": "the branch head out_of_date is judged by"},
+            "project_yaml_error": {
+                **MAYBE_STRING,
+                "description": "why project.yaml could not be read (then nothing is out of date)",
+            },
         }
     ),
     "Queue": obj(

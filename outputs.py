@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
 import os
 import stat
 import time
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,13 @@ VIEWABLE_TYPES = {
 }  # fmt: skip
 MAX_VIEWABLE_SIZE = 16 * 1024**2
 MAX_CSV_ROWS = 5000
+PREVIEW_ROWS = 1000  # rows of a CSV shown on its preview page
+# how each viewable type is previewed: as a table, an image, a sandboxed frame, or text
+PREVIEWS = {
+    ".csv": "table", ".tsv": "table", ".png": "image", ".jpg": "image", ".jpeg": "image",
+    ".svg": "image", ".html": "frame", ".txt": "text", ".log": "text", ".md": "text",
+    ".json": "text",
+}  # fmt: skip
 
 
 class OutputError(Exception):
@@ -195,7 +204,17 @@ class Manifest:
             return False
         return all((workspace_dir / rel).is_file() for rel in self.action_files(action))
 
-    def record_action(self, action: str, job_id: str, sha: str, files: dict[str, Any]) -> None:
+    def record_action(
+        self,
+        action: str,
+        job_id: str,
+        sha: str,
+        files: dict[str, Any],
+        definition: dict[str, Any] | None = None,
+        inputs: dict[str, str] | None = None,
+    ) -> None:
+        """The action's latest successful job and its files. ``definition`` is what the
+        job ran (``action_definition``), ``inputs`` the jobs whose outputs it was given."""
         for rel in self.action_files(action):
             self.data["files"].pop(rel, None)
         self.data["actions"][action] = {
@@ -203,11 +222,141 @@ class Manifest:
             "commit": sha,
             "completed_at": iso(time.time()),
             "files": sorted(files),
+            "definition": definition,
+            "inputs": inputs or {},
         }
         self.data["files"].update(files)
 
+    def job_of(self, action: str) -> str | None:
+        return self.data["actions"].get(action, {}).get("job")
+
+    def out_of_date(self, current: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+        """Why each recorded action's outputs are out of date, or None when they are not.
+
+        ``current`` is each action's definition in project.yaml now (``action_definition``).
+        Outputs are out of date when their action changed, when an action whose outputs it
+        read has run again since, or when those outputs are themselves out of date.
+        """
+        found: dict[str, str | None] = {}
+
+        def why(action: str, seen: frozenset[str]) -> str | None:
+            if action in found:
+                return found[action]
+            entry = self.data["actions"][action]
+            reason = _changed(action, entry.get("definition"), current.get(action))
+            inputs = entry.get("inputs") if isinstance(entry.get("inputs"), dict) else {}
+            for need, job in sorted(inputs.items()):
+                if reason is not None:
+                    break
+                now = self.job_of(need)
+                if now != job:
+                    reason = (
+                        f"{need}, whose outputs it read, has run again since"
+                        if now
+                        else f"the outputs of {need}, which it read, are gone"
+                    )
+                elif need not in seen and why(need, seen | {need}) is not None:
+                    reason = f"the outputs of {need}, which it read, are out of date"
+            found[action] = reason
+            return reason
+
+        for action in self.data["actions"]:
+            why(action, frozenset({action}))
+        return found
+
+    def with_out_of_date(self, current: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+        """The manifest as the outputs API gives it: every action and file with its
+        ``out_of_date`` (why, or None; None throughout when ``current`` is unknown)."""
+        stale = self.out_of_date(current) if current is not None else {}
+        return {
+            "actions": {
+                name: {**entry, "out_of_date": stale.get(name)}
+                for name, entry in self.data["actions"].items()
+            },
+            "files": {
+                path: {**entry, "out_of_date": stale.get(entry.get("action"))}
+                for path, entry in self.data["files"].items()
+            },
+        }
+
     def dumps(self) -> str:
         return json.dumps(self.data, indent=2, sort_keys=True)
+
+
+def action_definition(run: str, args: Iterable[str], needs: Iterable[str]) -> dict[str, Any]:
+    """What an action runs, as its outputs remember it: its run command, its arguments (with
+    its config) and its needs."""
+    return {"run": run, "args": list(args), "needs": sorted(needs)}
+
+
+def input_jobs(manifest: Manifest, needs: Iterable[str]) -> dict[str, str]:
+    """The job whose outputs each needed action gives a job now."""
+    return {need: job for need in needs if (job := manifest.job_of(need)) is not None}
+
+
+def _changed(action: str, made: Any, now: dict[str, Any] | None) -> str | None:
+    if now is None:
+        return f"{action} is no longer an action in project.yaml"
+    if not isinstance(made, dict):  # made before outputs remembered their definition
+        return None
+    if made.get("run") != now["run"]:
+        return f"the run command of {action} has changed in project.yaml"
+    if made.get("args") != now["args"]:
+        return f"the config of {action} has changed in project.yaml"
+    if made.get("needs") != now["needs"]:
+        return f"the needs of {action} have changed in project.yaml"
+    return None
+
+
+class UnreadableOutput(Exception):
+    """An output that cannot be read as a plain file of the workspace."""
+
+
+def read_output(workspace_dir: Path, rel: str, limit: int = MAX_VIEWABLE_SIZE) -> bytes:
+    """The bytes of output ``rel``, opened one path part at a time without following a link,
+    and never more than ``limit`` of them. Raises UnreadableOutput otherwise."""
+    parts = rel.split("/")
+    if not rel or any(part in ("", ".", "..") for part in parts):
+        raise UnreadableOutput(f"{rel!r} is not a path inside the workspace")
+    flags = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(workspace_dir, os.O_RDONLY | os.O_DIRECTORY | flags)
+    except OSError as e:
+        raise UnreadableOutput(f"{rel} is not in the workspace") from e
+    try:
+        for part in parts[:-1]:
+            next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | flags, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | flags, dir_fd=fd)
+    except OSError as e:
+        raise UnreadableOutput(f"{rel} is not a plain file in the workspace") from e
+    finally:
+        os.close(fd)
+    info = os.fstat(file_fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(file_fd)
+        raise UnreadableOutput(f"{rel} is not a plain file in the workspace")
+    with open(file_fd, "rb") as f:
+        if info.st_size > limit:
+            raise UnreadableOutput(f"{rel} is larger than {limit} bytes")
+        return f.read(limit)
+
+
+def csv_preview(data: bytes, delimiter: str = ",", rows: int = PREVIEW_ROWS) -> dict[str, Any]:
+    """The header and first ``rows`` rows of a CSV file, with its total row and column count
+    (rows not counting the header)."""
+    reader = csv.reader(io.StringIO(data.decode(errors="replace"), newline=""), delimiter=delimiter)
+    header = next(reader, [])
+    shown: list[list[str]] = []
+    total = 0
+    columns = len(header)
+    for row in reader:
+        total += 1
+        columns = max(columns, len(row))
+        if total <= rows:
+            shown.append(row)
+    return {"header": header, "rows": shown, "total_rows": total, "total_columns": columns}
 
 
 def _is_ours(data: Any) -> bool:

@@ -877,6 +877,7 @@ class ActionState:
     state: str | None
     job_id: str | None = None
     outputs_exist: bool = False
+    out_of_date: str | None = None  # why its outputs are out of date, if they are
 
 
 @dataclass(frozen=True)
@@ -896,6 +897,7 @@ class Plan:
     message: str
     jobs: tuple[PlannedJob, ...]
     joined: dict[str, str]
+    stale: dict[str, str] = field(default_factory=dict)  # out-of-date needs run again: why
 
 
 _NEVER_RUN = ActionState(None)
@@ -912,8 +914,8 @@ def plan(
     A requested action always gets a new job unless its latest job is pending or running:
     then the request joins that job. A needed action is reused when its latest job is
     pending or running (the new job waits for it) or succeeded with its outputs still on
-    disk; otherwise, or always with `force_run_dependencies`, it gets a new job too.
-    `run_all` requests every action, treating each like a needed action.
+    disk and not out of date; otherwise, or always with `force_run_dependencies`, it gets a
+    new job too. `run_all` requests every action, treating each like a needed action.
     """
     if not requested_actions:
         raise UnknownActionError(
@@ -934,7 +936,10 @@ def plan(
         message = f"Scheduled {len(jobs)} job{'s' if len(jobs) != 1 else ''}: {', '.join(jobs)}"
         if joined:
             message += f"; already scheduled: {', '.join(joined)}"
-        return Plan("created", message, tuple(jobs.values()), joined)
+        if planner.stale:
+            rerun = "; ".join(f"{a} ({why})" for a, why in planner.stale.items())
+            message += f"; running again because their outputs are out of date: {rerun}"
+        return Plan("created", message, tuple(jobs.values()), joined, dict(planner.stale))
     if run_all and not joined:
         message = "All actions have already completed successfully"
     else:
@@ -952,6 +957,7 @@ class _Planner:
     force_run_dependencies: bool
     jobs: dict[str, PlannedJob] = field(default_factory=dict)
     joined: dict[str, str] = field(default_factory=dict)
+    stale: dict[str, str] = field(default_factory=dict)  # out-of-date actions run again, and why
 
     def latest(self, action: str) -> ActionState:
         return self.workspace_state.get(action, _NEVER_RUN)
@@ -968,6 +974,9 @@ class _Planner:
         if state.state in ACTIVE_STATES:
             return False
         if action in self.requested or self.force_run_dependencies:
+            return True
+        if state.state == "succeeded" and state.outputs_exist and state.out_of_date:
+            self.stale[action] = state.out_of_date
             return True
         return not (state.state == "succeeded" and state.outputs_exist)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import Settings
 from .db import Database, Row
-from .executor import DockerUnavailable, Executor, JobError, JobSpec
+from .executor import ContainerExit, DockerUnavailable, Executor, JobError, JobSpec
 from .scheduling import DependencyFailure, JobQueue, Limits, QueuedJob
 from .states import MESSAGES, State, StatusCode
 from .units import disk_space
@@ -647,12 +647,22 @@ class Scheduler:
             if job_id in self._cancel_requested:  # cancelled just before the restart
                 await self.executor.cancel(job_id)
         exit = await self.executor.wait(spec, started)
+        fields = usage_fields(exit)
         if job_id in self._cancel_requested:
-            return (*cancelled, {"exit_code": exit.exit_code})
+            exit.cancelled = True  # the executor only keeps its log
+            try:
+                await self.executor.collect(spec, exit)
+            except Exception:
+                log.exception("keeping the log of cancelled job %s failed", job_id)
+            return (*cancelled, {"exit_code": exit.exit_code, **fields})
         self._phase[job_id] = StatusCode.FINALIZING
         await self.set_status(job_id, StatusCode.FINALIZING)
         outcome = await self.executor.collect(spec, exit)
-        fields = {"exit_code": outcome.exit_code, "image_id": outcome.image_id}
+        fields.update(
+            exit_code=outcome.exit_code,
+            image_id=outcome.image_id,
+            log_excerpt=outcome.log_excerpt,
+        )
         return outcome.state, outcome.status_code, outcome.status_message, fields
 
     async def cancel(self, job_ids: list[str]) -> list[str]:
@@ -740,6 +750,11 @@ class Scheduler:
                     completed_at=time.time(),
                 )
         return adopt
+
+
+def usage_fields(exit: ContainerExit) -> dict[str, float]:
+    """The job's sampled CPU and memory use, as its columns of the jobs table."""
+    return exit.usage.as_json() if exit.usage is not None else {}
 
 
 def dependency_message(action: str, job_id: str) -> str:

@@ -93,7 +93,12 @@ CREATE TABLE jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     completed_at REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    -- researcher-jobs: CPU (percent of one core) and memory (MB) sampled while the job ran
+    cpu_mean REAL,
+    cpu_peak REAL,
+    memory_mean_mb REAL,
+    memory_peak_mb REAL
 );
 CREATE INDEX jobs_request ON jobs (job_request_id);
 CREATE INDEX jobs_workspace_action ON jobs (workspace_id, action, created_at);
@@ -139,4 +144,20 @@ CREATE TABLE site_state (
     value TEXT NOT NULL
 );
 
-PRAGMA user_version = 1;
+-- hostile-http: sessions kept on the server, so that signing out ends one for good (a
+-- copied cookie stops working); API tokens that may expire; a failed job's last log lines
+-- apart from its public status message, for those who may read its log
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,                     -- sha256 of the random id in the session cookie
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at REAL NOT NULL
+);
+CREATE INDEX sessions_user ON sessions (user_id);
+CREATE INDEX sessions_created ON sessions (created_at);
+-- added as the migration adds them, so a new and a migrated database have the same columns
+ALTER TABLE api_tokens ADD COLUMN expires_at REAL;  -- NULL: the token does not expire
+-- jobs.log_excerpt: the last lines of a failed job's log
+ALTER TABLE jobs ADD COLUMN log_excerpt TEXT NOT NULL DEFAULT '';
+-- end hostile-http
+
+PRAGMA user_version = 2;

@@ -3,7 +3,9 @@ named route table. Handlers live in views/; nothing here answers a request itsel
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import auth, metrics, notify
-from .config import Settings
+from .config import Settings, SettingsError
 from .datadir import DataDir
 from .db import Database
 from .local_docker import LocalDockerExecutor
@@ -23,6 +25,7 @@ from .repos import Repos
 from .runner import Scheduler
 from .views import accounts, admin, api, base, jobs, projects, workspaces
 from .views.csrf import CSRFMiddleware
+from .views.limits import BodyLimitMiddleware
 
 ROOT = Path(__file__).parent
 
@@ -80,14 +83,14 @@ ROUTES: list[BaseRoute] = [
     get("/account", accounts.account_page, "account"),
     post("/account/password", accounts.change_password, "change_password"),
     post("/account/tokens", accounts.create_token, "create_token"),
-    post("/account/tokens/{id:int}/revoke", accounts.revoke_token, "revoke_token"),
+    post("/account/tokens/{id}/revoke", accounts.revoke_token, "revoke_token"),
     # site admins
     get("/admin/", admin.admin_page, "admin"),
     post("/admin/pause", admin.pause, "admin_pause"),
     post("/admin/priority", admin.priority, "admin_priority"),
     get("/admin/users", accounts.admin_users, "admin_users"),
     post("/admin/users", accounts.admin_create_user, "admin_create_user"),
-    post("/admin/users/{id:int}/{action}", accounts.admin_user_action, "admin_user_action"),
+    post("/admin/users/{id}/{action}", accounts.admin_user_action, "admin_user_action"),
     # projects
     post("/projects/", projects.create_project, "create_project"),
     get("/projects/{slug}/", projects.project_page, "project"),
@@ -106,20 +109,45 @@ ROUTES: list[BaseRoute] = [
     post("/{workspace}/", workspaces.create_job_request, "create_job_request"),
     post("/{workspace}/archive", workspaces.archive, "archive"),
     get("/{workspace}/outputs/{path:path}", workspaces.outputs, "outputs"),
+    get("/{workspace}/output-files/{path:path}", workspaces.output_file, "output_file"),
     get("/{workspace}/logs", jobs.logs_page, "logs"),
     get("/{workspace}/logs/{id}", jobs.job_request_page, "job_request"),
     post("/{workspace}/logs/{id}/cancel", jobs.cancel, "cancel"),
 ]
 
 
+MIN_SECRET_KEY = 32  # characters of the session signing key; a new one has 64
+
+
 def secret_key(data: DataDir) -> str:
-    """The session signing key, made on first start and kept private to the site."""
+    """The session signing key, made on first start and kept private to the site.
+
+    It is written whole under a temporary name, readable by the site alone, then linked
+    into place, which fails if another process made one first: then that one is used, and
+    no reader ever sees a half-written key. A key too short to keep sessions safe (an
+    empty file, a placeholder) stops the site."""
     path = data.secret_key
     if not path.exists():
         data.root.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
-    return path.read_text().strip()
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            temporary.unlink()
+    key = path.read_text().strip()
+    if len(key) < MIN_SECRET_KEY:
+        raise SettingsError(
+            f"the session key in {path} is {len(key)} characters long; it needs at least "
+            f"{MIN_SECRET_KEY}. Delete the file and restart to have a new one made "
+            "(everyone will have to sign in again)."
+        )
+    return key
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -143,6 +171,7 @@ def create_app(settings: Settings) -> Starlette:
             db, settings, site.executor, on_job_finished=site.notifier.job_finished
         )
         site.metrics = metrics.SiteMetrics(db, settings, site.executor)
+        await asyncio.to_thread(auth.dummy_hash)  # made now, not on a first sign-in
         try:
             await site.notifier.start()
             await site.scheduler.start()
@@ -156,12 +185,17 @@ def create_app(settings: Settings) -> Starlette:
     site = base.Site(
         settings,
         templates=base.templates(str(ROOT / "templates")),
-        login_limiter=auth.RateLimiter(limit=10, window=300),
+        sign_in_throttle=auth.SignInThrottle(),
         sealer=auth.Sealer(key),
     )
     app = Starlette(
         routes=ROUTES,
         middleware=[
+            Middleware(
+                BodyLimitMiddleware,
+                limit=int(settings.max_request_size),
+                timeout=float(settings.request_body_timeout),
+            ),
             Middleware(
                 SessionMiddleware,
                 secret_key=key,

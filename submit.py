@@ -14,7 +14,7 @@ import aiosqlite
 from . import pipeline
 from .config import Settings
 from .db import Database, Row
-from .outputs import Manifest
+from .outputs import Manifest, action_definition
 from .queries import LATEST_JOB_PER_ACTION, request_status
 from .repos import FileTooLarge, Repos
 from .states import ACTIVE_STATES, StatusCode
@@ -63,16 +63,34 @@ async def parse_project(repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
     return await asyncio.to_thread(pipeline.load_pipeline, text)
 
 
+def action_definitions(project: pipeline.Pipeline) -> dict[str, dict[str, Any]]:
+    """What each action of ``project`` runs, to compare with what made its outputs."""
+    return {
+        name: action_definition(action.run, action.args, action.needs)
+        for name, action in project.actions.items()
+    }
+
+
+def out_of_date(manifest: Manifest, project: pipeline.Pipeline) -> dict[str, str | None]:
+    """Why each action's recorded outputs are out of date against ``project``, or None."""
+    return manifest.out_of_date(action_definitions(project))
+
+
 async def _workspace_state(
-    conn: aiosqlite.Connection, workspace_dir: Path, workspace_id: int
+    conn: aiosqlite.Connection,
+    workspace_dir: Path,
+    workspace_id: int,
+    project: pipeline.Pipeline,
 ) -> dict[str, pipeline.ActionState]:
     cur = await conn.execute(LATEST_JOB_PER_ACTION, (workspace_id,))
     manifest = Manifest.load(workspace_dir)
+    stale = out_of_date(manifest, project)
     return {
         row["action"]: pipeline.ActionState(
             state=row["state"],
             job_id=row["id"],
             outputs_exist=manifest.outputs_exist(workspace_dir, row["action"]),
+            out_of_date=stale.get(row["action"]),
         )
         for row in await cur.fetchall()
     }
@@ -98,7 +116,7 @@ async def submit(
     workspace_dir = settings.data.workspace(workspace["name"])
     now = time.time()
     async with db.transaction() as conn:
-        state = await _workspace_state(conn, workspace_dir, workspace["id"])
+        state = await _workspace_state(conn, workspace_dir, workspace["id"], project)
         try:
             the_plan = pipeline.plan(project, actions, state, force_run_dependencies)
         except pipeline.UnknownActionError as e:
@@ -163,8 +181,11 @@ async def submit(
     return request_id
 
 
-async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | None:
-    """A job request and its jobs as the API shows them."""
+async def job_request_json(
+    db: Database, request_id: int, show_log: bool = False
+) -> dict[str, Any] | None:
+    """A job request and its jobs as the API shows them; with ``show_log`` (the asker may
+    read the jobs' logs), failed jobs' last log lines too."""
     row = await db.fetchone(
         "SELECT r.*, w.name AS workspace FROM job_requests r "
         "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
@@ -186,12 +207,17 @@ async def job_request_json(db: Database, request_id: int) -> dict[str, Any] | No
         "created_at": iso_ms(row["created_at"]),
         "status": status,
         "status_message": message,
-        "jobs": [job_json(job) for job in jobs],
+        "jobs": [job_json(job, show_log) for job in jobs],
     }
 
 
-def job_json(job: Row) -> dict[str, Any]:
-    return {
+# a job's sampled resource use, as columns of the jobs table and keys of its JSON
+METRICS = ("cpu_mean", "cpu_peak", "memory_mean_mb", "memory_peak_mb")
+
+
+def job_json(job: Row, show_log: bool = False) -> dict[str, Any]:
+    """A job as the API shows it; ``log_excerpt`` only with ``show_log``."""
+    shown = {
         "id": job["id"],
         "job_request_id": job["job_request_id"],
         "action": job["action"],
@@ -203,7 +229,11 @@ def job_json(job: Row) -> dict[str, Any]:
         "started_at": iso_ms(job["started_at"]),
         "completed_at": iso_ms(job["completed_at"]),
         "exit_code": job["exit_code"],
+        "metrics": {name: job.get(name) for name in METRICS},
     }
+    if show_log:
+        shown["log_excerpt"] = job["log_excerpt"]
+    return shown
 
 
 async def cancel(

@@ -17,9 +17,11 @@ from . import auth, pipeline, submit
 from .auth import User
 from .config import Settings
 from .db import Database, Row
+from .outputs import Manifest
 from .problems import FieldProblems, NotAllowed, NotFound, Problem
 from .queries import LATEST_JOB_PER_ACTION
 from .repos import BranchNotFound, FileNotFound, FileTooLarge, RepoError, Repos, check_allowed
+from .submit import action_definitions
 
 WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # first path segments the site itself uses; a workspace may not take one as its name
@@ -36,14 +38,25 @@ def slugify(name: str) -> str:
 # -- projects -----------------------------------------------------------------------------
 
 
-async def create_project(db: Database, user: User, name: str) -> Row:
-    """Register a project; its creator holds every role on it."""
+def name_taken(kind: str, name: str, user: User, project_id: int | None, public: bool) -> str:
+    """Why a new project's or workspace's name cannot be used: that it already exists only
+    to those who may see the existing one (``project_id``: its project; None when
+    unknown), on a private site (not ``public``) no more than that the name is taken."""
+    if public or (project_id is not None and user.is_member(project_id)):
+        return f"a {kind} named {name!r} already exists; choose another name"
+    return f"the name {name!r} cannot be used; choose another name"
+
+
+async def create_project(db: Database, user: User, name: str, public: bool = True) -> Row:
+    """Register a project; its creator holds every role on it. On a private site (not
+    ``public``) a taken name is not said to exist (see name_taken)."""
     name = name.strip()
     slug = slugify(name)
     if not slug:
         raise Problem("a project name needs at least one letter or digit")
-    if await db.fetchone("SELECT 1 FROM projects WHERE slug = ? OR name = ?", (slug, name)):
-        raise Problem(f"a project named {name!r} already exists; choose another name")
+    existing = await db.fetchval("SELECT id FROM projects WHERE slug = ? OR name = ?", (slug, name))
+    if existing is not None:
+        raise Problem(name_taken("project", name, user, existing, public))
     async with db.transaction() as conn:
         cur = await conn.execute(
             "INSERT INTO projects (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)",
@@ -132,8 +145,12 @@ async def create_workspace(
         )
     elif name in RESERVED_NAMES:
         errors["name"] = f"{name!r} is used by the site itself; choose another name"
-    elif await db.fetchone("SELECT 1 FROM workspaces WHERE name = ?", (name,)):
-        errors["name"] = f"a workspace named {name!r} already exists; choose another name"
+    elif (
+        taken := await db.fetchone("SELECT project_id FROM workspaces WHERE name = ?", (name,))
+    ) is not None:
+        errors["name"] = name_taken(
+            "workspace", name, user, taken["project_id"], settings.public_status
+        )
     if database not in settings.databases:
         errors["database"] = f"database must be one of: {', '.join(settings.databases)}"
     if not repo:
@@ -171,7 +188,7 @@ async def create_workspace(
         )
     except sqlite3.IntegrityError:  # someone took the name a moment ago
         raise FieldProblems(
-            {"name": f"a workspace named {name!r} already exists; choose another name"}
+            {"name": name_taken("workspace", name, user, None, settings.public_status)}
         ) from None
     return name
 
@@ -222,9 +239,15 @@ class ParsedProjects:
 
 
 async def workspace_actions(
-    db: Database, repos: Repos, projects: ParsedProjects, workspace: Row, fetch: bool = True
+    db: Database,
+    repos: Repos,
+    projects: ParsedProjects,
+    workspace: Row,
+    fetch: bool = True,
+    manifest: Manifest | None = None,
 ) -> dict[str, Any]:
-    """The workspace's actions at the branch head with their latest jobs, or the errors.
+    """The workspace's actions at the branch head with their latest jobs, or the errors;
+    given the workspace's ``manifest``, each with why its outputs are out of date.
 
     ``fetch=False`` reads the local mirror as it is, for status polling.
     """
@@ -242,6 +265,7 @@ async def workspace_actions(
     latest = {
         row["action"]: row for row in await db.fetchall(LATEST_JOB_PER_ACTION, (workspace["id"],))
     }
+    stale = manifest.out_of_date(action_definitions(project)) if manifest else {}
     for name, action in project.actions.items():
         job = latest.get(name)
         result["actions"].append(
@@ -253,6 +277,22 @@ async def workspace_actions(
                 "state": job["state"] if job else None,
                 "job_id": job["id"] if job else None,
                 "changed_at": job["updated_at"] if job else None,
+                "out_of_date": stale.get(name),
             }
         )
     return result
+
+
+async def workspace_outputs(
+    repos: Repos, projects: ParsedProjects, workspace: Row, manifest: Manifest
+) -> dict[str, Any]:
+    """The workspace's outputs by action and by file, each with ``out_of_date``: why, against
+    project.yaml at the head of its branch, or None. When project.yaml cannot be read,
+    nothing is known to be out of date and ``project_yaml_error`` says why."""
+    try:
+        sha = await repos.resolve_branch(workspace["repo"], workspace["branch"])
+        project = await projects.at(repos, workspace["repo"], sha)
+    except (RepoError, pipeline.ProjectValidationError) as e:
+        return {**manifest.with_out_of_date(None), "sha": None, "project_yaml_error": str(e)}
+    current = action_definitions(project)
+    return {**manifest.with_out_of_date(current), "sha": sha, "project_yaml_error": None}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import re
 import statistics
 import tempfile
@@ -38,6 +39,17 @@ async def median_ms(n: int, send: Callable[[], Awaitable[httpx.Response]], statu
         times.append(time.perf_counter() - start)
         assert response.status_code == status, (response.status_code, response.text[:300])
     return statistics.median(times) * 1000
+
+
+async def anonymous_sign_in(transport: httpx.ASGITransport, username: str) -> None:
+    """A wrong password for ``username``, from a fresh browser."""
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        page = await c.get("/login")
+        csrf = re.search(r'"X-CSRF-Token": "([^"]+)"', page.text).group(1)
+        response = await c.post(
+            "/login", data={"username": username, "password": "wrong", "csrf_token": csrf}
+        )
+        assert response.status_code == 400, response.text[:300]
 
 
 def median_call_ms(n: int, call: Callable[[], object]) -> float:
@@ -93,6 +105,16 @@ async def main(n: int) -> None:
                     lambda: c.post("/account/tokens", data={"name": "", "csrf_token": csrf}),
                     400,
                 )
+                # wrong passwords for a known and an unknown username, taken in turns: the
+                # same cost (one scrypt each) is what keeps usernames from being probed
+                app.state.sign_in_throttle = auth.SignInThrottle(10**9, 10**9)
+                logging.getLogger("jobsite.accounts").setLevel(logging.ERROR)  # each is logged
+                sign_ins: dict[str, list[float]] = {"alice": [], "nobody": []}
+                for _ in range(max(5, n // 10)):
+                    for name, times in sign_ins.items():
+                        start = time.perf_counter()
+                        await anonymous_sign_in(transport, name)
+                        times.append(time.perf_counter() - start)
     base = figures["GET members, anonymous"]
     print(f"requests per figure: {n} (median)")
     for name, ms in figures.items():
@@ -101,6 +123,11 @@ async def main(n: int) -> None:
     print(
         f"  {'POST, CSRF token in form':<28} {form_post:7.3f} ms   "
         f"x{form_post / header_post:.2f} of header (the form is read twice)"
+    )
+    known, unknown = (statistics.median(t) * 1000 for t in sign_ins.values())
+    print(f"  {'sign-in, known username':<28} {known:7.3f} ms")
+    print(
+        f"  {'sign-in, unknown username':<28} {unknown:7.3f} ms   x{unknown / known:.2f} of known"
     )
     stored = auth.hash_password(PASSWORD)
     scrypt = median_call_ms(max(5, n // 20), lambda: auth.verify_password(PASSWORD, stored))

@@ -4,6 +4,8 @@ what a test needs that may be missing here (Docker, chromium, the corpus)."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,8 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from helpers import GitRepo, Intact
+import uvicorn
+from helpers import FakeGitHub, GitRepo, Intact, wait_until
 
 from jobsite import auth
 from jobsite.config import Settings, load_settings
@@ -154,3 +157,22 @@ def intact(tmp_path: Path, data_dir: Path) -> Intact:
     """Notes the files around the data dir before a hostile scenario; ``await
     intact.check(client)`` afterwards asserts the site survived it (see helpers.Intact)."""
     return Intact(tmp_path, data_dir)
+
+
+@pytest.fixture
+def fake_github() -> Iterator[FakeGitHub]:
+    """A fake GitHub (helpers.FakeGitHub) served by uvicorn on loopback."""
+    fake = FakeGitHub()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    fake.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(
+        uvicorn.Config(fake.app(), lifespan="off", ws="none", log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), 15, "the fake GitHub to start")
+    yield fake
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()

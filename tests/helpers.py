@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
 
 from jobsite import auth
 from jobsite.config import Settings
@@ -404,3 +408,138 @@ class Intact:
         assert response.status_code == 200, f"health check answered {response.status_code}"
         assert self.database_ok() == "ok"
         assert self.new_files(allowed) == set(), "files appeared outside the data dir"
+
+
+# -- a fake GitHub on loopback ---------------------------------------------------------------
+
+
+class FakeGitHub:
+    """Just enough of a GitHub Enterprise server for the OAuth web flow and the API calls
+    the site makes, served by uvicorn on loopback."""
+
+    CLIENT_ID = "client-123"
+    CLIENT_SECRET = "secret-456"
+
+    def __init__(self) -> None:
+        self.accounts = {
+            "octocat": {"id": 583231, "login": "octocat", "name": "Mona Lisa", "email": None},
+            "hubot": {"id": 1000, "login": "hubot", "name": "", "email": "hubot@example.org"},
+        }
+        self.emails = [
+            {"email": "old@example.org", "primary": False, "verified": True},
+            {"email": "mona@example.org", "primary": True, "verified": True},
+        ]
+        self.repos = [
+            {
+                "full_name": f"octocat/study-{n}",
+                "html_url": f"https://github.example/octocat/study-{n}",
+                "private": n % 2 == 0,
+                "default_branch": "main",
+            }
+            for n in range(150)
+        ]
+        self.signing_in = "octocat"
+        self.orgs: dict[str, set[str]] = {"opensafely": {"octocat"}}  # org -> member logins
+        self.invited: set[str] = set()  # logins invited to every org, not yet members
+        self.memberships_fail = False  # GitHub answers 500 when asked about a membership
+        self.scopes: list[str] = []  # the scope each sign-in asked for
+        self.codes: dict[str, tuple[str, str]] = {}
+        self.tokens: dict[str, str] = {}
+        self.url = ""
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/login/oauth/authorize", self.authorize),
+                Route("/login/oauth/access_token", self.access_token, methods=["POST"]),
+                Route("/api/v3/user", self.user),
+                Route("/api/v3/user/emails", self.user_emails),
+                Route("/api/v3/user/repos", self.user_repos),
+                Route("/api/v3/user/memberships/orgs/{org}", self.membership),
+            ]
+        )
+
+    async def authorize(self, request: Request) -> Response:
+        params = request.query_params
+        assert params["client_id"] == self.CLIENT_ID
+        self.scopes.append(params["scope"])
+        code = secrets.token_hex(8)
+        self.codes[code] = (self.signing_in, params["redirect_uri"])
+        query = httpx.QueryParams(code=code, state=params["state"])
+        return RedirectResponse(f"{params['redirect_uri']}?{query}", status_code=302)
+
+    async def access_token(self, request: Request) -> Response:
+        form = await request.form()
+        assert request.headers["accept"] == "application/json"
+        assert form["client_id"] == self.CLIENT_ID
+        assert form["client_secret"] == self.CLIENT_SECRET
+        login, redirect_uri = self.codes.pop(str(form["code"]), (None, None))
+        if login is None or form["redirect_uri"] != redirect_uri:
+            return JSONResponse(
+                {
+                    "error": "bad_verification_code",
+                    "error_description": "The code passed is incorrect or expired.",
+                }
+            )
+        token = "gho_" + secrets.token_hex(16)
+        self.tokens[token] = login
+        return JSONResponse({"access_token": token, "token_type": "bearer", "scope": "user:email"})
+
+    def account(self, request: Request) -> dict[str, Any] | None:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        login = self.tokens.get(token)
+        return self.accounts[login] if login else None
+
+    async def user(self, request: Request) -> Response:
+        account = self.account(request)
+        if account is None:
+            return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        return JSONResponse(account)
+
+    async def user_emails(self, request: Request) -> Response:
+        if self.account(request) is None:
+            return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        if self.emails is None:
+            return JSONResponse({"message": "Resource not accessible"}, status_code=403)
+        return JSONResponse(self.emails)
+
+    async def membership(self, request: Request) -> Response:
+        """GitHub's answer for one's own membership of an org: 404 when not a member."""
+        account = self.account(request)
+        if account is None:
+            return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        if self.memberships_fail:
+            return JSONResponse({"message": "Server Error"}, status_code=500)
+        org = request.path_params["org"]
+        login = account["login"]
+        if login in self.invited:
+            return JSONResponse({"state": "pending", "organization": {"login": org}})
+        if login not in self.orgs.get(org, set()):
+            return JSONResponse({"message": "Not Found"}, status_code=404)
+        return JSONResponse({"state": "active", "role": "member", "organization": {"login": org}})
+
+    async def user_repos(self, request: Request) -> Response:
+        if self.account(request) is None:
+            return JSONResponse({"message": "Bad credentials"}, status_code=401)
+        page = int(request.query_params.get("page", 1))
+        per_page = int(request.query_params["per_page"])
+        chunk = self.repos[(page - 1) * per_page : page * per_page]
+        headers = {}
+        if page * per_page < len(self.repos):
+            next_url = f"{self.url}/api/v3/user/repos?per_page={per_page}&page={page + 1}"
+            headers["Link"] = f'<{next_url}>; rel="next"'
+        return JSONResponse(chunk, headers=headers)
+
+
+async def through_github(client: httpx.AsyncClient, fake: FakeGitHub, next: str = "/"):
+    """Follows the OAuth web flow as a browser does: to GitHub and back to the site."""
+    response = await client.get("/auth/github", params={"next": next})
+    assert response.status_code == 303
+    location = response.headers["location"]
+    assert location.startswith(f"{fake.url}/login/oauth/authorize?")
+    async with httpx.AsyncClient() as browser:
+        at_github = await browser.get(location)
+    assert at_github.status_code == 302
+    back = httpx.URL(at_github.headers["location"])
+    assert back.path == "/auth/github/callback"
+    return await client.get(back.path, params=back.params)

@@ -22,6 +22,7 @@ from starlette.routing import Mount, Route
 
 from jobsite import auth
 from jobsite.config import GitHub, load_settings
+from jobsite.outputs import Manifest
 from jobsite.server import create_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -38,7 +39,8 @@ actions:
       moderately_sensitive:
         a: output/a.csv
 """
-OK, SIGN_IN, REFUSED = "ok", "sign in", "refused"
+OK, SIGN_IN, REFUSED, NOT_FOUND = "ok", "sign in", "refused", "not found"
+FIGURE = '<svg xmlns="http://www.w3.org/2000/svg"><text>the figure only viewers see</text></svg>'
 
 
 def rule_anyone(role: str, public: bool) -> str:
@@ -49,13 +51,23 @@ def rule_signed_in(role: str, public: bool) -> str:
     return SIGN_IN if role == "anonymous" else OK
 
 
+def hidden(rule: Callable[[str, bool], str]) -> Callable[[str, bool], str]:
+    """A route about a project's things: on a private site, whoever is not a member
+    (signed in or not) is told it does not exist, as for a missing one."""
+
+    def hiding(role: str, public: bool) -> str:
+        if not public and role in ("anonymous", "outsider"):
+            return NOT_FOUND
+        return rule(role, public)
+
+    hiding.__name__ = f"hidden {rule.__name__}"
+    return hiding
+
+
+@hidden
 def rule_viewer(role: str, public: bool) -> str:
     """Browsing a project: anyone on a public site; on a private one, its members."""
-    if public:
-        return OK
-    if role == "anonymous":
-        return SIGN_IN
-    return REFUSED if role == "outsider" else OK
+    return OK
 
 
 def needs(*roles: str) -> Callable[[str, bool], str]:
@@ -68,8 +80,8 @@ def needs(*roles: str) -> Callable[[str, bool], str]:
     return rule
 
 
-rule_developer = needs("developer")
-rule_output_viewer = needs("output_viewer")
+rule_developer = hidden(needs("developer"))
+rule_output_viewer = hidden(needs("output_viewer"))
 rule_admin = needs()
 
 _unique = itertools.count()
@@ -90,6 +102,7 @@ class Case:
     form: Callable[[], dict[str, Any]] | None = None
     setup: Callable[[World, str], Awaitable[dict[str, Any]]] | None = None
     shows: tuple[str, Callable[[str, bool], str]] | None = None  # text shown only when allowed
+    own_session: bool = False  # sent from a session of its own (signing out ends it)
 
     @property
     def api(self) -> bool:
@@ -106,6 +119,20 @@ async def with_bystander(world: World, role: str) -> dict[str, Any]:
         "VALUES (?, ?, 'developer')",
         (world.project_id, world.user_ids["bystander"]),
     )
+    return {}
+
+
+async def with_a_figure(world: World, role: str) -> dict[str, Any]:
+    """An SVG output of ws1 that output viewers may see, recorded as a job records one."""
+    ws = world.app.state.settings.data.workspace("ws1")
+    (ws / "output").mkdir(parents=True, exist_ok=True)
+    (ws / "output/plot.svg").write_text(FIGURE)
+    manifest = Manifest.load(ws)
+    entry = {"action": "generate", "job": world.ids["job_id"], "level": "moderately_sensitive",
+             "size": len(FIGURE), "visible": True, "not_visible_because": None}  # fmt: skip
+    manifest.record_action("generate", world.ids["job_id"], "sha", {"output/plot.svg": entry})
+    (ws / "metadata").mkdir(exist_ok=True)
+    (ws / "metadata/manifest.json").write_text(manifest.dumps())
     return {}
 
 
@@ -151,7 +178,7 @@ CASES = [
     Case("/api/v1/admin/queue", "GET", rule_admin, "/api/v1/admin/queue"),
     Case("/api/v1/admin/queue/pause", "POST", rule_admin, "/api/v1/admin/queue/pause"),
     Case("/api/v1/admin/queue/resume", "POST", rule_admin, "/api/v1/admin/queue/resume"),
-    Case("/api/v1/job-requests/{id}/priority", "POST", rule_admin,
+    Case("/api/v1/job-requests/{id}/priority", "POST", hidden(rule_admin),
          "/api/v1/job-requests/{request_id}/priority", json=lambda: {"priority": 0}),
     # pages (a browser session; forms carry the CSRF token)
     # metrics: anyone on this machine (these requests come from 127.0.0.1)
@@ -161,7 +188,7 @@ CASES = [
     Case("/login", "GET", rule_anyone, "/login"),
     Case("/login", "POST", rule_anyone, "/login", 400,
          form=lambda: {"username": "nobody", "password": "wrong"}),
-    Case("/logout", "POST", rule_anyone, "/logout", 303, form=dict),
+    Case("/logout", "POST", rule_anyone, "/logout", 303, form=dict, own_session=True),
     Case("/auth/github", "GET", rule_anyone, "/auth/github", 303),
     Case("/auth/github/callback", "GET", rule_anyone, "/auth/github/callback?code=c&state=s",
          400),
@@ -172,7 +199,7 @@ CASES = [
                        "confirm_password": PASSWORD}),
     Case("/account/tokens", "POST", rule_signed_in, "/account/tokens",
          form=lambda: {"name": "matrix"}),
-    Case("/account/tokens/{id:int}/revoke", "POST", rule_signed_in,
+    Case("/account/tokens/{id}/revoke", "POST", rule_signed_in,
          "/account/tokens/{token_id}/revoke", 303, form=dict, setup=with_own_token),
     Case("/admin/", "GET", rule_admin, "/admin/"),
     Case("/admin/pause", "POST", rule_admin, "/admin/pause", 303,
@@ -182,7 +209,7 @@ CASES = [
     Case("/admin/users", "GET", rule_admin, "/admin/users"),
     Case("/admin/users", "POST", rule_admin, "/admin/users",
          form=lambda: {"username": unique("user")}),
-    Case("/admin/users/{id:int}/{action}", "POST", rule_admin,
+    Case("/admin/users/{id}/{action}", "POST", rule_admin,
          "/admin/users/{bystander_id}/activate", form=dict),
     Case("/projects/{slug}/", "GET", rule_viewer, "/projects/study/"),
     Case("/projects/", "POST", rule_signed_in, "/projects/", 303,
@@ -208,6 +235,9 @@ CASES = [
     Case("/{workspace}/archive", "POST", rule_developer, "/ws1/archive", 303,
          form=lambda: {"archived": "0"}),  # stays open: other cases run jobs in it
     Case("/{workspace}/outputs/{path:path}", "GET", rule_output_viewer, "/ws1/outputs/"),
+    Case("/{workspace}/output-files/{path:path}", "GET", rule_output_viewer,
+         "/ws1/output-files/output/plot.svg", setup=with_a_figure,
+         shows=(FIGURE, rule_output_viewer)),
     Case("/{workspace}/logs", "GET", rule_viewer, "/ws1/logs"),
     Case("/{workspace}/logs/{id}", "GET", rule_viewer, "/ws1/logs/{request_id}"),
     Case("/{workspace}/logs/{id}/cancel", "POST", rule_developer,
@@ -223,6 +253,7 @@ class World:
     project_id: int
     user_ids: dict[str, int]
     tokens: dict[str, str]
+    transport: httpx.ASGITransport
     sessions: dict[str, httpx.AsyncClient]
     csrf: dict[str, str]
     ids: dict[str, Any]
@@ -256,7 +287,7 @@ async def world(tmp_path_factory, cheap_scrypt):
     async with app.router.lifespan_context(app):
         w = World()
         w.app, w.db = app, app.state.db
-        app.state.login_limiter = auth.RateLimiter(limit=10_000, window=1)
+        app.state.sign_in_throttle = auth.SignInThrottle(10_000, 10_000, window=1)
         await app.state.scheduler.set_paused(True)
         db = app.state.db
         w.user_ids = {}
@@ -289,19 +320,10 @@ async def world(tmp_path_factory, cheap_scrypt):
         }
 
         transport = httpx.ASGITransport(app=app)
+        w.transport = transport
         w.sessions, w.csrf = {}, {}
         for role in ROLES:
-            client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
-            page = await client.get("/login")
-            w.csrf[role] = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
-            if role != "anonymous":
-                await client.post(
-                    "/login",
-                    data={"username": role, "password": PASSWORD, "csrf_token": w.csrf[role]},
-                )
-                page = await client.get("/account")
-                w.csrf[role] = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
-            w.sessions[role] = client
+            w.sessions[role], w.csrf[role] = await signed_in(transport, role)
 
         # a finished job with a log, made the way the site makes jobs
         response = await w.sessions["anonymous"].post(
@@ -329,6 +351,20 @@ async def world(tmp_path_factory, cheap_scrypt):
             await client.aclose()
 
 
+async def signed_in(transport: httpx.ASGITransport, role: str) -> tuple[httpx.AsyncClient, str]:
+    """A browser session signed in as ``role`` (or not, for anonymous), and its CSRF token."""
+    client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
+    page = await client.get("/login")
+    csrf = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
+    if role != "anonymous":
+        await client.post(
+            "/login", data={"username": role, "password": PASSWORD, "csrf_token": csrf}
+        )
+        page = await client.get("/account")
+        csrf = page.text.split('"X-CSRF-Token": "')[1].split('"')[0]
+    return client, csrf
+
+
 def fill(value: Any, ids: dict[str, Any]) -> Any:
     if isinstance(value, str):
         return value.format(**ids)
@@ -347,6 +383,14 @@ async def ask(world: World, case: Case, role: str) -> httpx.Response:
         return await client.request(case.method, url, json=body, headers=headers)
     if case.form is None:
         return await client.request(case.method, url)
+    if case.own_session:
+        own, csrf = await signed_in(world.transport, role)
+        try:
+            return await own.request(
+                case.method, url, data={**fill(case.form(), ids), "csrf_token": csrf}
+            )
+        finally:
+            await own.aclose()
     saved = list(client.cookies.jar)  # a sign-out must not end the session other cases use
     form = {**fill(case.form(), ids), "csrf_token": world.csrf[role]}
     response = await client.request(case.method, url, data=form)
@@ -375,6 +419,9 @@ async def test_who_may_do_what(world, case, role, public):
         else:
             assert response.status_code == 303, f"{where}: {response.text[:500]}"
             assert location.startswith("/login?next="), where
+    elif expected == NOT_FOUND:
+        assert response.status_code == 404, f"{where}: {response.text[:500]}"
+        assert "that you can see" in response.text, where
     else:
         assert response.status_code == 403, f"{where}: {response.text[:500]}"
         if case.api:

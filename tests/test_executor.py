@@ -9,9 +9,11 @@ import gc
 import hashlib
 import json
 import os
+import re
 import secrets
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import docker
@@ -246,6 +248,10 @@ async def test_outputs_go_to_the_workspace_with_logs_and_manifest(settings, stud
     ):
         assert expected in log
     assert "image:           ghcr.io/opensafely-core/python:v2 (sha256:" in log
+    assert "image digest:    none (not pulled from a registry)" in log  # built by the tests
+    assert "not shown to output viewers:\n" in log
+    assert "  output/model.rds: highly_sensitive outputs are never shown\n" in log
+    assert "  output/patients.csv: has a patient_id column\n" in log
     assert not executor.data.job_dir(job.id).exists()
 
 
@@ -263,30 +269,49 @@ async def test_rerun_drops_outputs_the_new_run_did_not_make(settings, study, mak
     assert sorted(manifest["files"]) == ["output/a.csv"]
 
 
-async def test_failed_jobs_leave_the_workspace_byte_identical(
+def outputs_and_manifest(root: Path) -> dict[str, bytes]:
+    """The workspace less the action logs, which every job that ran rewrites."""
+    return {
+        path: data
+        for path, data in snapshot(root).items()
+        if not (path.startswith("metadata/") and path.endswith(".log"))
+    }
+
+
+async def test_failed_jobs_change_no_output_and_leave_their_log(
     settings, study, make_executor, docker_client
 ):
     executor = make_executor()
     outputs = {"moderately_sensitive": {"tables": "output/*.csv"}}
     good = spec(study, "mkdir output; echo good > output/a.csv", outputs)
     assert (await run(executor, good)).state == "succeeded"
-    before = snapshot(workspace(settings))
+    before = outputs_and_manifest(workspace(settings))
+    action_log = workspace(settings) / "metadata/generate.log"
 
     failing = spec(
         study, "mkdir output; echo bad > output/a.csv; echo one; echo two; exit 3", outputs
     )
     outcome = await run(executor, failing)
     assert outcome.status_code == "nonzero_exit"
-    assert outcome.status_message == "Job exited with an error (exit code 3): one | two"
+    assert outcome.status_message == "Job exited with an error (exit code 3)"
+    assert outcome.log_excerpt == "one\ntwo", "the log's lines are kept apart from the message"
     assert outcome.exit_code == 3
-    assert snapshot(workspace(settings)) == before
+    assert outputs_and_manifest(workspace(settings)) == before
+    log = action_log.read_text()
+    assert log == executor.data.log(failing.id).read_text()
+    assert [line.split(" ", 1)[1] for line in log.splitlines()[:2]] == ["one", "two"]
+    assert datetime.fromisoformat(log.split(" ", 1)[0])  # RFC 3339, as Docker writes it
+    assert f"job id:          {failing.id}" in log
+    assert "exit code:       3" in log
+    assert "status:          nonzero_exit: Job exited with an error (exit code 3)" in log
 
     unmatched = spec(study, "mkdir output; echo x > output/a.txt", outputs)
     outcome = await run(executor, unmatched)
     assert outcome.status_code == "unmatched_patterns"
     assert "output/*.csv" in outcome.status_message
     assert "output/a.txt" in outcome.status_message
-    assert snapshot(workspace(settings)) == before
+    assert outputs_and_manifest(workspace(settings)) == before
+    assert "status:          unmatched_patterns: No outputs found" in action_log.read_text()
 
     cancelled = spec(study, "mkdir output; echo bad > output/a.csv; sleep 30", outputs)
     await executor.prepare(cancelled)
@@ -295,10 +320,14 @@ async def test_failed_jobs_leave_the_workspace_byte_identical(
     written = executor.data.job_dir(cancelled.id) / "output/a.csv"
     await until(written.exists, 10, "the job to write output/a.csv before it is stopped")
     await executor.cancel(cancelled.id)
-    outcome = await executor.collect(cancelled, await executor.wait(cancelled, started))
+    exit = await executor.wait(cancelled, started)
+    exit.cancelled = True  # as the scheduler marks a job a user cancelled
+    outcome = await executor.collect(cancelled, exit)
     await executor.cleanup(cancelled.id)
-    assert outcome.state == "failed"
-    assert snapshot(workspace(settings)) == before
+    assert outcome.status_code == "cancelled_by_user"
+    assert outputs_and_manifest(workspace(settings)) == before
+    assert f"job id:          {cancelled.id}" in action_log.read_text()
+    assert "status:          cancelled_by_user" in action_log.read_text()
 
     for job in (failing, unmatched, cancelled):
         assert not executor.data.job_dir(job.id).exists()
@@ -315,7 +344,7 @@ async def test_job_past_its_time_limit_is_stopped(settings, study, make_executor
     assert time.monotonic() - before < 15
     assert outcome.status_code == "timed_out"
     assert "time limit of 1.0s" in outcome.status_message
-    assert not workspace(settings).exists()
+    assert sorted(snapshot(workspace(settings))) == ["metadata/generate.log"]
 
 
 async def test_job_over_its_memory_limit_is_out_of_memory(settings, study, make_executor):
@@ -323,7 +352,41 @@ async def test_job_over_its_memory_limit_is_out_of_memory(settings, study, make_
     outcome = await run(executor, spec(study, "tail /dev/zero"))
     assert outcome.status_code == "out_of_memory"
     assert outcome.exit_code == 137
-    assert "16 MiB" in outcome.status_message
+    assert "limit 16 MiB" in outcome.status_message
+
+    # sampled for a while first, the message names the peak it saw
+    outcome = await run(executor, spec(study, "sleep 2.5; tail /dev/zero"))
+    assert outcome.status_code == "out_of_memory"
+    assert re.search(r"limit 16 MiB; peak sampled use [\d.]+ (KiB|MiB)\)", outcome.status_message)
+
+
+async def test_cpu_and_memory_are_sampled_while_the_job_runs(settings, study, make_executor):
+    executor = make_executor(job_cpus=1.0)
+    # about 3 seconds of one busy core, holding some 8 MB in a shell variable
+    command = (
+        "x=$(head -c 8000000 /dev/zero | tr '\\0' a); end=$(($(date +%s) + 3)); "
+        "while [ $(date +%s) -lt $end ]; do :; done; echo ${#x}"
+    )
+    job = spec(study, command)
+    await executor.prepare(job)
+    started = time.time()
+    await executor.start(job)
+    exit = await executor.wait(job, started)
+    outcome = await executor.collect(job, exit)
+    await executor.cleanup(job.id)
+    assert outcome.status_code == "succeeded"
+    use = exit.usage
+    assert use is not None and use.samples >= 2, use
+    assert 30 <= use.cpu_peak <= 110, use  # one core, as job_cpus allows
+    assert use.cpu_mean <= use.cpu_peak
+    assert 8 <= use.memory_peak_mb < 64, use
+    assert use.memory_mean_mb <= use.memory_peak_mb
+    log = (workspace(settings) / "metadata/generate.log").read_text()
+    assert f"CPU:             mean {use.cpu_mean:.1f}%, peak {use.cpu_peak:.1f}% of one core" in log
+    assert (
+        f"memory:          mean {use.memory_mean_mb:.1f} MB, peak {use.memory_peak_mb:.1f} MB ("
+        in log
+    )
 
 
 async def test_a_linked_output_fails_the_job_and_is_not_read(settings, study, make_executor):
@@ -341,7 +404,7 @@ async def test_a_linked_output_fails_the_job_and_is_not_read(settings, study, ma
     outcome = await run(executor, dir_link)
     assert outcome.state == "failed"
     assert "output is a symbolic link" in outcome.status_message
-    assert not workspace(settings).exists()
+    assert sorted(snapshot(workspace(settings))) == ["metadata/generate.log"]  # no output
 
 
 async def test_log_streams_while_the_job_runs_and_is_capped(settings, study, make_executor):
@@ -439,7 +502,7 @@ async def test_full_disk_while_collecting_outputs_changes_nothing(
     executor = make_executor()
     outputs = {"moderately_sensitive": {"tables": "output/*.csv"}}
     assert (await run(executor, spec(study, "mkdir output; echo 1 > output/a.csv", outputs))).state
-    before = snapshot(workspace(settings))
+    before = outputs_and_manifest(workspace(settings))
 
     def full(self, rel, data):
         raise OSError(errno.ENOSPC, "No space left on device", rel)
@@ -449,7 +512,7 @@ async def test_full_disk_while_collecting_outputs_changes_nothing(
     outcome = await run(executor, job)
     assert outcome.status_code == "internal_error"
     assert outcome.status_message.startswith("The disk is full: could not copy the job's outputs")
-    assert snapshot(workspace(settings)) == before
+    assert outputs_and_manifest(workspace(settings)) == before
     assert sorted(os.listdir(workspace(settings) / "output")) == ["a.csv"]
 
 
@@ -553,4 +616,53 @@ async def test_a_missing_image_is_not_pulled_when_pulling_is_off(settings, study
     assert outcome.status_message == (
         "Image ghcr.io/opensafely-core/python:not-on-this-machine is not on this machine and "
         "pulling is turned off (allow_pull: false). An admin must load the image."
+    )
+
+
+def docker_stats(cpu_ns: int, usage: int, cache: dict | None = None) -> dict:
+    """A one-shot sample as Docker's stats endpoint gives it."""
+    return {
+        "cpu_stats": {"cpu_usage": {"total_usage": cpu_ns}},
+        "memory_stats": {"usage": usage, "stats": cache or {}},
+    }
+
+
+def test_usage_samples_give_cpu_per_core_and_memory_less_page_cache():
+    samples = executor_module.UsageSamples()
+    samples.started_at = 100.0
+    samples.add(docker_stats(500_000_000, 12_000_000, {"total_inactive_file": 2_000_000}), 101.0)
+    samples.add(docker_stats(1_500_000_000, 32_000_000, {"inactive_file": 2_000_000}), 102.0)
+    samples.add(docker_stats(1_600_000_000, 21_000_000, {"inactive_file": 1_000_000}), 102.1)
+    samples.add({"cpu_stats": {"cpu_usage": {"total_usage": 0}}, "memory_stats": {}}, 103.0)
+    use = samples.result()
+    # 0.5 s of CPU in the first second, 1 s in the next; 0.1 s apart is too close to count
+    assert (use.cpu_mean, use.cpu_peak) == (pytest.approx(75), pytest.approx(100))
+    assert (use.memory_mean_mb, use.memory_peak_mb, use.samples) == (
+        pytest.approx(20),
+        30,
+        3,
+    )
+    assert use.as_json() == {
+        "cpu_mean": 75.0,
+        "cpu_peak": 100.0,
+        "memory_mean_mb": 20.0,
+        "memory_peak_mb": 30.0,
+    }
+
+
+def test_a_job_too_short_to_sample_has_no_figures_or_only_memory():
+    assert executor_module.UsageSamples().result() is None
+    samples = executor_module.UsageSamples()  # its start unknown: no interval to measure
+    samples.add(docker_stats(5_000_000, 4_000_000), 101.0)
+    use = samples.result()
+    assert (use.cpu_mean, use.cpu_peak, use.memory_peak_mb) == (None, None, 4.0)
+    assert use.as_json()["cpu_mean"] is None
+
+
+def test_an_out_of_memory_job_not_yet_sampled_says_so(settings, study, make_executor):
+    executor = make_executor(job_memory="32M")
+    exit = executor_module.ContainerExit(137, True, False, 1.0, 2.0)
+    outcome = executor._judge(spec(study, "true"), exit, "")
+    assert outcome.status_message.startswith(
+        "Job ran out of memory (limit 32 MiB; its use was not sampled: it ran out within a second)"
     )

@@ -48,6 +48,9 @@ class InMemoryExecutor:
     async def cancel(self, job_id: str) -> None:
         self.steps.append(("cancel", job_id))
 
+    def usage(self, job_id: str) -> None:
+        return None  # nothing to sample in memory
+
     async def adopt(self) -> dict[str, str]:
         return {}
 

@@ -138,7 +138,10 @@ def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
     assert not (root / "output/other.csv").exists()
     assert (root / "output/counts.csv").read_bytes() == before
     # the failed job's log is where a developer looks for it
-    assert "broken" in (root / "metadata/generate.log").read_text()
+    log = (root / "metadata/generate.log").read_text()
+    assert log.splitlines()[0].endswith("Z broken")  # with Docker's timestamp
+    assert "status:          nonzero_exit: Job exited with an error (exit code 4): broken" in log
+    assert "job request id:  none (jobsite run)" in log
 
     status, out = jobsite_run(
         "generate", "analyse", "other", "--continue-on-error", "--project-dir", str(root)
@@ -254,3 +257,18 @@ def test_config_reaches_the_action_as_arguments(checkout, jobsite_run):
     status, out = jobsite_run("configured", "--project-dir", str(root))
     assert status == 0, out
     assert (root / "output/args.txt").read_text() == '--config {"weeks": 4}\n'
+
+
+def test_an_out_of_date_dependency_runs_again_and_says_why(checkout, jobsite_run):
+    root = checkout()
+    assert jobsite_run("analyse", "--project-dir", str(root))[0] == 0
+    (root / "project.yaml").write_text(CHAIN.replace("analysis/tool.sh", "echo changed"))
+    status, out = jobsite_run("analyse", "--project-dir", str(root))
+    assert status == 0, out
+    assert out.splitlines()[:2] == [
+        "generate: its outputs are out of date (the run command of generate has changed in "
+        "project.yaml); running it again",
+        "Running 2 actions: generate, analyse",
+    ]
+    status, out = jobsite_run("analyse", "--project-dir", str(root))
+    assert out.startswith("Running 1 action: analyse\n")

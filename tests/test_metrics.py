@@ -213,3 +213,36 @@ def test_sqlite_puts_a_value_in_the_same_bucket_as_python():
             before = list(histogram.counts)
             histogram.add(value)
             assert histogram.counts[bucket] == before[bucket] + 1, value
+
+
+async def test_metrics_have_histograms_of_sampled_memory_and_cpu(app):
+    await app.state.scheduler.set_paused(True)
+    site = await Site.make(app.state.db)
+    for action, memory, cpu, age in (
+        ("small", 40.0, 3.0, 3600),
+        ("big", 3000.0, 180.0, 3600),
+        ("short", 1.0, None, 3600),
+        ("recent", 100.0, 50.0, 100),  # finished within SETTLE: added up in Python
+    ):
+        job_id = await site.add_job(action, created_at=time.time() - age)
+        await app.state.db.execute(
+            "UPDATE jobs SET memory_peak_mb = ?, memory_mean_mb = ?, cpu_mean = ?, cpu_peak = ? "
+            "WHERE id = ?",
+            (memory, memory / 2, cpu, cpu, job_id),
+        )
+    await site.add_job("unsampled")  # finished before sampling existed
+    for _ in range(2):  # counted from the table, then from the tally it keeps
+        found = await scrape(app)
+        memory = "jobsite_job_memory_peak_megabytes"
+        assert found[f"{memory}_bucket", (("le", "16.0"),)] == 1
+        assert found[f"{memory}_bucket", (("le", "64.0"),)] == 2
+        assert found[f"{memory}_bucket", (("le", "256.0"),)] == 3
+        assert found[f"{memory}_bucket", (("le", "4096.0"),)] == 4
+        assert found[f"{memory}_count", ()] == 4
+        assert found[f"{memory}_sum", ()] == pytest.approx(3141)
+        cpu = "jobsite_job_cpu_mean_percent"
+        assert found[f"{cpu}_bucket", (("le", "5.0"),)] == 1
+        assert found[f"{cpu}_bucket", (("le", "50.0"),)] == 2
+        assert found[f"{cpu}_bucket", (("le", "200.0"),)] == 3
+        assert found[f"{cpu}_count", ()] == 3
+        assert found[f"{cpu}_sum", ()] == pytest.approx(233)

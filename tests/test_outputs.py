@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from jobsite.outputs import Manifest, OutputError, check_visibility, match_outputs, pattern_matches
+from jobsite.outputs import (
+    Manifest,
+    OutputError,
+    UnreadableOutput,
+    check_visibility,
+    csv_preview,
+    match_outputs,
+    pattern_matches,
+    read_output,
+)
 
 LIMIT = 1024**2
 
@@ -167,3 +176,32 @@ def test_close_files_are_the_ones_the_job_made(tmp_path):
         match_outputs(tmp_path, {"highly_sensitive": {"c": "output/counts.csv"}}, LIMIT, 2000)
     assert "output/count.csv" in caught.value.message
     assert "input.csv" not in caught.value.message
+
+
+def test_an_output_is_read_only_as_a_plain_file_inside_the_workspace(tmp_path):
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output/a.csv").write_text("n\n1\n")
+    assert read_output(tmp_path, "output/a.csv") == b"n\n1\n"
+    for rel in ("", "/etc/passwd", "output/../output/a.csv", "output//a.csv", "./output/a.csv"):
+        with pytest.raises(UnreadableOutput, match="not a path inside the workspace"):
+            read_output(tmp_path, rel)
+    with pytest.raises(UnreadableOutput, match="larger than 3 bytes"):
+        read_output(tmp_path, "output/a.csv", limit=3)
+    with pytest.raises(UnreadableOutput, match="not in the workspace"):
+        read_output(tmp_path / "missing", "output/a.csv")
+    with pytest.raises(UnreadableOutput, match="not a plain file"):
+        read_output(tmp_path, "output")
+    with pytest.raises(UnreadableOutput, match="not a plain file"):
+        read_output(tmp_path, "output/nope.csv")
+
+
+def test_a_csv_preview_counts_every_row_and_the_widest_row():
+    data = b"a\tb\n" + b"".join(b"%d\t%d\n" % (i, i) for i in range(5)) + b"1\t2\t3\n"
+    table = csv_preview(data, "\t", rows=2)
+    assert table == {
+        "header": ["a", "b"],
+        "rows": [["0", "0"], ["1", "1"]],
+        "total_rows": 6,
+        "total_columns": 3,
+    }
+    assert csv_preview(b"") == {"header": [], "rows": [], "total_rows": 0, "total_columns": 0}

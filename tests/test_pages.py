@@ -242,9 +242,9 @@ async def test_a_private_site_shows_projects_to_members_only(app, browser, study
     home = await visitor.get("/")
     assert "shown to their members only" in text(home) and "Study" not in text(home)
     response = await visitor.get("/projects/study/")
-    assert response.status_code == 303 and response.headers["location"].startswith("/login")
+    assert response.status_code == 404 and "/login?next=/projects/study/" in response.text
     carol = await browser("carol")
-    assert (await carol.get("/ws1/")).status_code == 403
+    assert (await carol.get("/ws1/")).status_code == 404
     assert "Study" not in text(await carol.get("/"))
     await add_member(app, "study", "carol", "collaborator")
     assert (await carol.get("/ws1/")).status_code == 200
@@ -739,10 +739,10 @@ async def test_output_viewers_download_visible_moderately_sensitive_files(
     assert 'href="/ws1/outputs/output/ok.csv"' in listing.text
     assert 'href="/ws1/outputs/output/secret.csv"' not in listing.text
     assert "has a patient_id column" in text(listing)
-    response = await alice.get("/ws1/outputs/output/ok.csv")
+    response = await alice.get("/ws1/outputs/output/ok.csv?download=1")
     assert response.status_code == 200 and response.text == "n\n1\n"
     assert response.headers["content-disposition"].startswith("attachment")
-    page = await alice.get("/ws1/outputs/output/page.html")
+    page = await alice.get("/ws1/outputs/output/page.html?download=1")
     assert page.headers["content-disposition"].startswith("attachment")
     assert "sandbox" in page.headers["content-security-policy"]
     assert page.headers["x-content-type-options"] == "nosniff"
@@ -764,8 +764,9 @@ async def test_output_viewers_download_visible_moderately_sensitive_files(
 async def test_a_replaced_output_is_not_followed_out_of_the_workspace(app, browser, study, outputs):
     (outputs / "output/ok.csv").unlink()
     (outputs / "output/ok.csv").symlink_to(app.state.settings.data_dir / "secret.txt")
-    response = await study["alice"].get("/ws1/outputs/output/ok.csv")
-    assert response.status_code == 404 and "not yours" not in response.text
+    for url in ("/ws1/outputs/output/ok.csv", "/ws1/outputs/output/ok.csv?download=1"):
+        response = await study["alice"].get(url)
+        assert response.status_code == 404 and "not yours" not in response.text
 
 
 async def test_outputs_need_the_output_viewer_role(app, browser, study, outputs):
@@ -888,7 +889,7 @@ actions:
     page = await alice.get(f"/jobs/{job_id}")
     assert "&lt;b&gt;made&lt;/b&gt;" in page.text
     assert 'href="/ws1/outputs/output/a.csv"' in page.text
-    assert (await alice.get("/ws1/outputs/output/a.csv")).text == "n\n1\n"
+    assert (await alice.get("/ws1/outputs/output/a.csv?download=1")).text == "n\n1\n"
     workspace = await alice.get("/ws1/")
     assert 'class="node node-succeeded"' in workspace.text
     assert 'data-status="succeeded"' in workspace.text

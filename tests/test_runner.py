@@ -176,6 +176,9 @@ async def test_cancelling_a_running_action_stops_its_container_and_fails_its_dep
     workspace = settings.data_dir / "workspaces" / "ws1"
     assert not (workspace / "output").exists()
     assert not (settings.data_dir / "jobs" / ids["generate"]).exists()
+    log = (workspace / "metadata/generate.log").read_text()  # a cancelled job ran: its log stays
+    assert f"job id:          {ids['generate']}" in log
+    assert "status:          cancelled_by_user: Cancelled by user" in log
 
 
 async def test_cancelling_a_whole_request_ends_its_pending_jobs_at_once(

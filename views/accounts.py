@@ -7,6 +7,7 @@ import logging
 import re
 import secrets
 import sqlite3
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -25,9 +26,9 @@ from .base import (
     current_user,
     get_project,
     github,
-    in_sqlite_range,
     is_htmx,
     local_path,
+    parse_number,
     redirect,
     redirect_to,
     render,
@@ -44,6 +45,12 @@ log = logging.getLogger("jobsite.accounts")
 # use '.' and '_'
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,38}")
 GITHUB_STATE = "github_state"
+# when the session last signed in with GitHub: a user with no password sets one only
+# soon after, so that a session left open (or a stolen cookie) cannot give itself one
+GITHUB_SIGNED_IN_AT = "github_signed_in_at"
+GITHUB_RECENT = 10 * 60
+# how long a new API token may last, by the choice on the account page (days; "" never)
+TOKEN_LIFETIMES = {"30": 30, "90": 90, "365": 365, "": None}
 
 
 # -- signing in and out ---------------------------------------------------------------
@@ -67,11 +74,11 @@ async def login(request: Request) -> Response:
     form = await request.form()
     username = str(form.get("username", "")).strip()
     password = str(form.get("password", ""))
-    limiter = state.login_limiter
+    throttle = state.sign_in_throttle
     client = request.client.host if request.client else "unknown"
     if not state.settings.local_accounts:
         return await login_page(request, "This site signs in with GitHub only.", username)
-    if not (limiter.allow(f"user:{username.lower()}") and limiter.allow(f"addr:{client}")):
+    if not throttle.allow(username, client):
         log.warning("sign-in refused, too many attempts: user %r from %s", username, client)
         return await login_page(
             request, "Too many sign-in attempts. Wait a few minutes and try again.", username
@@ -81,14 +88,19 @@ async def login(request: Request) -> Response:
         log.warning("sign-in failed: user %r from %s", username, client)
         return await login_page(request, "That username and password do not match.", username)
     log.info("signed in with a password: %s from %s", user.username, client)
-    limiter.reset(f"user:{username.lower()}")
-    await auth.start_session(state.db, request.session, user.id)
+    throttle.succeeded(username, client)
+    await auth.start_session(state.db, request.session, user.id, session_max_age(request))
     return redirect_to(local_path(request.query_params.get("next"), url(request, "home")))
 
 
 async def logout(request: Request) -> Response:
-    request.session.clear()
+    state = site(request)
+    await auth.end_session(state.db, request.session, session_max_age(request))
     return redirect(request, "home")
+
+
+def session_max_age(request: Request) -> float:
+    return float(site(request).settings.session_max_age)
 
 
 def github_callback_url(request: Request) -> str:
@@ -126,10 +138,23 @@ async def github_callback(request: Request) -> Response:
     except auth.GitHubError as e:
         raise HTTPError(400, f"signing in with GitHub failed: {e}") from None
     state = site(request)
-    user_id = await auth.user_for_github(state.db, account, await current_user(request))
+
+    async def in_allowed_org() -> bool:
+        org = await client.allowed_org(token)
+        if org:
+            log.info("GitHub user %s joins as a member of %s", account.login, org)
+        return org is not None
+
+    try:
+        user_id = await auth.user_for_github(
+            state.db, account, await current_user(request), in_allowed_org
+        )
+    except auth.GitHubError as e:
+        raise HTTPError(400, f"signing in with GitHub failed: {e}") from None
     log.info("signed in with GitHub: %s (GitHub id %s)", account.login, account.id)
-    await auth.start_session(state.db, request.session, user_id)
+    await auth.start_session(state.db, request.session, user_id, session_max_age(request))
     request.session[GITHUB_TOKEN] = state.sealer.seal(token)
+    request.session[GITHUB_SIGNED_IN_AT] = time.time()
     return redirect_to(started.get("next") or url(request, "home"))
 
 
@@ -148,10 +173,12 @@ async def account_page(request: Request, **context: Any) -> Response:
             **token,
             "created_at": iso_ms(token["created_at"]),
             "last_used_at": iso_ms(token["last_used_at"]),
+            "expires_at": iso_ms(token["expires_at"]),
+            "expired": token["expires_at"] is not None and token["expires_at"] <= time.time(),
         }
         for token in await db.fetchall(
-            "SELECT id, name, created_at, last_used_at FROM api_tokens WHERE user_id = ? "
-            "ORDER BY created_at DESC",
+            "SELECT id, name, created_at, last_used_at, expires_at FROM api_tokens "
+            "WHERE user_id = ? ORDER BY created_at DESC",
             (user.id,),
         )
     ]
@@ -163,6 +190,7 @@ async def account_page(request: Request, **context: Any) -> Response:
         "error": None,
         "message": None,
         "new_token": None,
+        "reauthenticate": False,
         **context,
     }
     status = 400 if context["error"] else 200
@@ -178,8 +206,17 @@ async def change_password(request: Request) -> Response:
     stored = await db.fetchval("SELECT password_hash FROM users WHERE id = ?", (user.id,))
     if not site(request).settings.local_accounts:
         return await account_page(request, error="This site signs in with GitHub only.")
-    if stored and not auth.verify_password(current, stored):
+    if stored and not await auth.check_password(current, stored):
         return await account_page(request, error="Your current password is not right.")
+    signed_in_at = request.session.get(GITHUB_SIGNED_IN_AT)
+    recent = isinstance(signed_in_at, float) and time.time() - signed_in_at < GITHUB_RECENT
+    if not stored and not recent:
+        return await account_page(
+            request,
+            error="To set a password, first confirm it is you: sign in with GitHub again "
+            f"(the link below), then set it within {GITHUB_RECENT // 60} minutes.",
+            reauthenticate=True,
+        )
     if new != str(form.get("confirm_password", "")):
         return await account_page(request, error="The two new passwords are not the same.")
     problem = auth.password_problem(new, user.username)
@@ -187,8 +224,12 @@ async def change_password(request: Request) -> Response:
         return await account_page(request, error=f"Choose another password: {problem}.")
     await auth.set_password(db, user.id, new)
     # a new stamp ends every other session; this one goes on as it was
-    kept = {k: v for k, v in request.session.items() if k in (GITHUB_TOKEN, csrf.CSRF_FIELD)}
-    await auth.start_session(db, request.session, user.id)
+    kept = {
+        k: v
+        for k, v in request.session.items()
+        if k in (GITHUB_TOKEN, GITHUB_SIGNED_IN_AT, csrf.CSRF_FIELD)
+    }
+    await auth.start_session(db, request.session, user.id, session_max_age(request))
     request.session.update(kept)
     return await account_page(
         request, message="Your password has been changed. Your other sessions are signed out."
@@ -201,16 +242,22 @@ async def create_token(request: Request) -> Response:
     name = str(form.get("name", "")).strip()
     if not name:
         return await account_page(request, error="Give the token a name, such as the laptop.")
-    token = await auth.create_token(site(request).db, user.id, name[:100])
+    lifetime = str(form.get("expires_in_days", ""))
+    if lifetime not in TOKEN_LIFETIMES:
+        return await account_page(
+            request, error="Choose how long the token lasts: 30, 90 or 365 days, or until revoked."
+        )
+    days = TOKEN_LIFETIMES[lifetime]
+    token = await auth.create_token(
+        site(request).db, user.id, name[:100], None if days is None else days * 86400.0
+    )
     return await account_page(request, new_token={"name": name, "token": token})
 
 
 async def revoke_token(request: Request) -> Response:
     user = await require_user(request)
-    token_id = request.path_params["id"]
-    if not in_sqlite_range(token_id) or not await auth.revoke_token(
-        site(request).db, user.id, token_id
-    ):
+    token_id = parse_number(request.path_params["id"])
+    if token_id is None or not await auth.revoke_token(site(request).db, user.id, token_id):
         raise HTTPError(404, "you have no such API token; it may have been revoked already")
     return redirect(request, "account")
 
@@ -256,7 +303,8 @@ async def admin_create_user(request: Request) -> Response:
             error="A username is 1 to 39 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit.",
         )
-    password = secrets.token_urlsafe(12) if site(request).settings.local_accounts else None
+    with_password = site(request).settings.local_accounts and not form.get("github")
+    password = secrets.token_urlsafe(12) if with_password else None
     try:
         await auth.create_user(
             site(request).db,
@@ -281,8 +329,8 @@ async def admin_user_action(request: Request) -> Response:
     """One change to one user: reset-password, make-admin, remove-admin, deactivate, activate."""
     admin = await require_admin(request, "manage users")
     db: Database = site(request).db
-    user_id = request.path_params["id"]
-    target = in_sqlite_range(user_id) and await db.fetchone(
+    user_id = parse_number(request.path_params["id"])
+    target = user_id is not None and await db.fetchone(
         "SELECT id, username FROM users WHERE id = ?", (user_id,)
     )
     if not target:
@@ -297,10 +345,10 @@ async def admin_user_action(request: Request) -> Response:
         if not site(request).settings.local_accounts:
             return await admin_users(request, error="This site signs in with GitHub only.")
         password = secrets.token_urlsafe(12)
-        await auth.set_password(db, target["id"], password)
+        await auth.reset_password(db, target["id"], password)
         return await admin_users(
             request,
-            message=f"Reset the password of {name}.",
+            message=f"Reset the password of {name}: their sessions and API tokens have ended.",
             new_password={"username": name, "password": password},
         )
     changes = {
@@ -322,6 +370,10 @@ async def admin_user_action(request: Request) -> Response:
 async def add_member_form(request: Request) -> Response:
     """The members form of the project page: add a member or set their roles."""
     project = await get_project(request, request.path_params["slug"])
+    try:  # who may, before reading what they sent
+        await check_role(request, project["id"], "developer")
+    except HTTPError as e:
+        return await members_answer(request, project, e)
     form = await request.form()
     username = str(form.get("username", "")).strip()
     roles = list(form.getlist("roles"))

@@ -21,6 +21,7 @@ from ..units import iso_ms
 from .base import (
     HTTPError,
     asker_github_repos,
+    check_may_register,
     check_role,
     current_user,
     field,
@@ -29,10 +30,13 @@ from .base import (
     get_project,
     get_workspace,
     json_body,
+    may_read_logs,
+    parse_number,
     require_admin,
     require_user,
     site,
     via_token,
+    with_usage_so_far,
 )
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -64,8 +68,12 @@ async def openapi_json(request: Request) -> Response:
 @api
 async def create_project(request: Request) -> Response:
     user = await require_user(request)
+    check_may_register(request, user)
     body = await json_body(request)
-    project = await workspaces.create_project(site(request).db, user, field(body, "name"))
+    state = site(request)
+    project = await workspaces.create_project(
+        state.db, user, field(body, "name"), state.settings.public_status
+    )
     return JSONResponse({"slug": project["slug"], "name": project["name"]}, status_code=201)
 
 
@@ -135,10 +143,10 @@ def workspace_json(workspace: Row) -> dict[str, Any]:
 @api
 async def create_workspace(request: Request) -> Response:
     project = await get_project(request, request.path_params["slug"])
+    user = await check_role(request, project["id"], "developer")
     body = await json_body(request)
     for name in ("name", "repo", "branch", "database"):
         field(body, name)
-    user = await check_role(request, project["id"], "developer")
     state = site(request)
     name = await workspaces.create_workspace(
         state.db, state.settings, state.repos, user, project["id"], body
@@ -168,8 +176,11 @@ async def workspace(request: Request) -> Response:
 async def outputs(request: Request) -> Response:
     row = await get_workspace(request, request.path_params["name"])
     await check_role(request, row["project_id"], "output_viewer")
-    ws_dir = site(request).settings.data.workspace(row["name"])
-    return JSONResponse(Manifest.load(ws_dir).data)
+    state = site(request)
+    manifest = await asyncio.to_thread(Manifest.load, state.settings.data.workspace(row["name"]))
+    return JSONResponse(
+        await workspaces.workspace_outputs(state.repos, state.projects, row, manifest)
+    )
 
 
 # -- job requests and jobs ----------------------------------------------------------------
@@ -199,24 +210,30 @@ async def create_job_request(request: Request) -> Response:
         notify=notify_me,
     )
     state.scheduler.wake()
-    return JSONResponse(await submit.job_request_json(state.db, request_id), status_code=201)
+    data = await submit.job_request_json(
+        state.db, request_id, user.can_view_outputs(row["project_id"])
+    )
+    return JSONResponse(data, status_code=201)
 
 
 @api
 async def job_request(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
-    return JSONResponse(await submit.job_request_json(site(request).db, row["id"]))
+    show_log = await may_read_logs(request, row["project_id"])
+    return JSONResponse(await submit.job_request_json(site(request).db, row["id"], show_log))
 
 
 @api
 async def cancel(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
+    user = await check_role(request, row["project_id"], "developer")
     body = await json_body(request) if await request.body() else {}
     actions = field(body, "actions", list, required=False)
-    await check_role(request, row["project_id"], "developer")
     state = site(request)
     cancelled = await submit.cancel(state.db, state.scheduler, row["id"], actions)
-    data = await submit.job_request_json(state.db, row["id"])
+    data = await submit.job_request_json(
+        state.db, row["id"], user.can_view_outputs(row["project_id"])
+    )
     data["cancelled"] = cancelled
     if not cancelled:
         data["message"] = "Nothing to cancel: those jobs have already finished"
@@ -225,8 +242,9 @@ async def cancel(request: Request) -> Response:
 
 @api
 async def job(request: Request) -> Response:
-    row = await get_job(request, request.path_params["id"])
-    return JSONResponse({**submit.job_json(row), "workspace": row["workspace"]})
+    row = with_usage_so_far(request, await get_job(request, request.path_params["id"]))
+    show_log = await may_read_logs(request, row["project_id"])
+    return JSONResponse({**submit.job_json(row, show_log), "workspace": row["workspace"]})
 
 
 @api
@@ -245,10 +263,10 @@ async def job_log(request: Request) -> Response:
 @api
 async def queue(request: Request) -> Response:
     await require_admin(request, "control the queue")
-    limit = request.query_params.get("limit", "1000")
-    if not limit.isdigit():
+    limit = parse_number(request.query_params.get("limit", "1000"))
+    if limit is None:
         raise HTTPError(400, "limit must be a whole number of jobs")
-    return JSONResponse(site(request).scheduler.snapshot(int(limit)))
+    return JSONResponse(site(request).scheduler.snapshot(limit))
 
 
 @api

@@ -9,7 +9,7 @@ that knows nothing of HTTP.
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 import urllib.parse
 from typing import Any
 
@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from .. import auth, pipeline
-from ..auth import RateLimiter, Sealer, User
+from ..auth import Sealer, SignInThrottle, User
 from ..config import Settings
 from ..db import Database, Row
 from ..executor import Executor
@@ -55,12 +55,12 @@ class Site:
         self,
         settings: Settings,
         templates: Jinja2Templates,
-        login_limiter: RateLimiter,
+        sign_in_throttle: SignInThrottle,
         sealer: Sealer,
     ) -> None:
         self.settings = settings
         self.templates = templates
-        self.login_limiter = login_limiter
+        self.sign_in_throttle = sign_in_throttle
         self.sealer = sealer
         self.projects = ParsedProjects()
 
@@ -115,11 +115,15 @@ async def current_user(request: Request) -> User | None:
         user = await auth.authenticate_token(state.db, header[7:].strip())
         if user is None:
             raise HTTPError(
-                401, "the API token is not valid; create a new one on your account page"
+                401,
+                "the API token is not valid (it may have been revoked, or have expired); "
+                "create a new one on your account page",
             )
         request.state.via_token = True
     elif "user_id" in request.session:
-        user = await auth.load_session_user(state.db, request.session)
+        user = await auth.load_session_user(
+            state.db, request.session, float(state.settings.session_max_age)
+        )
         if user is None:
             request.session.clear()
     request.state.user = user
@@ -159,14 +163,10 @@ async def check_csrf(request: Request) -> None:
         raise HTTPError(403, "the form has expired or came from another site; reload the page")
 
 
-async def check_can_view(request: Request, project_id: int) -> None:
-    user = await current_user(request)  # a bad token is refused even where none is needed
-    if site(request).settings.public_status:
-        return
-    if user is None:
-        raise HTTPError(401, "sign in to see this project")
-    if not user.is_member(project_id):
-        raise HTTPError(403, "only members of this project can see it")
+async def may_read_logs(request: Request, project_id: int) -> bool:
+    """Whether the asker may read the project's job logs (output viewers, DESIGN 10)."""
+    user = await current_user(request)
+    return bool(user and user.can_view_outputs(project_id))
 
 
 async def check_role(request: Request, project_id: int, *roles: str) -> User:
@@ -174,6 +174,16 @@ async def check_role(request: Request, project_id: int, *roles: str) -> User:
     if not user.has_role(project_id, *roles):
         raise HTTPError(403, f"you need the {' or '.join(roles)} role on this project to do that")
     return user
+
+
+def check_may_register(request: Request, user: User) -> None:
+    """Who may register projects: any user, or site admins only (``project_registration``)."""
+    if site(request).settings.project_registration == "admins" and not user.is_admin:
+        raise HTTPError(
+            403,
+            "only site admins register projects on this site; ask one to register yours "
+            "and make you a member",
+        )
 
 
 GITHUB_TOKEN = "github_token"  # the session key of the asker's sealed GitHub token
@@ -196,20 +206,32 @@ async def asker_github_repos(request: Request) -> list[dict[str, Any]] | None:
     return await github(request).repos(token)
 
 
-def in_sqlite_range(number: int) -> bool:
-    """Whether a number from an address can be an SQLite row id (asking for a larger one
-    is an error in SQLite, not an empty answer)."""
-    return 0 <= number < 2**63
+# the one rule for a number in an address (an id, a page): ASCII digits only (to Python,
+# "²" is a digit that int() refuses, and int() reads the Arabic-Indic "٣" as 3), at most 18
+# of them, so that every such number is an SQLite integer
+NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def parse_number(text: str | None) -> int | None:
+    """The number ``text`` spells by that rule, or None when it does not."""
+    return int(text) if text is not None and NUMBER.fullmatch(text) else None
 
 
 # -- lookups by name ----------------------------------------------------------------------
 
 
 async def _visible(request: Request, row: Row | None, kind: str, key: str) -> Row:
-    """A row the asker looked up by ``key``: 404 when missing, then the project's visibility."""
-    if row is None:
-        raise HTTPError(404, f"there is no {kind} {key!r}")
-    await check_can_view(request, row["project_id"])
+    """A row the asker looked up by ``key``, when it exists and they may see its project.
+
+    A private site (``public_status: false``) shows a project to its members only; to
+    anyone else, signed in or not, a thing that exists there is as missing as one that
+    does not: the same 404, the same words, so that no one learns what exists."""
+    user = await current_user(request)  # a bad token is refused even where none is needed
+    hidden = not site(request).settings.public_status and (
+        row is not None and (user is None or not user.is_member(row["project_id"]))
+    )
+    if row is None or hidden:
+        raise HTTPError(404, f"there is no {kind} {key!r} that you can see")
     return row
 
 
@@ -238,13 +260,23 @@ async def get_job(request: Request, job_id: str) -> Row:
     return await _visible(request, job, "job", job_id)
 
 
+def with_usage_so_far(request: Request, job: Row) -> Row:
+    """A running job with the CPU and memory sampled so far: its columns are written only
+    when it ends."""
+    if job["state"] != "running":
+        return job
+    use = site(request).scheduler.executor.usage(job["id"])
+    return {**job, **use.as_json()} if use is not None else job
+
+
 async def get_job_request(request: Request, request_id: str) -> Row:
     row = None
-    if request_id.isdigit() and in_sqlite_range(int(request_id)):
+    number = parse_number(request_id)
+    if number is not None:
         row = await site(request).db.fetchone(
             "SELECT r.*, w.name AS workspace, w.project_id FROM job_requests r "
             "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
-            (int(request_id),),
+            (number,),
         )
     return await _visible(request, row, "job request", request_id)
 
@@ -265,8 +297,10 @@ def is_htmx(request: Request) -> bool:
 async def json_body(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HTTPError(400, "the request body must be JSON") from None
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past Python's stack
+        raise HTTPError(
+            400, "the request body must be JSON (UTF-8, nested at most a few hundred deep)"
+        ) from None
     if not isinstance(body, dict):
         raise HTTPError(400, "the request body must be a JSON object")
     return body
@@ -360,9 +394,14 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     status, message = error.status, error.message
     if is_api(request):
         return JSONResponse({"error": message}, status_code=status)
+    # a poll whose session ended meets a 404 on a private site (see _visible): it too
+    # sends the browser to sign in, as it would for anything missing
+    polled = bool(request.headers.get("hx-request"))
+    if status == 404 and polled and getattr(request.state, "user", None) is None:  # nobody
+        status = 401
     if status == 401:
         login = url(request, "login") + "?next=" + urllib.parse.quote(request.url.path)
-        if request.headers.get("hx-request"):  # a poll must not swap the sign-in page in
+        if polled:  # a poll must not swap the sign-in page in
             return Response(message, status_code=401, headers={"HX-Redirect": login})
         return RedirectResponse(login, status_code=303)
     return await render(request, "error.html", {"status": status, "message": message}, status)

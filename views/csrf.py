@@ -3,17 +3,16 @@ session must come from this site and carry the session's CSRF token."""
 
 from __future__ import annotations
 
-import html
 import secrets
 import urllib.parse
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import same_secret
+from .limits import answer
 
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
@@ -69,7 +68,7 @@ class CSRFMiddleware:
         origin = headers.get("origin")
         own_origin = _origin(str(request.base_url))
         if origin is not None and origin not in (self.site_origin, own_origin):
-            await _answer(scope, receive, send, 403, CSRF_REFUSED)
+            await answer(scope, receive, send, 403, CSRF_REFUSED)
             return
         submitted = headers.get(CSRF_HEADER)
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -80,30 +79,13 @@ class CSRFMiddleware:
                     value = form.get(CSRF_FIELD)
                     submitted = value if isinstance(value, str) else None
             except HTTPException as e:  # too many fields, a part too large
-                await _answer(scope, receive, send, 400, f"the form cannot be read: {e.detail}")
+                await answer(scope, receive, send, 400, f"the form cannot be read: {e.detail}")
                 return
             receive = _replay(body, receive)
         if not csrf_ok(request, submitted):
-            await _answer(scope, receive, send, 403, CSRF_REFUSED)
+            await answer(scope, receive, send, 403, CSRF_REFUSED)
             return
         await self.app(scope, receive, send)
-
-
-async def _answer(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-    """An error from below the app's own error pages: JSON on the API, plain HTML elsewhere."""
-    if scope["path"].startswith("/api/"):
-        response: Response = JSONResponse({"error": message}, status_code=status)
-    else:
-        title = "Not allowed" if status == 403 else "Something is wrong"
-        sentence = message[0].upper() + message[1:].rstrip(".") + "."
-        home = scope["app"].url_path_for("home")
-        response = HTMLResponse(
-            f"<!doctype html><title>{title} · jobsite</title>"
-            f'<main><h1>{title}</h1><p role="alert">{html.escape(sentence)}</p>'
-            f'<p><a href="{home}">Back to your projects</a></p></main>',
-            status_code=status,
-        )
-    await response(scope, receive, send)
 
 
 def _origin(url: str) -> str:

@@ -25,13 +25,16 @@ from .base import (
     get_workspace,
     is_htmx,
     local_path,
+    parse_number,
     redirect_to,
     render,
     site,
     url,
+    with_usage_so_far,
 )
 
 PAGE_SIZE = 20
+MAX_PAGE = 10**6  # pages of job requests: far more than any workspace has
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
 
 
@@ -44,8 +47,9 @@ async def logs_page(request: Request) -> Response:
     workspace = await get_workspace(request, request.path_params["workspace"])
     db = site(request).db
     query = request.query_params.get("q", "").strip()
-    page_param = request.query_params.get("page", "1")
-    page = max(1, int(page_param)) if page_param.isdigit() else 1
+    page = parse_number(request.query_params.get("page", "1"))
+    if page is None or not 1 <= page <= MAX_PAGE:
+        raise HTTPError(400, f"page must be a whole number from 1 to {MAX_PAGE}")
     where = "r.workspace_id = ?"
     params: tuple = (workspace["id"],)
     if query:
@@ -93,6 +97,7 @@ async def job_request_page(request: Request) -> Response:
         },
         "workspace": await get_workspace(request, row["workspace"]),
         "can_cancel": bool(user and user.can_run(row["project_id"])),
+        "can_view_log": bool(user and user.can_view_outputs(row["project_id"])),
         "live": job_request["status"] in ACTIVE_STATES,
         "now": now,
     }
@@ -132,7 +137,7 @@ def timeline(events: list[dict[str, Any]], job: dict[str, Any], now: float) -> l
 
 
 async def job_page(request: Request) -> Response:
-    job = await get_job(request, request.path_params["id"])
+    job = with_usage_so_far(request, await get_job(request, request.path_params["id"]))
     user = await current_user(request)
     state = site(request)
     db = state.db

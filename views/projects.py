@@ -12,6 +12,7 @@ from ..problems import Problem
 from ..queries import job_request_rows
 from ..states import ACTIVE_STATES
 from .base import (
+    check_may_register,
     current_user,
     flash,
     fragment,
@@ -67,10 +68,13 @@ async def home(request: Request) -> Response:
 async def create_project(request: Request) -> Response:
     """Register a project (from the home page)."""
     user = await require_user(request)
+    check_may_register(request, user)
     form = await request.form()
     name = str(form.get("name") or "")
     try:
-        project = await workspaces.create_project(site(request).db, user, name)
+        project = await workspaces.create_project(
+            site(request).db, user, name, site(request).settings.public_status
+        )
     except Problem as e:
         context = {**await home_context(request), "error": e.message, "name": name}
         return await render(request, "home.html", context, status=400)

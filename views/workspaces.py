@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
+import urllib.parse
+from pathlib import PurePosixPath
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 
 from .. import auth, pipeline, submit, workspaces
+from ..db import Row
 from ..graph import Node, render_svg
-from ..outputs import Manifest
+from ..outputs import (
+    MAX_VIEWABLE_SIZE,
+    PREVIEWS,
+    Manifest,
+    UnreadableOutput,
+    csv_preview,
+    read_output,
+)
 from ..problems import FieldProblems
 from ..repos import RepoError, check_allowed, is_allowed
 from ..states import ACTIVE_STATES, status_label
@@ -160,8 +170,11 @@ async def workspace_page(
     user = await current_user(request)
     polling = is_htmx(request) and request.method == "GET"
     state = site(request)
+    manifest = await asyncio.to_thread(
+        Manifest.load, state.settings.data.workspace(workspace["name"])
+    )
     found = await workspaces.workspace_actions(
-        state.db, state.repos, state.projects, workspace, fetch=not polling
+        state.db, state.repos, state.projects, workspace, fetch=not polling, manifest=manifest
     )
     actions = action_views(found)
     live = any(a["state"] in ACTIVE_STATES for a in actions)
@@ -233,25 +246,86 @@ async def archive(request: Request) -> Response:
 
 # -- outputs ------------------------------------------------------------------------------
 
-# a file served from a workspace is always a download, never a page of this site
-DOWNLOAD_HEADERS = {
+# a file served from a workspace is never a page of this site: no script runs in it, nothing
+# sniffs it into another type, and only this site may frame it
+FILE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "sandbox; default-src 'none'",
+    "Content-Security-Policy": (
+        "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        "font-src data:; frame-ancestors 'self'"
+    ),
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Referrer-Policy": "no-referrer",
 }
+# the types shown inline (an image, a report in a sandboxed frame); all else is a download
+INLINE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".svg": "image/svg+xml",
+    ".html": "text/html; charset=utf-8",
+}
+PREVIEW_TEXT = 1024**2  # bytes of a text output shown on its preview page
 
 
 async def outputs(request: Request) -> Response:
-    """The workspace's outputs (no path), or one visible moderately_sensitive file."""
+    """The workspace's outputs by action (no path); one output's preview page; or, with
+    ``?download=1``, the file itself."""
     workspace = await get_workspace(request, request.path_params["workspace"])
     await check_role(request, workspace["project_id"], "output_viewer")
-    ws_dir = site(request).settings.data.workspace(workspace["name"])
-    manifest = Manifest.load(ws_dir)
+    state = site(request)
+    manifest = await asyncio.to_thread(
+        Manifest.load, state.settings.data.workspace(workspace["name"])
+    )
     path = request.path_params["path"]
     if not path:
-        files = sorted(
-            manifest.data["files"].items(), key=lambda item: (item[1]["action"], item[0])
+        found = await workspaces.workspace_outputs(state.repos, state.projects, workspace, manifest)
+        context = {"workspace": workspace, "groups": output_groups(found), "found": found}
+        return await render(request, "outputs.html", context)
+    entry, data = await shown_output(request, workspace, manifest, path)
+    name = PurePosixPath(path).name
+    if request.query_params.get("download"):
+        disposition = f"attachment; filename*=utf-8''{urllib.parse.quote(name)}"
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={**FILE_HEADERS, "Content-Disposition": disposition},
         )
-        return await render(request, "outputs.html", {"workspace": workspace, "files": files})
+    suffix = PurePosixPath(path).suffix.lower()
+    context = {
+        "workspace": workspace,
+        "path": path,
+        "name": name,
+        "entry": entry,
+        "kind": PREVIEWS.get(suffix),
+    }
+    if context["kind"] == "table":
+        context["table"] = csv_preview(data, "\t" if suffix == ".tsv" else ",")
+    elif context["kind"] == "text":
+        context["text"] = data[:PREVIEW_TEXT].decode(errors="replace")
+        context["cut"] = len(data) > PREVIEW_TEXT
+    return await render(request, "output.html", context)
+
+
+async def output_file(request: Request) -> Response:
+    """An image or HTML report, for the preview page's <img> or sandboxed <iframe>."""
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    await check_role(request, workspace["project_id"], "output_viewer")
+    manifest = await asyncio.to_thread(
+        Manifest.load, site(request).settings.data.workspace(workspace["name"])
+    )
+    path = request.path_params["path"]
+    media_type = INLINE_TYPES.get(PurePosixPath(path).suffix.lower())
+    if media_type is None:
+        raise HTTPError(404, f"{path} is not shown inline: download it from its preview page")
+    _, data = await shown_output(request, workspace, manifest, path)
+    return Response(data, headers={**FILE_HEADERS, "Content-Type": media_type})
+
+
+async def shown_output(
+    request: Request, workspace: Row, manifest: Manifest, path: str
+) -> tuple[dict[str, Any], bytes]:
+    """An output an output viewer may see (DESIGN section 10) and its bytes, or why not."""
     entry = manifest.data["files"].get(path)
     if entry is None:
         raise HTTPError(404, f"{workspace['name']} has no output {path!r}")
@@ -260,14 +334,21 @@ async def outputs(request: Request) -> Response:
     if not entry.get("visible"):
         reason = entry.get("not_visible_because") or "it did not pass the checks"
         raise HTTPError(403, f"{path} is not shown: {reason}")
-    root = ws_dir.resolve()
-    file = ws_dir / path
-    resolved = file.resolve()
-    if file.is_symlink() or not resolved.is_relative_to(root) or not resolved.is_file():
-        raise HTTPError(404, f"{path} is no longer in the workspace; run its action again")
-    return FileResponse(
-        resolved,
-        filename=Path(path).name,
-        content_disposition_type="attachment",
-        headers=DOWNLOAD_HEADERS,
-    )
+    ws_dir = site(request).settings.data.workspace(workspace["name"])
+    try:
+        data = await asyncio.to_thread(read_output, ws_dir, path, MAX_VIEWABLE_SIZE)
+    except UnreadableOutput:
+        message = f"{path} is no longer in the workspace; run its action again"
+        raise HTTPError(404, message) from None
+    return entry, data
+
+
+def output_groups(found: dict[str, Any]) -> list[dict[str, Any]]:
+    """The outputs list: each action's files, actions in name order."""
+    files: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for path, entry in sorted(found["files"].items()):
+        files.setdefault(entry.get("action", ""), []).append((path, entry))
+    return [
+        {"action": action, **entry, "files": files.get(action, [])}
+        for action, entry in sorted(found["actions"].items())
+    ]
