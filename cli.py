@@ -163,11 +163,7 @@ async def _check_executor(settings: Settings) -> None:
     start checks again, however it is served)."""
     from .local_docker import LocalDockerExecutor
 
-    executor = LocalDockerExecutor(settings)
-    try:
-        await executor.check_settings()
-    finally:
-        executor.close()
+    await LocalDockerExecutor(settings).check_settings()
 
 
 def configure_logging() -> None:

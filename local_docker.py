@@ -152,6 +152,8 @@ class LocalDockerExecutor:
             await asyncio.to_thread(check)
         except DockerUnavailable as e:
             log.warning("could not check the databases' networks yet: %s", e)
+        finally:
+            self.close()  # a site refused at start leaves no connection behind
 
     def _network_problem(self, network: str) -> str | None:
         """What makes ``network`` unfit for database actions, if anything."""

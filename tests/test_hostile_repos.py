@@ -26,7 +26,14 @@ from jobsite.config import SettingsError
 from jobsite.datadir import action_log_name
 from jobsite.executor import JobError, JobSpec
 from jobsite.local_docker import LocalDockerExecutor
-from jobsite.repos import RepoNotAllowed, Repos, RepoUnreachable, check_allowed, repo_address
+from jobsite.repos import (
+    RepoNotAllowed,
+    Repos,
+    RepoUnreachable,
+    check_allowed,
+    is_allowed,
+    repo_address,
+)
 from jobsite.server import create_app
 from jobsite.workspaces import ParsedProjects
 
@@ -244,6 +251,8 @@ def test_repo_addresses_are_compared_in_one_normal_form(tmp_path):
     assert check_allowed(f"{tmp_path}/real/study", [f"{tmp_path}/alias/*"])
     with pytest.raises(RepoNotAllowed, match="not allowed on this site"):
         check_allowed(f"{tmp_path}/alias/study", [f"{tmp_path}/alias-2/*"])
+    assert is_allowed("https://github.com/our-org/study", ["https://github.com/our-org/*"])
+    assert not is_allowed("https://github.com/our-org/../x", ["https://github.com/our-org/*"])
     for repo in ["", "study", "git@github.com:org/study", "file:///srv/x", "/", "x" * 2000]:
         with pytest.raises(RepoNotAllowed, match="is not a repo this site can use"):
             repo_address(repo)
@@ -423,6 +432,19 @@ async def test_a_broken_project_yaml_is_parsed_once_per_commit(make_repo, tmp_pa
     assert repos.reads == 1, "ten callers at once shared one parse, and the error was kept"
 
 
+async def test_only_the_most_recently_used_commits_stay_parsed(make_repo, tmp_path):
+    repo = make_repo({"project.yaml": project_yaml()})
+    repos = CountingRepos(tmp_path / "mirrors")
+    first = await repos.resolve_branch(repo.url, "main")
+    second = repo.commit({"project.yaml": project_yaml(second=evil_action("second"))})
+    await repos.fetch(repo.url, fresh=True)
+    projects = ParsedProjects(size=1)
+    assert list((await projects.at(repos, repo.url, first)).actions) == ["generate"]
+    assert list((await projects.at(repos, repo.url, second)).actions) == ["generate", "second"]
+    await projects.at(repos, repo.url, first)
+    assert repos.reads == 3, "the first commit was parsed again"
+
+
 async def test_a_repo_is_fetched_once_however_many_ask_at_once(make_repo, tmp_path):
     repo = make_repo({"project.yaml": project_yaml()})
     repos = CountingRepos(tmp_path / "mirrors")
@@ -503,6 +525,15 @@ async def test_a_database_network_that_can_reach_the_internet_stops_the_site_at_
     settings.databases["full"].network = networks["internal"]
     async with running_site(settings) as (_app, client):
         await intact.check(client, allowed=made_by_test)
+
+
+async def test_with_docker_down_the_site_starts_and_checks_each_database_job(
+    settings, monkeypatch, caplog
+):
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")  # nothing listens there
+    settings.databases["full"].network = "db-net"
+    await LocalDockerExecutor(settings).check_settings()
+    assert "could not check the databases' networks yet" in caplog.text
 
 
 @pytest.mark.docker
