@@ -140,7 +140,7 @@ def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
     # the failed job's log is where a developer looks for it
     log = (root / "metadata/generate.log").read_text()
     assert log.splitlines()[0].endswith("Z broken")  # with Docker's timestamp
-    assert "status:          nonzero_exit: Job exited with an error (exit code 4): broken" in log
+    assert "status:          nonzero_exit: Job exited with an error (exit code 4)\n" in log
     assert "job request id:  none (jobsite run)" in log
 
     status, out = jobsite_run(
