@@ -400,6 +400,39 @@ def test_the_site_keeps_answering_while_an_alias_bomb_is_viewed(settings, make_r
     assert intact.new_files(allowed=made_by_test) == set()
 
 
+def chain_of(count: int, needs_all: bool = False) -> str:
+    """A valid pipeline of ``count`` actions, each needing the one before it (or every one
+    before it)."""
+    actions = {}
+    for n in range(count):
+        needs = [f"a{m}" for m in range(n)] if needs_all else [f"a{n - 1}"] if n else []
+        actions[f"a{n}"] = {
+            "run": f"python:v2 a{n}.py",
+            "needs": needs,
+            "outputs": {"highly_sensitive": {"x": f"output/a{n}.csv"}},
+        }
+    return json.dumps({"version": 5, "actions": actions})
+
+
+@pytest.mark.parametrize(
+    ("pipeline_text", "drawn"),
+    [(chain_of(1500), True), (chain_of(150, needs_all=True), False)],
+    ids=["a chain 1500 long", "150 actions each needing all before it"],
+)
+async def test_a_long_or_dense_pipeline_is_shown_without_stalling_the_site(
+    pipeline_text, drawn, client, make_user, make_repo, intact
+):
+    headers = await make_user("alice")
+    repo = make_repo({"project.yaml": pipeline_text})
+    await setup_workspace(client, headers, repo)
+    page = await client.get("/ws1/")
+    assert page.status_code == 200
+    assert ("too large to draw" not in page.text) == drawn
+    assert ('<svg class="graph"' in page.text) == drawn
+    assert '<tr data-action="a149">' in page.text, "every action is listed"
+    await intact.check(client, allowed=made_by_test)
+
+
 class CountingRepos(Repos):
     """Real mirrors, counting the reads of project.yaml and the updates from the remote."""
 
