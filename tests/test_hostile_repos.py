@@ -402,9 +402,9 @@ def test_the_site_keeps_answering_while_an_alias_bomb_is_viewed(settings, make_r
 
 def chain_of(count: int, needs_all: bool = False) -> str:
     """A valid pipeline of ``count`` actions, each needing the one before it (or every one
-    before it)."""
+    before it), listed last first."""
     actions = {}
-    for n in range(count):
+    for n in reversed(range(count)):
         needs = [f"a{m}" for m in range(n)] if needs_all else [f"a{n - 1}"] if n else []
         actions[f"a{n}"] = {
             "run": f"python:v2 a{n}.py",
