@@ -50,9 +50,33 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="when an action fails, still run the actions that do not need it",
     )
+    run.add_argument(
+        "-c",
+        "--concurrency",
+        type=_concurrency,
+        default=2,
+        metavar="N",
+        help="how many actions may run at once (default 2); actions wait for the actions "
+        "they need. Try -c 1 to run one at a time, e.g. to find which one runs out of memory",
+    )
     run.add_argument("--timeout", type=_duration, help="time limit of each job, e.g. 30m, 2h")
-    run.add_argument("--memory", type=_size, help="memory limit of each job, e.g. 4G")
-    run.add_argument("--cpus", type=float, help="CPUs each job may use, e.g. 2")
+    run.add_argument("-m", "--memory", type=_size, help="memory limit of each job, e.g. 4G")
+    run.add_argument("--cpus", "--cpu", type=float, help="CPUs each job may use, e.g. 2")
+    run.add_argument(
+        "--timestamps", action="store_true", help="start each line printed with the time"
+    )
+    run.add_argument(
+        "--debug",
+        action="store_true",
+        help="keep each job's container and temporary dir after the run, and print how to "
+        "remove them",
+    )
+    run.add_argument(
+        "--format-output-for-github",
+        action="store_true",
+        help="print each action's output, with its log, as a collapsible group in a GitHub "
+        "Actions workflow's log",
+    )
 
     check = commands.add_parser("check", help="check a project.yaml")
     check.add_argument("--project-dir", default=".", type=Path)
@@ -208,6 +232,12 @@ def _size(value: str) -> Size:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _concurrency(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of jobs, 1 or more")
+    return int(value)
+
+
 def run_project(args: argparse.Namespace) -> int:
     from . import local_run
     from .local_docker import LocalDockerExecutor
@@ -221,6 +251,12 @@ def run_project(args: argparse.Namespace) -> int:
         force_run_dependencies=args.force_run_dependencies,
         continue_on_error=args.continue_on_error,
         overrides={key: value for key, value in limits.items() if value is not None},
+        options=local_run.Options(
+            concurrency=args.concurrency,
+            debug=args.debug,
+            timestamps=args.timestamps,
+            github=args.format_output_for_github,
+        ),
     )
 
 

@@ -59,6 +59,18 @@ ALTER TABLE jobs ADD COLUMN cpu_mean REAL;
 ALTER TABLE jobs ADD COLUMN cpu_peak REAL;
 ALTER TABLE jobs ADD COLUMN memory_mean_mb REAL;
 ALTER TABLE jobs ADD COLUMN memory_peak_mb REAL;
+-- researcher-requests: what was changed in a workspace, by whom
+CREATE TABLE workspace_events (
+    id INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id),
+    user_id INTEGER REFERENCES users(id),
+    kind TEXT NOT NULL,
+    old_value TEXT NOT NULL,
+    new_value TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX workspace_events_workspace ON workspace_events (workspace_id, id);
+-- end researcher-requests
 """,
 }
 

@@ -1,10 +1,12 @@
 """``jobsite run``: a local checkout's pipeline, run in Docker as the site would run it.
 
 Like ``opensafely run``: the actions asked for (and whichever of their needs have no outputs
-from a successful run yet) run one after another, each in a container with the same limits
-as on the site, and their outputs land in the checkout's own ``output/...`` paths, with the
-logs in ``metadata/<action>.log``. There is no database and no server: what the site keeps
-in its database, a local run reads from the checkout's ``metadata/manifest.json``.
+from a successful run yet) run in containers with the same limits as on the site, as many
+at once as ``--concurrency`` allows, in the order of the site's fair queue
+(``scheduling.JobQueue``): an action starts once the actions it needs have succeeded. Their
+outputs land in the checkout's own ``output/...`` paths, with the logs in
+``metadata/<action>.log``. There is no database and no server: what the site keeps in its
+database, a local run reads from the checkout's ``metadata/manifest.json``.
 
 Each job starts from the checkout's files as they are on disk (committed or not), less
 ``.git``, ``metadata/`` and every file an action of the pipeline declares as an output;
@@ -21,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,13 @@ from .config import Settings, load_settings
 from .datadir import action_log_name
 from .executor import DockerUnavailable, Executor, JobError, JobSpec, Outcome
 from .outputs import Manifest, pattern_matches
+from .scheduling import JobQueue, Limits, QueuedJob
 from .states import State, StatusCode
 from .submit import out_of_date
+from .units import iso
 
 Print = Callable[[str], None]
+LOCAL_USER = 0  # a local run's jobs all belong to the one person running it
 
 
 @dataclass
@@ -53,6 +58,16 @@ class Result:
         return self.status_code == StatusCode.SUCCEEDED
 
 
+@dataclass(frozen=True)
+class Options:
+    """How ``jobsite run`` runs and what it prints (its command-line flags)."""
+
+    concurrency: int = 2  # jobs run at once
+    debug: bool = False  # keep containers and job dirs, and say how to remove them
+    timestamps: bool = False  # each line starts with the time
+    github: bool = False  # each action's output in a GitHub Actions ::group:: block
+
+
 def main(
     project_dir: Path,
     actions: list[str],
@@ -62,29 +77,64 @@ def main(
     force_run_dependencies: bool = False,
     continue_on_error: bool = False,
     overrides: dict[str, Any] | None = None,
+    options: Options = Options(),
     out: Print = print,
 ) -> int:
     """Run the pipeline of the checkout at ``project_dir``; the exit status of ``jobsite run``."""
-    with tempfile.TemporaryDirectory(prefix="jobsite-run-") as scratch:
+    if options.timestamps:
+        out = timestamped(out)
+    with scratch_dir(options.debug) as scratch:
         settings = load_settings(config, data_dir=scratch, **(overrides or {}))
-        run = LocalRun(project_dir.resolve(), settings, make_executor(settings), out)
+        run = LocalRun(project_dir.resolve(), settings, make_executor(settings), out, options)
         try:
             return asyncio.run(run.run(actions, force_run_dependencies, continue_on_error))
         except KeyboardInterrupt:
-            out("Stopped: the running job was cancelled and its container removed.")
+            if options.debug:
+                out("Stopped: the running jobs were cancelled.")
+                run.say_how_to_clean_up()
+            else:
+                out("Stopped: the running jobs were cancelled and their containers removed.")
             return 130
+
+
+def timestamped(out: Print) -> Print:
+    """``out`` with each line starting with the time it was printed (RFC 3339, UTC)."""
+
+    def say(text: str) -> None:
+        stamp = iso(time.time())
+        out("\n".join(f"{stamp} {line}" if line else line for line in text.split("\n")))
+
+    return say
+
+
+@contextlib.contextmanager
+def scratch_dir(keep: bool) -> Iterator[str]:
+    """Where the run keeps its job dirs and logs: removed afterwards unless ``keep``."""
+    if keep:
+        yield tempfile.mkdtemp(prefix="jobsite-run-")
+    else:
+        with tempfile.TemporaryDirectory(prefix="jobsite-run-") as scratch:
+            yield scratch
 
 
 class LocalRun:
     def __init__(
-        self, project_dir: Path, settings: Settings, executor: Executor, out: Print
+        self,
+        project_dir: Path,
+        settings: Settings,
+        executor: Executor,
+        out: Print,
+        options: Options = Options(),
     ) -> None:
         self.project_dir = project_dir
         self.settings = settings
         self.out = out
         self.executor = executor
+        self.options = options
         self.cleanups: list[asyncio.Task] = []
-        self.ahead: asyncio.Future[None] | None = None  # creating the next job's container
+        # creating the containers of jobs still waiting, while others run: job id -> task
+        self.ahead: dict[str, asyncio.Future[None]] = {}
+        self._specs: dict[str, JobSpec] = {}  # the jobs of this run, by id
         self.ran_jobs = False
 
     async def run(self, requested: list[str], force: bool, continue_on_error: bool) -> int:
@@ -96,14 +146,31 @@ class LocalRun:
             self.executor.close()
 
     async def _remove_leftovers(self) -> None:
-        """After Ctrl-C or an error: no container of this run stays behind."""
+        """After Ctrl-C or an error: no container of this run stays behind (unless kept for
+        debugging)."""
         if not self.ran_jobs:
             return
-        if self.ahead is not None:
-            await asyncio.gather(self.ahead, return_exceptions=True)
+        await asyncio.gather(*self.ahead.values(), return_exceptions=True)
+        if self.options.debug:
+            return
         with contextlib.suppress(DockerUnavailable):
             for job_id in await self.executor.adopt():
                 await self.executor.cleanup(job_id)
+
+    def _cleanup(self, job_id: str) -> None:
+        """Remove a job's container and temporary files while the run goes on."""
+        if not self.options.debug:
+            self.cleanups.append(asyncio.create_task(self.executor.cleanup(job_id)))
+
+    def say_how_to_clean_up(self) -> None:
+        say = self.out
+        say("")
+        say("--debug: the containers and job dirs of this run were kept. To remove them:")
+        say(
+            "  docker container rm --force $(docker container ls --all --quiet "
+            f"--filter label=jobsite={self.settings.site_id})"
+        )
+        say(f"  rm -rf {self.settings.data_dir}")
 
     async def _run(self, requested: list[str], force: bool, continue_on_error: bool) -> int:
         project = self._load_pipeline()
@@ -116,6 +183,7 @@ class LocalRun:
             return 2
         if not plan.jobs:
             self.out(plan.message)
+            self.out("Use -f (--force-run-dependencies) to run them again.")
             return 0
         images = self._images(project, plan)
         if images is None:
@@ -130,6 +198,8 @@ class LocalRun:
             return 1
         results = await self._run_plan(project, plan, images, continue_on_error)
         self._print_summary(results)
+        if self.options.debug:
+            self.say_how_to_clean_up()
         return 0 if all(result.succeeded for result in results.values()) else 1
 
     def _workspace_state(self, project: pipeline.Pipeline) -> dict[str, pipeline.ActionState]:
@@ -155,14 +225,15 @@ class LocalRun:
         images: dict[str, str],
         continue_on_error: bool,
     ) -> dict[str, Result]:
-        """The planned jobs one after another, needs first (the plan's order)."""
+        """The planned jobs, as many at once as the concurrency allows, each once the jobs
+        it needs have succeeded: the site's fair queue decides which starts next."""
         sha = _checkout_commit(self.project_dir)
         files = checkout_files(self.project_dir, project)
         self.ran_jobs = True
         names = [job.action for job in plan.jobs]
         self.out(f"Running {len(names)} action{'s' * (len(names) != 1)}: {', '.join(names)}")
-        jobs = [
-            JobSpec(
+        jobs = {
+            action.name: JobSpec(
                 id=secrets.token_hex(8),
                 job_request_id=0,  # no job request: a local run
                 workspace=self.project_dir.name,
@@ -179,27 +250,53 @@ class LocalRun:
                 workspace_dir=self.project_dir,
             )
             for action in (project.actions[planned.action] for planned in plan.jobs)
-        ]
+        }
+        by_id = self._specs = {job.id: job for job in jobs.values()}
+        queue = JobQueue()
+        for place, planned in enumerate(plan.jobs):
+            queue.add(
+                QueuedJob(
+                    jobs[planned.action].id,
+                    LOCAL_USER,
+                    action=planned.action,
+                    created_at=place,  # the plan's order: needs first
+                    waiting_on={jobs[need].id for need in planned.needs_new},
+                )
+            )
+        limits = Limits(max_workers=self.options.concurrency)
         results: dict[str, Result] = {}
+        running: dict[asyncio.Task[Result], str] = {}
         stopped = False
-        for planned, job, next_job in zip(plan.jobs, jobs, [*jobs[1:], None], strict=True):
-            if self.ahead is not None:
-                await self.ahead
-            failed_needs = [n for n in planned.needs_new if not results[n].succeeded]
-            if failed_needs or stopped:
-                if failed_needs:
-                    code = StatusCode.DEPENDENCY_FAILED
-                    message = f"Not run: it needs {', '.join(failed_needs)}, which did not succeed"
-                    self.out(f"{job.action}: {code}: {message}")
-                else:
-                    code = StatusCode.NOT_RUN
-                    message = "Not run: an earlier action failed (use --continue-on-error to go on)"
-                results[job.action] = Result(job.action, code, message)
-                self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
-                continue
-            results[job.action] = await self._run_job(job, next_job)
-            stopped = not results[job.action].succeeded and not continue_on_error
-        return results
+        try:
+            while True:
+                while not stopped and (picked := queue.pick(time.time(), limits)) is not None:
+                    queue.start(picked.id, time.time())
+                    task = asyncio.create_task(self._run_job(by_id[picked.id], queue))
+                    running[task] = picked.id
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    job = by_id[running.pop(task)]
+                    result = results[job.action] = task.result()
+                    for failure in queue.finish(job.id, time.time(), result.succeeded):
+                        action, need = failure.job.action, failure.dependency.action
+                        message = f"Not run: it needs {need}, which did not succeed"
+                        self.out(f"{action}: {StatusCode.DEPENDENCY_FAILED}: {message}")
+                        results[action] = Result(action, StatusCode.DEPENDENCY_FAILED, message)
+                        self._cleanup(failure.job.id)
+                    stopped = stopped or not (result.succeeded or continue_on_error)
+        except BaseException:  # Ctrl-C: every running job stops, leaving no container
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+        for job_id in list(queue.pending):
+            action = by_id[job_id].action
+            message = "Not run: an earlier action failed (use --continue-on-error to go on)"
+            results[action] = Result(action, StatusCode.NOT_RUN, message)
+            self._cleanup(job_id)
+        return {name: results[name] for name in jobs}
 
     def _load_pipeline(self) -> pipeline.Pipeline | None:
         path = self.project_dir / "project.yaml"
@@ -240,22 +337,24 @@ class LocalRun:
             return None
         return images
 
-    async def _run_job(self, job: JobSpec, next_job: JobSpec | None) -> Result:
+    async def _run_job(self, job: JobSpec, queue: JobQueue) -> Result:
         """One job through prepare, run and finalize, saying each step as it begins.
 
-        While it runs, the next job's container is created, so that it can start as soon
-        as this job's outputs are in place.
+        While it runs, the container of the next job still waiting is created, so that it
+        can start as soon as a slot and its needs' outputs are there.
         """
         began = time.monotonic()
-        say = self.out
+        lines: list[str] = []
+        say = lines.append if self.options.github else self.out
         try:
+            if job.id in self.ahead:
+                await self.ahead.pop(job.id)
             say(f"{job.action}: preparing")
             await self.executor.prepare(job)
             started = time.time()
             await self.executor.start(job)
             say(f"{job.action}: executing ({job.run_command})")
-            if next_job is not None:
-                self.ahead = asyncio.ensure_future(self._create_ahead(next_job))
+            self._create_next(queue)
             exit = await self.executor.wait(job, started)
             say(f"{job.action}: finalizing")
             outcome = await self.executor.collect(job, exit)
@@ -266,10 +365,11 @@ class LocalRun:
                 State.FAILED, StatusCode.INTERNAL_ERROR, f"{e}. Start Docker and run again."
             )
         except BaseException:  # Ctrl-C, or anything unforeseen: leave no container behind
-            await asyncio.shield(self._stop(job.id))
+            if not self.options.debug:
+                await asyncio.shield(self._stop(job.id))
             raise
         # the container and temporary files go while the next job starts
-        self.cleanups.append(asyncio.create_task(self.executor.cleanup(job.id)))
+        self._cleanup(job.id)
         logged = outcome.state == State.SUCCEEDED
         if not logged:
             logged = await asyncio.to_thread(self._keep_failed_log, job)
@@ -288,7 +388,30 @@ class LocalRun:
             say(f"{job.action}: succeeded in {result.seconds:.1f}s")
         else:
             say(f"{job.action}: {result.status_code}: {result.message}")
+        if self.options.github:
+            await self._print_group(job, result, lines)
         return result
+
+    async def _print_group(self, job: JobSpec, result: Result, lines: list[str]) -> None:
+        """An action's lines and its log as one GitHub Actions group, printed when it ends
+        (actions running at once would otherwise mix their lines)."""
+        log = self.settings.data.log(job.id)
+        text = await asyncio.to_thread(log.read_text, errors="replace") if log.exists() else ""
+        self.out(f"::group::{job.action}: {result.status_code}")
+        for line in lines:
+            self.out(line)
+        if text:
+            self.out(f"--- {action_log_name(job.action)} ---")
+            self.out(text.rstrip("\n"))
+        self.out("::endgroup::")
+
+    def _create_next(self, queue: JobQueue) -> None:
+        """Start creating the container of the first waiting job that has none yet."""
+        for job_id in queue.pending:
+            if job_id not in self.ahead:
+                spec = self._specs[job_id]
+                self.ahead[job_id] = asyncio.ensure_future(self._create_ahead(spec))
+                return
 
     async def _create_ahead(self, job: JobSpec) -> None:
         with contextlib.suppress(Exception):  # start() tries again, and says what went wrong

@@ -74,6 +74,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             obj(
                 {
                     "sha": {**MAYBE_STRING, "description": "the branch head's commit"},
+                    "changes": {
+                        "type": "array",
+                        "description": "changes made to the workspace, newest first",
+                        "items": obj(
+                            {
+                                "kind": STRING,
+                                "from": STRING,
+                                "to": STRING,
+                                "by": MAYBE_STRING,
+                                "at": TIME,
+                            }
+                        ),
+                    },
                     "project_yaml_error": {
                         **MAYBE_STRING,
                         "description": "why project.yaml at the branch head cannot be used",
@@ -88,7 +101,69 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "NewJobRequest": obj(
         {"actions": NAMES},
-        {"force_run_dependencies": {"type": "boolean"}, "notify": {"type": "boolean"}},
+        {
+            "force_run_dependencies": {"type": "boolean"},
+            "notify": {"type": "boolean"},
+            "commit": {
+                "type": "string",
+                "description": "a commit of the workspace's branch to run (its sha, or an "
+                "unambiguous start of it); default: the branch's head",
+            },
+        },
+    ),
+    "WorkspaceChange": obj({"branch": {"type": "string", "minLength": 1}}),
+    "ChangedWorkspace": {
+        "allOf": [
+            ref("Workspace"),
+            obj({"changed": {"type": "boolean"}, "message": STRING}),
+        ]
+    },
+    "Status": obj(
+        {
+            "running": {"type": "integer"},
+            "pending": {"type": "integer"},
+            "workers": obj({"in_use": {"type": "integer"}, "total": {"type": "integer"}}),
+            "paused": {"type": "boolean"},
+            "oldest_waiting_since": MAYBE_TIME,
+            "oldest_waiting_seconds": {"type": ["number", "null"]},
+            "docker": obj({"ok": {"type": "boolean"}, "message": STRING}),
+            "disk": obj(
+                {
+                    "ok": {"type": "boolean"},
+                    "free_bytes": {"type": "integer"},
+                    "needed_bytes": {"type": "integer"},
+                    "message": STRING,
+                }
+            ),
+            "workspaces": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "workspace": STRING,
+                        "running": {"type": "integer"},
+                        "pending": {"type": "integer"},
+                    }
+                ),
+            },
+            "other_workspaces": obj(
+                {"running": {"type": "integer"}, "pending": {"type": "integer"}}
+            ),
+            "waiting": {
+                "type": "array",
+                "description": "waiting jobs in the order they should start (the first 100)",
+                "items": obj(
+                    {
+                        "job_id": STRING,
+                        "workspace": STRING,
+                        "action": STRING,
+                        "status_code": STRING,
+                        "created_at": TIME,
+                        "expected_start_at": MAYBE_TIME,
+                        "expected_start_in_seconds": {"type": ["number", "null"]},
+                    }
+                ),
+            },
+        }
     ),
     "Job": obj(
         {
@@ -121,6 +196,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 **STRING,
                 "description": "a failed job's last log lines; only to those who may read "
                 "its log (output viewers)",
+            },
+            "expected_start_at": {
+                **MAYBE_TIME,
+                "description": "when a waiting job should start, from its place in the queue "
+                "and recent runtimes of its action; null once started, or while paused",
             },
         },
     ),
@@ -284,6 +364,11 @@ OPERATIONS: tuple[Operation, ...] = (
               201, "NewWorkspace", auth="required", errors=(400, 401, 403, 404)),
     Operation("get", "/api/v1/workspaces/{name}", "A workspace and its actions' statuses",
               "WorkspaceStatus"),
+    Operation("patch", "/api/v1/workspaces/{name}", "Change a workspace's branch",
+              "ChangedWorkspace", body="WorkspaceChange", auth="required",
+              errors=(400, 401, 403, 404),
+              description="Needs the developer role. The branch must exist and hold a "
+              "project.yaml; the change is recorded and shown on the workspace."),
     Operation("post", "/api/v1/workspaces/{name}/job-requests", "Run actions", "JobRequest",
               201, "NewJobRequest", auth="required", errors=(400, 401, 403, 404),
               description="Needs the developer role."),
@@ -296,6 +381,11 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/v1/jobs/{id}", "A job", "Job"),
     Operation("get", "/api/v1/jobs/{id}/log", "A job's log", "Log", media_type="text/plain",
               description="Needs the output_viewer role."),
+    Operation("get", "/api/v1/status", "The queue in the open: running and waiting jobs, "
+              "workers, Docker and disk health, and when waiting jobs should start", "Status",
+              errors=(401,),
+              description="Public when the site's public_status is on, else for signed-in "
+              "users."),
     Operation("get", "/api/v1/admin/queue", "The queue: running jobs, then waiting ones in order",
               "Queue", auth="required", errors=(400, 401, 403), description="For site admins.",
               query={"limit": {"type": "integer", "minimum": 0,

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from .db import Database, Row
-from .scheduling import QueuedJob, decayed, queue_order
+from .scheduling import (
+    RECENT_RUNS,
+    QueuedJob,
+    Running,
+    Waiting,
+    decayed,
+    expected_runtime,
+    expected_starts,
+    queue_order,
+)
 from .states import State
 
 # the latest job of each action in a workspace (one row per action that ever ran)
@@ -70,13 +81,24 @@ async def job_request_rows(
     return result
 
 
+async def previous_success(db: Database, workspace_id: int, before: int) -> Row | None:
+    """The workspace's latest job request before ``before`` whose jobs all succeeded."""
+    return await db.fetchone(
+        "SELECT r.id, r.sha FROM job_requests r WHERE r.workspace_id = ? AND r.id < ? "
+        "AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_request_id = r.id) "
+        "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_request_id = r.id "
+        "AND j.state != 'succeeded') ORDER BY r.id DESC LIMIT 1",
+        (workspace_id, before),
+    )
+
+
 async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
     """Running jobs, then runnable jobs in the order the scheduler would start them,
     then jobs still waiting on their dependencies."""
     rows = await db.fetchall(
         "SELECT j.id, j.action, j.state, j.status_code, j.status_message, j.user_id, "
-        "j.requires_db, j.created_at, j.started_at, j.job_request_id, r.priority, "
-        "w.name AS workspace, u.username FROM jobs j "
+        "j.requires_db, j.created_at, j.started_at, j.job_request_id, j.workspace_id, "
+        "j.wait_for, r.priority, w.name AS workspace, u.username FROM jobs j "
         "JOIN job_requests r ON r.id = j.job_request_id "
         "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = j.user_id "
         "WHERE j.state IN ('pending', 'running') ORDER BY j.created_at"
@@ -115,3 +137,89 @@ async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
         "queued": [runnable[job.id] for job in ordered],
         "blocked": blocked,
     }
+
+
+async def recent_runtimes(
+    db: Database, actions: set[str]
+) -> tuple[dict[tuple[int, str], list[float]], dict[str, list[float]]]:
+    """How long the latest successful jobs of these actions ran: per (workspace id, action),
+    and per action across the site (the latest RECENT_RUNS of each)."""
+    if not actions:
+        return {}, {}
+    marks = ",".join("?" * len(actions))
+    rows = await db.fetchall(
+        "SELECT workspace_id, action, seconds, in_workspace, anywhere FROM ("
+        "SELECT workspace_id, action, completed_at - started_at AS seconds, "
+        "row_number() OVER (PARTITION BY workspace_id, action ORDER BY completed_at DESC) "
+        "AS in_workspace, "
+        "row_number() OVER (PARTITION BY action ORDER BY completed_at DESC) AS anywhere "
+        f"FROM jobs WHERE state = 'succeeded' AND started_at IS NOT NULL AND action IN ({marks})"
+        ") WHERE in_workspace <= ? OR anywhere <= ?",
+        (*sorted(actions), RECENT_RUNS, RECENT_RUNS),
+    )
+    per_workspace: dict[tuple[int, str], list[float]] = {}
+    per_action: dict[str, list[float]] = {}
+    for row in rows:
+        if row["in_workspace"] <= RECENT_RUNS:
+            per_workspace.setdefault((row["workspace_id"], row["action"]), []).append(
+                row["seconds"]
+            )
+        if row["anywhere"] <= RECENT_RUNS:
+            per_action.setdefault(row["action"], []).append(row["seconds"])
+    return per_workspace, per_action
+
+
+async def expected_start_times(
+    db: Database, workers: int, jobs: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, float]:
+    """When each pending job is expected to start (Unix time), from its place in the fair
+    queue and the median runtimes of recent jobs of the same actions. ``jobs`` is what
+    ``queue`` returned, when the caller has it already."""
+    jobs = jobs or await queue(db)
+    active = [*jobs["running"], *jobs["queued"], *jobs["blocked"]]
+    per_workspace, per_action = await recent_runtimes(db, {row["action"] for row in active})
+
+    def runtime(row: dict[str, Any]) -> float:
+        return expected_runtime(
+            per_workspace.get((row["workspace_id"], row["action"]), []),
+            per_action.get(row["action"], []),
+        )
+
+    unfinished = {row["id"] for row in active}
+    return expected_starts(
+        time.time(),
+        workers,
+        [
+            Running(row["id"], row["started_at"] or time.time(), runtime(row))
+            for row in jobs["running"]
+        ],
+        [
+            Waiting(
+                row["id"],
+                runtime(row),
+                tuple(dep for dep in json.loads(row["wait_for"]) if dep in unfinished),
+            )
+            for row in [*jobs["queued"], *jobs["blocked"]]
+        ],
+    )
+
+
+class ExpectedStarts:
+    """``expected_start_times`` for pages and the API, computed again only when ``ttl``
+    seconds have passed or a job asked about is not in the last answer: with a long queue
+    it reads every pending job, and many pages poll it every few seconds."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._starts: dict[str, float] = {}
+        self._at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def of(self, db: Database, workers: int, job_ids: Iterable[str]) -> dict[str, float]:
+        """When each of the pending jobs ``job_ids`` should start."""
+        wanted = set(job_ids)
+        async with self._lock:
+            if time.monotonic() - self._at > self.ttl or not wanted <= self._starts.keys():
+                self._starts = await expected_start_times(db, workers)
+                self._at = time.monotonic()
+            return {job_id: self._starts[job_id] for job_id in wanted & self._starts.keys()}

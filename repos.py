@@ -17,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 GIT_TIMEOUT = 120.0
@@ -24,6 +25,7 @@ GIT_TIMEOUT = 120.0
 # (unless someone acts on it: creating a workspace or submitting a job request fetches anew)
 FETCH_INTERVAL = 10.0
 _SHA = re.compile(r"[0-9a-f]{40}")
+_COMMIT = re.compile(r"[0-9a-f]{4,40}")  # a full sha, or a prefix of one as git accepts it
 
 
 class RepoError(Exception):
@@ -90,6 +92,25 @@ def repo_address(repo: str) -> str:
 
 def _segments_ok(path: str) -> bool:
     return all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in path.split("/"))
+
+
+class CommitNotFound(RepoError):
+    """A commit asked for is not in the repo, is ambiguous, or is not on the branch."""
+
+
+@dataclass(frozen=True)
+class ChangedFile:
+    """One file changed between two commits, as ``git diff --name-status`` says it."""
+
+    status: str  # A added, M modified, D deleted, R renamed, T type changed, C copied
+    path: str
+    old_path: str | None = None  # where a renamed or copied file came from
+
+
+@dataclass(frozen=True)
+class Changes:
+    files: tuple[ChangedFile, ...]
+    total: int  # files changed; more than len(files) when the list was cut short
 
 
 def is_allowed(url: str, patterns: list[str]) -> bool:
@@ -216,8 +237,8 @@ class Repos:
                 raise RepoUnreachable(f"could not fetch {url}: {_last_line(err)}")
         return path
 
-    async def branches(self, url: str) -> list[str]:
-        path = await self.fetch(url)
+    async def branches(self, url: str, fresh: bool = False) -> list[str]:
+        path = await self.fetch(url, fresh)
         code, out, err = await _git(
             "for-each-ref", "--format=%(refname:short)", "refs/heads", git_dir=path
         )
@@ -243,6 +264,67 @@ class Repos:
         sha = out.decode().strip()
         assert _SHA.fullmatch(sha), sha
         return sha
+
+    async def resolve_commit(self, url: str, branch: str, commit: str, fresh: bool = False) -> str:
+        """The full sha of ``commit`` (a full sha, or a prefix of one that names a single
+        commit), which must be on ``branch``: its head or one of the head's ancestors
+        (``fresh``: as ``fetch``)."""
+        head = await self.resolve_branch(url, branch, fresh=fresh)
+        wanted = commit.strip().lower()
+        if not _COMMIT.fullmatch(wanted):
+            raise CommitNotFound(
+                f"commit {commit!r} is not a commit id: give a commit's sha (4 to 40 hex "
+                f"digits), such as {head[:7]} for the head of {branch}"
+            )
+        path = self.mirror_path(url)
+        code, out, err = await _git("rev-parse", "--verify", f"{wanted}^{{commit}}", git_dir=path)
+        if code:
+            if "ambiguous" in err:
+                raise CommitNotFound(
+                    f"commit {wanted} is ambiguous in {url}: more than one object's id starts "
+                    "with it. Give more of the sha."
+                )
+            raise CommitNotFound(
+                f"commit {wanted} is not in {url}. Push it to {branch}, or give a commit of "
+                f"{branch} (its head is {head[:7]})."
+            )
+        sha = out.decode().strip()
+        code, _, err = await _git("merge-base", "--is-ancestor", sha, head, git_dir=path)
+        if code == 1:
+            raise CommitNotFound(
+                f"commit {sha[:7]} is not on branch {branch} of {url}. Give a commit of "
+                f"{branch} (its head is {head[:7]}), or change the workspace's branch."
+            )
+        if code:
+            raise RepoError(f"could not check commit {sha[:7]} in {url}: {_last_line(err)}")
+        return sha
+
+    async def changed_files(self, url: str, old: str, new: str, limit: int) -> Changes:
+        """The files that differ between commits ``old`` and ``new`` (the mirror must hold
+        both), the first ``limit`` of them listed."""
+        code, out, err = await _git(
+            "diff", "--name-status", "-z", "-M", old, new, "--", git_dir=self.mirror_path(url)
+        )
+        if code:
+            raise RepoError(
+                f"could not compare {old[:7]} and {new[:7]} in {url}: {_last_line(err)}"
+            )
+        fields = out.decode(errors="replace").split("\0")
+        files: list[ChangedFile] = []
+        total = 0
+        i = 0
+        while i + 1 < len(fields):
+            status = fields[i]
+            if status[:1] in ("R", "C") and i + 2 < len(fields):
+                change = ChangedFile(status[0], fields[i + 2], fields[i + 1])
+                i += 3
+            else:
+                change = ChangedFile(status[:1], fields[i + 1])
+                i += 2
+            total += 1
+            if len(files) < limit:
+                files.append(change)
+        return Changes(tuple(files), total)
 
     async def read_file(self, url: str, sha: str, path: str, max_size: int | None = None) -> str:
         """The text of ``path`` at commit ``sha`` (the mirror must already hold it);

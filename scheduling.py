@@ -316,3 +316,76 @@ class JobQueue:
                 failures.append(DependencyFailure(dependent, dependency))
                 stack.append(dependent)
         return failures
+
+
+# -- when a waiting job is expected to start ------------------------------------------------
+
+DEFAULT_RUNTIME = 300.0  # seconds expected of an action that never ran anywhere on the site
+RECENT_RUNS = 10  # successful runs of an action whose median predicts its next run
+
+
+def median(values: Iterable[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def expected_runtime(
+    in_workspace: list[float], anywhere: list[float], default: float = DEFAULT_RUNTIME
+) -> float:
+    """How long an action's next job should take: the median of its recent runs in the same
+    workspace, else of its recent runs in any workspace, else ``default``."""
+    found = median(in_workspace)
+    if found is None:
+        found = median(anywhere)
+    return default if found is None else found
+
+
+@dataclass(frozen=True)
+class Running:
+    id: str
+    started_at: float
+    runtime: float  # expected, in seconds
+
+
+@dataclass(frozen=True)
+class Waiting:
+    id: str
+    runtime: float  # expected, in seconds
+    needs: tuple[str, ...] = ()  # ids of unfinished jobs it waits on
+
+
+def expected_starts(
+    now: float, workers: int, running: Iterable[Running], waiting: Iterable[Waiting]
+) -> dict[str, float]:
+    """When each waiting job should start, if jobs take their expected runtimes.
+
+    ``waiting`` is in the order the jobs would start: the runnable ones as ``queue_order``
+    gives them, then those waiting on dependencies, each after the jobs it needs. Each job
+    takes the slot that frees first, once the jobs it needs have ended. A running job past
+    its expected runtime is taken to end now. Per-user caps are not modelled.
+    """
+    ends: dict[str, float] = {}
+    free: list[float] = []
+    for job in running:
+        ends[job.id] = max(now, job.started_at + job.runtime)
+        free.append(ends[job.id])
+    free.sort()
+    # with more jobs running than workers (max_workers was lowered), a slot frees only when
+    # the count falls below the number of workers
+    free = [now] * max(0, workers - len(free)) + free[max(0, len(free) - workers) :]
+    starts: dict[str, float] = {}
+    if workers < 1:
+        return starts
+    for job in waiting:
+        ready = max((ends.get(dep, now) for dep in job.needs), default=now)
+        slot = heapq.heappop(free)
+        start = max(slot, ready)
+        starts[job.id] = start
+        ends[job.id] = start + job.runtime
+        heapq.heappush(free, ends[job.id])
+    return starts

@@ -159,5 +159,17 @@ ALTER TABLE api_tokens ADD COLUMN expires_at REAL;  -- NULL: the token does not 
 -- jobs.log_excerpt: the last lines of a failed job's log
 ALTER TABLE jobs ADD COLUMN log_excerpt TEXT NOT NULL DEFAULT '';
 -- end hostile-http
+-- researcher-requests: what was changed in a workspace, by whom (a branch change, for now)
+CREATE TABLE workspace_events (
+    id INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id),
+    user_id INTEGER REFERENCES users(id),
+    kind TEXT NOT NULL,                      -- 'branch'
+    old_value TEXT NOT NULL,
+    new_value TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX workspace_events_workspace ON workspace_events (workspace_id, id);
+-- end researcher-requests
 
 PRAGMA user_version = 2;

@@ -23,7 +23,7 @@ from .db import Database
 from .local_docker import LocalDockerExecutor
 from .repos import Repos
 from .runner import Scheduler
-from .views import accounts, admin, api, base, jobs, projects, workspaces
+from .views import accounts, admin, api, base, jobs, projects, status, workspaces
 from .views.csrf import CSRFMiddleware
 from .views.limits import BodyLimitMiddleware
 
@@ -58,6 +58,12 @@ ROUTES: list[BaseRoute] = [
     ),
     post("/api/v1/projects/{slug}/workspaces", api.create_workspace, "api_create_workspace"),
     get("/api/v1/workspaces/{name}", api.workspace, "api_workspace"),
+    Route(
+        "/api/v1/workspaces/{name}",
+        api.change_workspace,
+        methods=["PATCH"],
+        name="api_change_workspace",
+    ),
     post(
         "/api/v1/workspaces/{name}/job-requests", api.create_job_request, "api_create_job_request"
     ),
@@ -67,6 +73,7 @@ ROUTES: list[BaseRoute] = [
     post("/api/v1/job-requests/{id}/priority", api.priority, "api_priority"),
     get("/api/v1/jobs/{id}", api.job, "api_job"),
     get("/api/v1/jobs/{id}/log", api.job_log, "api_job_log"),
+    get("/api/v1/status", api.status, "api_status"),
     get("/api/v1/admin/queue", api.queue, "api_queue"),
     post("/api/v1/admin/queue/pause", api.pause_queue, "api_pause_queue"),
     post("/api/v1/admin/queue/resume", api.resume_queue, "api_resume_queue"),
@@ -84,6 +91,8 @@ ROUTES: list[BaseRoute] = [
     post("/account/password", accounts.change_password, "change_password"),
     post("/account/tokens", accounts.create_token, "create_token"),
     post("/account/tokens/{id}/revoke", accounts.revoke_token, "revoke_token"),
+    # the queue in the open
+    get("/status", status.status_page, "status"),
     # site admins
     get("/admin/", admin.admin_page, "admin"),
     post("/admin/pause", admin.pause, "admin_pause"),
@@ -108,11 +117,13 @@ ROUTES: list[BaseRoute] = [
     get("/{workspace}/", workspaces.workspace_page, "workspace"),
     post("/{workspace}/", workspaces.create_job_request, "create_job_request"),
     post("/{workspace}/archive", workspaces.archive, "archive"),
+    post("/{workspace}/branch", workspaces.change_branch, "change_branch"),
     get("/{workspace}/outputs/{path:path}", workspaces.outputs, "outputs"),
     get("/{workspace}/output-files/{path:path}", workspaces.output_file, "output_file"),
     get("/{workspace}/logs", jobs.logs_page, "logs"),
     get("/{workspace}/logs/{id}", jobs.job_request_page, "job_request"),
     post("/{workspace}/logs/{id}/cancel", jobs.cancel, "cancel"),
+    post("/{workspace}/logs/{id}/rerun", jobs.rerun, "rerun"),
 ]
 
 

@@ -43,12 +43,18 @@ def image_for(settings: Settings, action: pipeline.Action) -> str:
     return template.replace("{name}", action.image).replace("{tag}", action.tag)
 
 
-async def load_project(repos: Repos, repo: str, branch: str) -> tuple[str, pipeline.Pipeline]:
-    """The commit at the head of ``branch`` as just fetched, and its parsed project.yaml.
+async def load_project(
+    repos: Repos, repo: str, branch: str, commit: str | None = None
+) -> tuple[str, pipeline.Pipeline]:
+    """The commit to run (``commit``, which must be on ``branch``, else the branch's head),
+    the repo just fetched, and its parsed project.yaml.
 
     Raises RepoError or ProjectValidationError, each with a message for the user.
     """
-    sha = await repos.resolve_branch(repo, branch, fresh=True)
+    if commit:
+        sha = await repos.resolve_commit(repo, branch, commit, fresh=True)
+    else:
+        sha = await repos.resolve_branch(repo, branch, fresh=True)
     return sha, await parse_project(repos, repo, sha)
 
 
@@ -106,13 +112,15 @@ async def submit(
     *,
     force_run_dependencies: bool = False,
     notify: bool = False,
+    commit: str | None = None,
 ) -> int:
-    """Create a job request for ``actions`` in ``workspace``; returns its id."""
+    """Create a job request for ``actions`` in ``workspace`` at ``commit`` (a commit of the
+    workspace's branch; its head when None); returns its id."""
     if workspace["archived"]:
         raise SubmitError(f"workspace {workspace['name']} is archived; unarchive it to run jobs")
     if not actions:
         raise SubmitError("choose at least one action to run")
-    sha, project = await load_project(repos, workspace["repo"], workspace["branch"])
+    sha, project = await load_project(repos, workspace["repo"], workspace["branch"], commit)
     workspace_dir = settings.data.workspace(workspace["name"])
     now = time.time()
     async with db.transaction() as conn:

@@ -60,6 +60,21 @@ def human_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
+def expected_in(seconds: float | None) -> str:
+    """When a waiting job should start, roughly: "in about 4 min", "in about 2 h"."""
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return "in under a minute"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"in about {minutes} min"
+    hours = round(seconds / 3600)
+    if hours < 36:
+        return f"in about {hours} h"
+    return f"in about {round(seconds / 86400)} days"
+
+
 def precise_duration(seconds: float) -> str:
     """A job's time limit or run time in its log and status: tenths below ten seconds, where
     a short limit is set on purpose ("1.0s"), then two units: "1m 5s", "2h 3m"."""

@@ -27,7 +27,7 @@ WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # first path segments the site itself uses; a workspace may not take one as its name
 RESERVED_NAMES = {
     "login", "logout", "admin", "api", "static", "projects", "jobs", "account", "auth",
-    "settings", "metrics", "health", "new", "users", "favicon.ico", "robots.txt",
+    "settings", "metrics", "health", "new", "users", "favicon.ico", "robots.txt", "status",
 }  # fmt: skip
 
 
@@ -191,6 +191,54 @@ async def create_workspace(
             {"name": name_taken("workspace", name, user, None, settings.public_status)}
         ) from None
     return name
+
+
+async def set_branch(db: Database, repos: Repos, user: User, workspace: Row, branch: Any) -> bool:
+    """Point the workspace at another branch of its repo, recording who changed it and
+    when; False when it is on that branch already. The branch must exist and hold a
+    project.yaml; the caller checks the user may change the workspace."""
+    if not isinstance(branch, str) or not branch.strip():
+        raise FieldProblems({"branch": "branch is required: the name of a branch of the repo"})
+    branch = branch.strip()
+    if branch == workspace["branch"]:
+        return False
+    try:
+        names = await repos.branches(workspace["repo"], fresh=True)
+        if branch not in names:  # only a branch: not a tag, a commit or "main~1"
+            known = ", ".join(names[:20]) or "none"
+            raise BranchNotFound(
+                f"branch {branch!r} not found in {workspace['repo']} (branches: {known}). "
+                "Push the branch, or choose one of these."
+            )
+        sha = await repos.resolve_branch(workspace["repo"], branch, fetch=False)
+        # only that it is there matters here; the workspace page explains a file too large
+        with contextlib.suppress(FileTooLarge):
+            await repos.read_file(
+                workspace["repo"], sha, "project.yaml", max_size=pipeline.MAX_PROJECT_SIZE
+            )
+    except RepoError as e:
+        raise FieldProblems({"branch": str(e)}) from None
+    now = time.time()
+    async with db.transaction() as conn:
+        await conn.execute(
+            "UPDATE workspaces SET branch = ? WHERE id = ?", (branch, workspace["id"])
+        )
+        await conn.execute(
+            "INSERT INTO workspace_events (workspace_id, user_id, kind, old_value, new_value, "
+            "at) VALUES (?, ?, 'branch', ?, ?, ?)",
+            (workspace["id"], user.id, workspace["branch"], branch, now),
+        )
+    return True
+
+
+async def workspace_changes(db: Database, workspace_id: int, limit: int = 20) -> list[Row]:
+    """The latest changes made to a workspace, newest first, with who made them."""
+    return await db.fetchall(
+        "SELECT e.kind, e.old_value, e.new_value, e.at, u.username FROM workspace_events e "
+        "LEFT JOIN users u ON u.id = e.user_id WHERE e.workspace_id = ? "
+        "ORDER BY e.id DESC LIMIT ?",
+        (workspace_id, limit),
+    )
 
 
 async def set_archived(db: Database, workspace_id: int, archived: bool) -> None:

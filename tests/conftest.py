@@ -14,7 +14,7 @@ import docker
 import httpx
 import pytest
 import uvicorn
-from helpers import FakeGitHub, GitRepo, Intact, wait_until
+from helpers import Browser, FakeGitHub, GitRepo, Intact, wait_until
 
 from jobsite import auth
 from jobsite.config import Settings, load_settings
@@ -176,3 +176,32 @@ def fake_github() -> Iterator[FakeGitHub]:
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture
+async def browser(app: Any):
+    """Makes a browser session; signed in as ``username`` (created on first use) unless None."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def make(username: str | None = None, *, admin: bool = False) -> Browser:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
+        clients.append(client)
+        session = Browser(client)
+        if username is not None:
+            if not await app.state.db.fetchone(
+                "SELECT 1 FROM users WHERE username = ?", (username,)
+            ):
+                await auth.create_user(app.state.db, username, "pw-1234567", is_admin=admin)
+            await session.get("/login")
+            response = await session.post(
+                "/login", {"username": username, "password": "pw-1234567"}
+            )
+            assert response.status_code == 303, response.text
+            await session.get("/")  # signing in starts a new session with a new CSRF token
+        return session
+
+    yield make
+    for client in clients:
+        await client.aclose()

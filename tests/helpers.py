@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import inspect
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -238,6 +240,36 @@ async def add_request(app, workspace, username, jobs, existing=None):
             )
     app.state.scheduler.wake()
     return request_id, {action: ids[action] for action, _, _ in jobs}
+
+
+class Browser:
+    """One person's session: cookies kept, the CSRF token read from each page."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.csrf = ""
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        response = await self.client.get(url, **kwargs)
+        found = re.search(r'name="csrf_token" value="([^"]+)"', response.text)
+        if found:
+            self.csrf = found.group(1)
+        return response
+
+    async def post(self, url: str, data: dict | list | None = None) -> httpx.Response:
+        if not self.csrf:
+            await self.get("/")
+        items = list(data.items()) if isinstance(data, dict) else list(data or [])
+        form: dict[str, list[str]] = {"csrf_token": [self.csrf]}
+        for key, value in items:
+            form.setdefault(key, []).append(value)
+        return await self.client.post(url, data=form)
+
+
+def text(response: httpx.Response) -> str:
+    """The page's visible text, roughly: tags dropped, entities decoded, spaces squeezed."""
+    body = re.sub(r"<(script|style)\b.*?</\1>", " ", response.text, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", body)).split())
 
 
 # -- jobs written straight into a database -------------------------------------------------

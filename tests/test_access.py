@@ -70,6 +70,11 @@ def rule_viewer(role: str, public: bool) -> str:
     return OK
 
 
+def rule_status(role: str, public: bool) -> str:
+    """The queue in the open: anyone on a public site; on a private one, signed-in users."""
+    return SIGN_IN if role == "anonymous" and not public else OK
+
+
 def needs(*roles: str) -> Callable[[str, bool], str]:
     def rule(role: str, public: bool) -> str:
         if role == "anonymous":
@@ -164,6 +169,9 @@ CASES = [
     Case("/api/v1/projects/{slug}/workspaces", "POST", rule_developer,
          "/api/v1/projects/study/workspaces", 201, json=new_workspace),
     Case("/api/v1/workspaces/{name}", "GET", rule_viewer, "/api/v1/workspaces/ws1"),
+    Case("/api/v1/workspaces/{name}", "PATCH", rule_developer, "/api/v1/workspaces/ws1",
+         json=lambda: {"branch": "main"}),  # stays on main: other cases run jobs in it
+    Case("/api/v1/status", "GET", rule_status, "/api/v1/status"),
     Case("/api/v1/workspaces/{name}/job-requests", "POST", rule_developer,
          "/api/v1/workspaces/ws1/job-requests", 201, json=lambda: {"actions": ["generate"]}),
     Case("/api/v1/workspaces/{name}/outputs", "GET", rule_output_viewer,
@@ -201,6 +209,7 @@ CASES = [
          form=lambda: {"name": "matrix"}),
     Case("/account/tokens/{id}/revoke", "POST", rule_signed_in,
          "/account/tokens/{token_id}/revoke", 303, form=dict, setup=with_own_token),
+    Case("/status", "GET", rule_status, "/status"),
     Case("/admin/", "GET", rule_admin, "/admin/"),
     Case("/admin/pause", "POST", rule_admin, "/admin/pause", 303,
          form=lambda: {"paused": "1"}),  # stays paused: no job of this module may start
@@ -234,6 +243,8 @@ CASES = [
          form=lambda: {"actions": "generate"}),
     Case("/{workspace}/archive", "POST", rule_developer, "/ws1/archive", 303,
          form=lambda: {"archived": "0"}),  # stays open: other cases run jobs in it
+    Case("/{workspace}/branch", "POST", rule_developer, "/ws1/branch", 303,
+         form=lambda: {"branch": "main"}),
     Case("/{workspace}/outputs/{path:path}", "GET", rule_output_viewer, "/ws1/outputs/"),
     Case("/{workspace}/output-files/{path:path}", "GET", rule_output_viewer,
          "/ws1/output-files/output/plot.svg", setup=with_a_figure,
@@ -242,6 +253,8 @@ CASES = [
     Case("/{workspace}/logs/{id}", "GET", rule_viewer, "/ws1/logs/{request_id}"),
     Case("/{workspace}/logs/{id}/cancel", "POST", rule_developer,
          "/ws1/logs/{request_id}/cancel", 303, form=dict),
+    Case("/{workspace}/logs/{id}/rerun", "POST", rule_developer,
+         "/ws1/logs/{request_id}/rerun", 303, form=dict),
 ]  # fmt: skip
 
 

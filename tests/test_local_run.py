@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,7 +119,10 @@ def test_needed_actions_with_outputs_are_not_run_again(checkout, jobsite_run):
 
     status, out = jobsite_run("run_all", "--project-dir", str(root))
     assert status == 0
-    assert out.strip() == "All actions have already completed successfully"
+    assert out.splitlines() == [
+        "All actions have already completed successfully",
+        "Use -f (--force-run-dependencies) to run them again.",
+    ]
 
 
 def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
@@ -128,7 +136,8 @@ def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
         "      moderately_sensitive:\n"
         "        other: output/other.csv\n"
     )
-    status, out = jobsite_run("generate", "analyse", "other", "--project-dir", str(root))
+    # one at a time: other, which needs nothing, was to run after generate
+    status, out = jobsite_run("generate", "analyse", "other", "-c", "1", "--project-dir", str(root))
     assert status == 1
     assert "generate: nonzero_exit: Job exited with an error (exit code 4): broken" in out
     assert "  log: metadata/generate.log\n" in out
@@ -144,7 +153,7 @@ def test_a_failure_stops_the_run_and_keeps_the_outputs(checkout, jobsite_run):
     assert "job request id:  none (jobsite run)" in log
 
     status, out = jobsite_run(
-        "generate", "analyse", "other", "--continue-on-error", "--project-dir", str(root)
+        "generate", "analyse", "other", "-c", "1", "--continue-on-error", "--project-dir", str(root)
     )
     assert status == 1
     assert "other: succeeded in" in out
@@ -228,7 +237,9 @@ async def test_stopping_a_run_leaves_no_container_behind(checkout, settings, doc
     task = asyncio.create_task(run.run(["analyse"], False, False))
 
     def containers():
-        return docker_client.containers.list(
+        # the engine's own list: inspecting each (as containers.list does) can meet a
+        # container the engine lists while still creating it, and answer 404
+        return docker_client.api.containers(
             all=True, filters={"label": f"jobsite={settings.site_id}"}
         )
 
@@ -272,3 +283,210 @@ def test_an_out_of_date_dependency_runs_again_and_says_why(checkout, jobsite_run
     ]
     status, out = jobsite_run("analyse", "--project-dir", str(root))
     assert out.startswith("Running 1 action: analyse\n")
+
+
+# -- running actions at once, and what opensafely run users look for ------------------------
+
+PAIR = """\
+version: "5"
+actions:
+  first:
+    run: python:v2 -c "sleep 3; mkdir -p output && echo 1 > output/first.csv"
+    outputs:
+      moderately_sensitive:
+        first: output/first.csv
+  second:
+    run: python:v2 -c "sleep 3; mkdir -p output && echo 2 > output/second.csv"
+    outputs:
+      moderately_sensitive:
+        second: output/second.csv
+  after:
+    run: python:v2 -c "cat output/first.csv output/second.csv > output/both.csv"
+    needs: [first, second]
+    outputs:
+      moderately_sensitive:
+        both: output/both.csv
+"""
+
+
+def steps(out: str) -> list[str]:
+    """The progress lines, each as "action: step"."""
+    return [
+        " ".join(line.split()[:2]).rstrip(":")
+        for line in out.splitlines()
+        if re.match(r"\w+: (preparing|executing|finalizing)", line)
+    ]
+
+
+def test_independent_actions_run_at_once_and_needs_wait(checkout, jobsite_run):
+    root = checkout(PAIR)
+    status, out = jobsite_run("after", "--project-dir", str(root))
+    assert status == 0, out
+    order = steps(out)
+    # both sleepers execute before either finishes; after starts once both are done
+    assert order.index("second: executing") < order.index("first: finalizing")
+    assert order.index("after: preparing") > max(
+        order.index("first: finalizing"), order.index("second: finalizing")
+    )
+    assert (root / "output/both.csv").read_text() == "1\n2\n"
+
+    status, out = jobsite_run("after", "-f", "-c", "1", "--project-dir", str(root))
+    assert status == 0, out
+    assert steps(out) == [
+        f"{action}: {step}"
+        for action in ("first", "second", "after")
+        for step in ("preparing", "executing", "finalizing")
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_a_concurrency_that_is_not_a_positive_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "first", "-c", value])
+    assert f"{value!r} is not a whole number of jobs, 1 or more" in capsys.readouterr().err
+
+
+def test_an_unknown_action_lists_the_actions_there_are(checkout, jobsite_run):
+    root = checkout()
+    status, out = jobsite_run("generat", "--project-dir", str(root))
+    assert status == 2
+    assert out == (
+        "Error: `generat` is not an action in project.yaml. "
+        "The actions are: generate, analyse, run_all.\n"
+    )
+    assert not (root / "metadata").exists()
+
+
+def test_timestamps_start_every_line(checkout, jobsite_run):
+    root = checkout()
+    status, out = jobsite_run("generate", "--timestamps", "--project-dir", str(root))
+    assert status == 0, out
+    lines = [line for line in out.splitlines() if line]
+    assert len(lines) > 5
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  *\S", line), line
+    assert re.search(r"Z generate: succeeded in ", out)
+
+
+def test_github_output_groups_each_actions_lines_and_log(checkout, jobsite_run):
+    root = checkout(PAIR)
+    status, out = jobsite_run("after", "--format-output-for-github", "--project-dir", str(root))
+    assert status == 0, out
+    groups = re.findall(r"^::group::(.*?)\n(.*?)^::endgroup::$", out, re.M | re.S)
+    assert sorted(title for title, _ in groups) == [
+        "after: succeeded",
+        "first: succeeded",
+        "second: succeeded",
+    ]
+    for title, body in groups:
+        action = title.split(":")[0]
+        # one action's lines only, never another's mixed in, then its log
+        assert {line.split(":")[0] for line in body.splitlines()[:4]} == {action}
+        assert f"--- metadata/{action}.log ---" in body
+        assert "status:          succeeded" in body
+    assert "::group::" not in out.split("::endgroup::")[-1]  # the summary follows the groups
+    assert "All 3 actions succeeded." in out
+
+
+def run_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`jobsite ARGS` as a researcher types it, in its own process."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("jobsite")), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def command_env(settings):
+    """The environment `jobsite run` runs in: containers labelled for the test site."""
+    return {**os.environ, "JOBSITE_SITE_ID": settings.site_id, "JOBSITE_CONFIG": ""}
+
+
+def test_debug_keeps_containers_and_job_dirs_and_says_how_to_remove_them(
+    checkout, jobsite_run, docker_client, settings
+):
+    root = checkout()
+    status, out = jobsite_run("generate", "--debug", "--project-dir", str(root))
+    assert status == 0, out
+    assert "--debug: the containers and job dirs of this run were kept. To remove them:" in out
+    commands = [line.strip() for line in out.splitlines()[-2:]]
+    assert commands[0].startswith("docker container rm --force $(docker container ls")
+    assert commands[1].startswith("rm -rf ")
+    scratch = Path(commands[1].removeprefix("rm -rf "))
+
+    def containers():
+        return docker_client.containers.list(
+            all=True, filters={"label": f"jobsite={settings.site_id}"}
+        )
+
+    (kept,) = containers()
+    (job_dir,) = (scratch / "jobs").iterdir()
+    assert kept.labels["jobsite.job"] == job_dir.name
+    assert (job_dir / "output/counts.csv").read_text() == "n,total\n"  # as the job left it
+    assert (root / "output/counts.csv").exists()
+
+    for command in commands:  # what the run said to do
+        subprocess.run(command, shell=True, check=True, capture_output=True)
+    assert containers() == [] and not scratch.exists()
+
+
+def test_ctrl_c_stops_the_running_jobs_and_removes_their_containers(
+    checkout, command_env, docker_client, settings
+):
+    root = checkout(PAIR.replace("sleep 3", "sleep 60"))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("jobsite")), "run", "after", "--project-dir",
+         str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=command_env,
+    )  # fmt: skip
+    assert process.stdout is not None
+    seen = []
+    while len([line for line in seen if ": executing" in line]) < 2:  # first and second
+        line = process.stdout.readline()
+        assert line, f"jobsite run ended before both sleepers ran: {''.join(seen)}"
+        seen.append(line)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Stopped: the running jobs were cancelled and their containers removed." in out
+    assert (
+        docker_client.containers.list(all=True, filters={"label": f"jobsite={settings.site_id}"})
+        == []
+    )
+    assert not (root / "output").exists()
+
+
+def test_help_and_messages_that_opensafely_run_users_rely_on(checkout, command_env):
+    done = run_command("run", "--help", env=command_env)
+    assert done.returncode == 0
+    # every option of `opensafely run` has its counterpart, under the same names
+    for option in (
+        "-f, --force-run-dependencies",
+        "--project-dir",
+        "--continue-on-error",
+        "--timestamps",
+        "--debug",
+        "--format-output-for-github",
+        "-c N, --concurrency N",
+        "-m MEMORY, --memory MEMORY",
+        "--cpus CPUS, --cpu CPUS",
+    ):
+        assert option in done.stdout, option
+
+    root = checkout()
+    done = run_command("run", "nosuch", "--project-dir", str(root), env=command_env)
+    assert done.returncode == 2
+    assert done.stdout == (
+        "Error: `nosuch` is not an action in project.yaml. "
+        "The actions are: generate, analyse, run_all.\n"
+    )
+    done = run_command("run", "--project-dir", str(root), env=command_env)
+    assert done.returncode == 2
+    assert "No actions were requested: choose one or more of generate, analyse, run_all" in (
+        done.stdout
+    )

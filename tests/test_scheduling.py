@@ -19,7 +19,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobsite.runner import jobs_ahead
-from jobsite.scheduling import HALF_LIFE, JobQueue, Limits, QueuedJob, decayed, queue_order
+from jobsite.scheduling import (
+    DEFAULT_RUNTIME,
+    HALF_LIFE,
+    JobQueue,
+    Limits,
+    QueuedJob,
+    Running,
+    Waiting,
+    decayed,
+    expected_runtime,
+    expected_starts,
+    median,
+    queue_order,
+)
 
 
 @dataclass
@@ -337,3 +350,56 @@ def test_a_job_sent_back_to_the_queue_keeps_its_dependents_waiting():
     assert queue.pending["analyse"].waiting_on == {"generate"}
     assert queue.pick(5.0, Limits(2)).id == "generate"
     assert queue.usage(1, 5.0) == pytest.approx(5.0)
+
+
+# -- expected start ------------------------------------------------------------------------
+
+
+def test_the_median_of_recent_runs_predicts_an_actions_runtime():
+    assert median([]) is None
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert expected_runtime([10.0, 30.0, 20.0], [999.0]) == 20.0  # this workspace's runs first
+    assert expected_runtime([], [60.0, 80.0]) == 70.0  # else the action's runs anywhere
+    assert expected_runtime([], []) == DEFAULT_RUNTIME  # else the default
+
+
+def test_waiting_jobs_start_as_slots_free_in_queue_order():
+    now = 1000.0
+    running = [Running("r1", now - 50, 100.0), Running("r2", now - 10, 300.0)]
+    waiting = [Waiting("a", 60.0), Waiting("b", 60.0), Waiting("c", 60.0)]
+    starts = expected_starts(now, 2, running, waiting)
+    # r1 frees its slot at now+50: a takes it, then b at now+110; r2 frees at now+290 for c
+    assert starts == {"a": now + 50, "b": now + 110, "c": now + 170}
+
+
+def test_free_workers_start_jobs_now_and_overdue_jobs_end_now():
+    now = 1000.0
+    starts = expected_starts(now, 3, [Running("late", now - 900, 60.0)], [Waiting("a", 10.0)])
+    assert starts == {"a": now}
+    # the only slot is held by a job past its expected runtime: it is taken to end now
+    assert expected_starts(now, 1, [Running("late", now - 900, 60.0)], [Waiting("a", 10)]) == {
+        "a": now
+    }
+
+
+def test_a_job_waiting_on_dependencies_starts_after_they_end():
+    now = 0.0
+    waiting = [
+        Waiting("prepare", 100.0),
+        Waiting("other", 10.0),
+        Waiting("analyse", 5.0, ("prepare",)),
+    ]
+    starts = expected_starts(now, 2, [], waiting)
+    assert starts["prepare"] == 0 and starts["other"] == 0
+    assert starts["analyse"] == 100.0  # a slot is free at 10, but prepare ends at 100
+    # needing a running job: after its expected end
+    starts = expected_starts(now, 2, [Running("r", 0.0, 40.0)], [Waiting("x", 5.0, ("r",))])
+    assert starts == {"x": 40.0}
+
+
+def test_more_jobs_running_than_workers_free_a_slot_only_below_the_limit():
+    # max_workers was lowered to 1 while three jobs run, ending at 10, 20 and 30
+    running = [Running(f"r{n}", 0.0, 10.0 * n) for n in (1, 2, 3)]
+    assert expected_starts(0.0, 1, running, [Waiting("a", 5.0)]) == {"a": 30.0}
+    assert expected_starts(0.0, 0, running, [Waiting("a", 5.0)]) == {}

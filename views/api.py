@@ -14,9 +14,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .. import auth, metrics, notify, openapi, submit, workspaces
+from .. import auth, metrics, notify, openapi, site_status, submit, workspaces
 from ..db import Row
 from ..outputs import Manifest
+from ..states import State
 from ..units import iso_ms
 from .base import (
     HTTPError,
@@ -164,12 +165,43 @@ async def workspace(request: Request) -> Response:
             **workspace_json(row),
             "sha": found["sha"],
             "project_yaml_error": found["error"],
+            "changes": [
+                change_json(c) for c in await workspaces.workspace_changes(state.db, row["id"])
+            ],
             "actions": [
                 {"name": a["name"], "needs": a["needs"], "status": a["status"]}
                 for a in found["actions"]
             ],
         }
     )
+
+
+@api
+async def change_workspace(request: Request) -> Response:
+    """Change a workspace: its branch, for now (developers)."""
+    row = await get_workspace(request, request.path_params["name"])
+    user = await check_role(request, row["project_id"], "developer")
+    body = await json_body(request)
+    branch = field(body, "branch")
+    state = site(request)
+    changed = await workspaces.set_branch(state.db, state.repos, user, row, branch)
+    updated = await get_workspace(request, row["name"])
+    message = (
+        f"The workspace now runs branch {updated['branch']} (it was {row['branch']})"
+        if changed
+        else f"The workspace already runs branch {row['branch']}"
+    )
+    return JSONResponse({**workspace_json(updated), "changed": changed, "message": message})
+
+
+def change_json(change: Row) -> dict[str, Any]:
+    return {
+        "kind": change["kind"],
+        "from": change["old_value"],
+        "to": change["new_value"],
+        "by": change["username"],
+        "at": iso_ms(change["at"]),
+    }
 
 
 @api
@@ -195,6 +227,7 @@ async def create_job_request(request: Request) -> Response:
     if not all(isinstance(a, str) for a in actions):
         raise HTTPError(400, "actions must be a list of action names")
     force = bool(field(body, "force_run_dependencies", bool, required=False))
+    commit = field(body, "commit", str, required=False)
     notify_me = field(body, "notify", bool, required=False)
     if notify_me is None:
         notify_me = bool(row["notify_default"])
@@ -208,11 +241,14 @@ async def create_job_request(request: Request) -> Response:
         actions,
         force_run_dependencies=force,
         notify=notify_me,
+        commit=commit,
     )
     state.scheduler.wake()
     data = await submit.job_request_json(
         state.db, request_id, user.can_view_outputs(row["project_id"])
     )
+    assert data is not None
+    data["jobs"] = await with_expected_starts(request, data["jobs"])
     return JSONResponse(data, status_code=201)
 
 
@@ -220,7 +256,10 @@ async def create_job_request(request: Request) -> Response:
 async def job_request(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
     show_log = await may_read_logs(request, row["project_id"])
-    return JSONResponse(await submit.job_request_json(site(request).db, row["id"], show_log))
+    data = await submit.job_request_json(site(request).db, row["id"], show_log)
+    assert data is not None
+    data["jobs"] = await with_expected_starts(request, data["jobs"])
+    return JSONResponse(data)
 
 
 @api
@@ -234,6 +273,8 @@ async def cancel(request: Request) -> Response:
     data = await submit.job_request_json(
         state.db, row["id"], user.can_view_outputs(row["project_id"])
     )
+    assert data is not None
+    data["jobs"] = await with_expected_starts(request, data["jobs"])
     data["cancelled"] = cancelled
     if not cancelled:
         data["message"] = "Nothing to cancel: those jobs have already finished"
@@ -244,7 +285,21 @@ async def cancel(request: Request) -> Response:
 async def job(request: Request) -> Response:
     row = with_usage_so_far(request, await get_job(request, request.path_params["id"]))
     show_log = await may_read_logs(request, row["project_id"])
-    return JSONResponse({**submit.job_json(row, show_log), "workspace": row["workspace"]})
+    (data,) = await with_expected_starts(
+        request, [{**submit.job_json(row, show_log), "workspace": row["workspace"]}]
+    )
+    return JSONResponse(data)
+
+
+async def with_expected_starts(request: Request, jobs: list[dict[str, Any]]) -> list[dict]:
+    """Each job's JSON with its "expected_start_at": when it should start if it is waiting
+    (null once started, and while the queue is paused)."""
+    state = site(request)
+    waiting = [job["id"] for job in jobs if job["state"] == State.PENDING]
+    starts: dict[str, float] = {}
+    if waiting and not state.scheduler.paused:
+        starts = await state.expected_starts.of(state.db, state.settings.max_workers, waiting)
+    return [{**job, "expected_start_at": iso_ms(starts.get(job["id"]))} for job in jobs]
 
 
 @api
@@ -255,6 +310,21 @@ async def job_log(request: Request) -> Response:
     if not path.exists():
         raise HTTPError(404, "this job has no log yet; it is written when the job finishes")
     return PlainTextResponse(await asyncio.to_thread(path.read_text, errors="replace"))
+
+
+# -- the queue ----------------------------------------------------------------------------
+
+
+@api
+async def status(request: Request) -> Response:
+    """The queue in the open: public when public_status is on, else for signed-in users."""
+    user = await current_user(request)
+    state = site(request)
+    if not state.settings.public_status and user is None:
+        raise HTTPError(401, "sign in (an API token) to see the status of the queue")
+    return JSONResponse(
+        await site_status.site_status(state.db, state.settings, state.scheduler, user)
+    )
 
 
 # -- the queue (site admins) --------------------------------------------------------------

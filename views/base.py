@@ -28,11 +28,12 @@ from ..graph import ICONS
 from ..metrics import SiteMetrics
 from ..notify import Notifier
 from ..problems import Conflict, NotAllowed, NotFound, Problem
+from ..queries import ExpectedStarts
 from ..repos import RepoError, Repos
 from ..runner import Scheduler
 from ..states import status_label
 from ..submit import SubmitError
-from ..units import ago, human_duration, iso, runtime, when
+from ..units import ago, expected_in, human_duration, iso, runtime, when
 from ..workspaces import ParsedProjects
 from . import csrf
 
@@ -63,6 +64,7 @@ class Site:
         self.sign_in_throttle = sign_in_throttle
         self.sealer = sealer
         self.projects = ParsedProjects()
+        self.expected_starts = ExpectedStarts()
 
 
 def site(request: Request) -> Site:
@@ -441,5 +443,6 @@ def templates(directory: str) -> Jinja2Templates:
         dom_id=dom_id,
         commit_url=commit_url,
         human_duration=human_duration,
+        expected_in=expected_in,
     )
     return result

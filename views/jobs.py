@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from .. import submit
+from .. import pipeline, submit
 from ..outputs import Manifest
-from ..queries import job_request_rows
-from ..states import ACTIVE_STATES
+from ..queries import job_request_rows, previous_success
+from ..repos import RepoError
+from ..states import ACTIVE_STATES, State
 from .base import (
     HTTPError,
     check_role,
@@ -36,6 +38,9 @@ from .base import (
 PAGE_SIZE = 20
 MAX_PAGE = 10**6  # pages of job requests: far more than any workspace has
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
+PROJECT_YAML_SHOWN = 200_000  # characters of a job request's project.yaml shown on its page
+CHANGED_FILES_SHOWN = 500  # files listed as changed since the last success; the rest counted
+COUNTED_STATES = (State.RUNNING, State.PENDING, State.SUCCEEDED, State.FAILED)
 
 
 def _like(text: str) -> str:
@@ -90,20 +95,116 @@ async def job_request_page(request: Request) -> Response:
         (row["id"],),
     ):
         events[event["job_id"]].append(event)
+    workspace = await get_workspace(request, row["workspace"])
     context = {
         "job_request": job_request,
         "timelines": {
             job["id"]: timeline(events[job["id"]], job, now) for job in job_request["jobs"]
         },
-        "workspace": await get_workspace(request, row["workspace"]),
+        "workspace": workspace,
         "can_cancel": bool(user and user.can_run(row["project_id"])),
         "can_view_log": bool(user and user.can_view_outputs(row["project_id"])),
         "live": job_request["status"] in ACTIVE_STATES,
         "now": now,
+        "counts": job_counts(job_request["jobs"], now),
+        "expected_starts": await expected_starts(request, job_request["jobs"]),
     }
     if is_htmx(request):
         return await fragment(request, "_job_request.html", context, done=not context["live"])
+    context["project_yaml"] = await project_yaml_at(request, workspace["repo"], row["sha"])
+    context["changes"] = await changes_since_success(request, workspace, row)
     return await render(request, "job_request.html", context)
+
+
+def job_counts(jobs: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """How many of a job request's jobs are in each state, and how long they ran in all."""
+    by_state = {state: sum(job["state"] == state for job in jobs) for state in COUNTED_STATES}
+    runtime = sum(
+        (job["completed_at"] or now) - job["started_at"] for job in jobs if job["started_at"]
+    )
+    return {"by_state": {k: v for k, v in by_state.items() if v}, "runtime": runtime}
+
+
+async def expected_starts(request: Request, jobs: list[dict[str, Any]]) -> dict[str, float]:
+    """When the waiting jobs among ``jobs`` should start (none while the queue is paused)."""
+    state = site(request)
+    waiting = [job["id"] for job in jobs if job["state"] == State.PENDING]
+    if state.scheduler.paused or not waiting:
+        return {}
+    return await state.expected_starts.of(state.db, state.settings.max_workers, waiting)
+
+
+async def project_yaml_at(request: Request, repo: str, sha: str) -> dict[str, Any]:
+    """The text of project.yaml at a commit (its start, when long), or why it cannot be read."""
+    try:
+        text = await site(request).repos.read_file(repo, sha, "project.yaml")
+    except RepoError as e:
+        return {"text": None, "error": str(e), "cut": False}
+    return {
+        "text": text[:PROJECT_YAML_SHOWN],
+        "error": None,
+        "cut": len(text) > PROJECT_YAML_SHOWN,
+        "size": len(text),
+    }
+
+
+async def changes_since_success(
+    request: Request, workspace: dict[str, Any], row: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The files changed since the workspace's previous successful job request, or None
+    when there was none."""
+    previous = await previous_success(site(request).db, workspace["id"], row["id"])
+    if previous is None:
+        return None
+    result: dict[str, Any] = {"previous": previous, "files": [], "total": 0, "error": None}
+    if previous["sha"] == row["sha"]:
+        return result
+    try:
+        changes = await site(request).repos.changed_files(
+            workspace["repo"], previous["sha"], row["sha"], CHANGED_FILES_SHOWN
+        )
+    except RepoError as e:
+        result["error"] = str(e)
+        return result
+    result.update(files=changes.files, total=changes.total)
+    return result
+
+
+async def rerun(request: Request) -> Response:
+    """Run a job request's actions again, at the head of the workspace's branch."""
+    row = await get_job_request(request, request.path_params["id"])
+    if row["workspace"] != request.path_params["workspace"]:
+        raise HTTPError(404, f"job request {row['id']} belongs to another workspace")
+    user = await check_role(request, row["project_id"], "developer")
+    workspace = await get_workspace(request, row["workspace"])
+    state = site(request)
+    try:
+        request_id = await submit.submit(
+            state.db,
+            state.settings,
+            state.repos,
+            workspace,
+            user.id,
+            json.loads(row["requested_actions"]),
+            force_run_dependencies=bool(row["force_run_dependencies"]),
+            notify=bool(row["notify"]),
+        )
+    except (submit.SubmitError, RepoError, pipeline.ProjectValidationError) as e:
+        flash(request, f"Nothing was scheduled: {e}", "warning")
+        return redirect_to(
+            url(request, "job_request", workspace=row["workspace"], id=str(row["id"]))
+        )
+    state.scheduler.wake()
+    created = await state.db.fetchone(
+        "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
+    )
+    assert created is not None
+    flash(
+        request,
+        created["status_message"] or "Job request submitted",
+        "info" if created["status"] == "created" else "warning",
+    )
+    return redirect_to(url(request, "job_request", workspace=row["workspace"], id=str(request_id)))
 
 
 async def cancel(request: Request) -> Response:
@@ -162,6 +263,7 @@ async def job_page(request: Request) -> Response:
         "files": files,
         "live": job["state"] in ACTIVE_STATES,
         "now": now,
+        "expected_starts": await expected_starts(request, [job]),
     }
     if is_htmx(request):
         return await fragment(request, "_job_status.html", context, done=not context["live"])

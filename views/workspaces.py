@@ -163,8 +163,11 @@ async def workspace_page(
     selected: list[str] | None = None,
     force: bool = False,
     notify: bool | None = None,
+    commit: str = "",
+    branch_form: dict[str, str] | None = None,
 ) -> Response:
-    """The workspace's actions with their latest jobs; for htmx, only their status."""
+    """The workspace's actions with their latest jobs; for htmx, only their status.
+    ``branch_form`` is a branch change to show again, with what is wrong with it."""
     if workspace is None:
         workspace = await get_workspace(request, request.path_params["workspace"])
     user = await current_user(request)
@@ -187,6 +190,8 @@ async def workspace_page(
         "error": error,
         "selected": selected or [],
         "force": force,
+        "commit": commit,
+        "branch_form": branch_form or {},
         "notify": bool(workspace["notify_default"]) if notify is None else notify,
         "can_run": bool(user and user.can_run(workspace["project_id"])),
         "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
@@ -194,7 +199,9 @@ async def workspace_page(
     if polling:
         context["oob"] = True
         return await fragment(request, "_workspace_status.html", context, done=not live)
-    return await render(request, "workspace.html", context, status=400 if error else 200)
+    context["changes"] = await workspaces.workspace_changes(state.db, workspace["id"])
+    failed = error or (branch_form or {}).get("error")
+    return await render(request, "workspace.html", context, status=400 if failed else 200)
 
 
 async def create_job_request(request: Request) -> Response:
@@ -205,6 +212,7 @@ async def create_job_request(request: Request) -> Response:
     selected = [str(a) for a in form.getlist("actions")]
     force = bool(form.get("force_run_dependencies"))
     notify = bool(form.get("notify"))
+    commit = str(form.get("commit") or "").strip() or None
     state = site(request)
     try:
         request_id = await submit.submit(
@@ -216,9 +224,12 @@ async def create_job_request(request: Request) -> Response:
             selected,
             force_run_dependencies=force,
             notify=notify,
+            commit=commit,
         )
     except (SubmitError, RepoError, pipeline.ProjectValidationError) as e:
-        return await workspace_page(request, workspace, str(e), selected, force, notify)
+        return await workspace_page(
+            request, workspace, str(e), selected, force, notify, commit or ""
+        )
     state.scheduler.wake()
     row = await state.db.fetchone(
         "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
@@ -230,6 +241,24 @@ async def create_job_request(request: Request) -> Response:
         "info" if row["status"] == "created" else "warning",
     )
     return redirect(request, "job_request", workspace=workspace["name"], id=str(request_id))
+
+
+async def change_branch(request: Request) -> Response:
+    """The branch form sent: point the workspace at that branch, or say why not."""
+    workspace = await get_workspace(request, request.path_params["workspace"])
+    user = await check_role(request, workspace["project_id"], "developer")
+    branch = str((await request.form()).get("branch") or "")
+    state = site(request)
+    try:
+        changed = await workspaces.set_branch(state.db, state.repos, user, workspace, branch)
+    except FieldProblems as e:
+        form = {"branch": branch, "error": e.errors["branch"]}
+        return await workspace_page(request, workspace, branch_form=form)
+    if changed:
+        flash(request, f"Workspace {workspace['name']} now runs branch {branch.strip()}.")
+    else:
+        flash(request, f"Workspace {workspace['name']} already runs branch {branch.strip()}.")
+    return redirect(request, "workspace", workspace=workspace["name"])
 
 
 async def archive(request: Request) -> Response:
