@@ -169,6 +169,7 @@ def serve(args: argparse.Namespace) -> int:
     from .server import create_app
 
     settings = _settings(args)
+    asyncio.run(_check_executor(settings))
     configure_logging()
     asyncio.run(_with_db(settings, lambda db: _first_admin(db, settings)))
     uvicorn.run(
@@ -179,6 +180,14 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
     )
     return 0
+
+
+async def _check_executor(settings: Settings) -> None:
+    """Refuse settings the site's jobs cannot run safely with, before serving (the site's
+    start checks again, however it is served)."""
+    from .local_docker import LocalDockerExecutor
+
+    await LocalDockerExecutor(settings).check_settings()
 
 
 def configure_logging() -> None:

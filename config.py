@@ -86,6 +86,9 @@ class Repos:
     # fnmatch patterns of repository URLs (or local paths) a workspace may use
     allow: list[str] = field(default_factory=lambda: ["https://github.com/*"])
     fetch_timeout: Duration = Duration(120)
+    # pages showing a repo fetch it at most this often; creating a workspace or submitting a
+    # job request always fetches
+    fetch_interval: Duration = Duration(10)
 
 
 @dataclass

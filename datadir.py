@@ -7,14 +7,26 @@ the workspace too.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "metadata/manifest.json"  # in a workspace: every output, and who made it
 
+# An action's name becomes a file name (its log, metadata/<action>.log), so it is one safe
+# file-name component on every system: these characters only (no `/`, `\`, `.` or NUL, so
+# never `..`), not an option's leading `-`, and short enough for any file system.
+ACTION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,199}")
+ACTION_NAME_RULE = (
+    "only ASCII letters, digits, `_` and `-`, must not start with `-`, and be at most 200 "
+    "characters long"
+)
+
 
 def action_log_name(action: str) -> str:
     """Where the log of an action's latest job sits in a workspace, relative to it."""
+    if not ACTION_NAME.fullmatch(action):
+        raise ValueError(f"{action[:200]!r} is not an action name, so it cannot name a log")
     return f"metadata/{action}.log"
 
 

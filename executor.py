@@ -122,6 +122,11 @@ class Executor(Protocol):
         """Whether jobs can be started now."""
         ...
 
+    async def check_settings(self) -> None:
+        """At start: refuse settings this executor cannot honour safely, raising
+        ``config.SettingsError`` naming the setting."""
+        ...
+
     async def prepare(self, job: JobSpec) -> None:
         """Steps 1 and 2: the job's files, and the outputs of its direct needs."""
         ...

@@ -20,6 +20,10 @@ ROW_GAP = 14
 MARGIN = 8
 MAX_LABEL = 25
 WAYPOINT_HEIGHT = 12
+# The most boxes a picture may have, counting one per action and one for each column an edge
+# crosses (the largest real study's has about 1,600). Past it a picture is no help and its
+# layout slow, growing with the cube of the actions: such a pipeline is listed, not drawn.
+MAX_DRAWN = 10_000
 
 ICONS = {
     "succeeded": "✓",
@@ -78,17 +82,38 @@ def _depths(nodes: list[Node]) -> dict[str, int]:
     """
     by_name = {node.name: node for node in nodes}
     depth: dict[str, int] = {}
-
-    def visit(name: str, path: frozenset[str]) -> int:
-        if name in depth:
-            return depth[name]
-        needs = [n for n in by_name[name].needs if n in by_name and n not in path]
-        depth[name] = 1 + max((visit(n, path | {name}) for n in needs), default=-1)
-        return depth[name]
-
-    for node in nodes:
-        visit(node.name, frozenset())
+    for start in by_name:  # depth first, without recursion: a chain may be long
+        if start in depth:
+            continue
+        path = {start: 0}  # the actions being visited -> their depth so far
+        stack = [(start, iter(by_name[start].needs))]
+        while stack:
+            name, needs = stack[-1]
+            need = next(needs, None)
+            if need is None:
+                stack.pop()
+                depth[name] = path.pop(name)
+                if stack:
+                    parent = stack[-1][0]
+                    path[parent] = max(path[parent], depth[name] + 1)
+            elif need in depth:
+                path[name] = max(path[name], depth[need] + 1)
+            elif need in by_name and need not in path:
+                path[need] = 0
+                stack.append((need, iter(by_name[need].needs)))
     return depth
+
+
+def too_large_to_draw(nodes: list[Node]) -> bool:
+    """Whether the picture would have more than MAX_DRAWN boxes (see there)."""
+    depth = _depths(nodes)
+    boxes = len(nodes)
+    for node in nodes:
+        for need in dict.fromkeys(node.needs):
+            boxes += max(0, depth[node.name] - depth.get(need, depth[node.name]))
+            if boxes > MAX_DRAWN:
+                return True
+    return False
 
 
 def _chains(nodes: list[Node], depth: dict[str, int]) -> list[list[Item]]:
@@ -202,7 +227,13 @@ def _short(name: str) -> str:
 
 
 def render_svg(nodes: list[Node], title: str = "Pipeline") -> Markup:
-    """The graph as an inline SVG element; every text in it is escaped."""
+    """The graph as an inline SVG element; every text in it is escaped. A pipeline too large
+    to draw gets a sentence saying so instead."""
+    if too_large_to_draw(nodes):
+        return Markup(
+            f'<p class="graph-note">This pipeline is too large to draw ({len(nodes)} actions '
+            "and their dependencies): its actions are listed below.</p>"
+        )
     drawn = layout(nodes)
     width, height = drawn.width, drawn.height
     counts: dict[str, int] = {}

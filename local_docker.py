@@ -30,7 +30,7 @@ import requests.exceptions
 from docker.types import LogConfig
 
 from . import jobdir
-from .config import Settings
+from .config import Settings, SettingsError
 from .datadir import MANIFEST, action_log_name
 from .executor import (
     ContainerExit,
@@ -58,9 +58,9 @@ STATS_INTERVAL = 1.0  # seconds between two samples of a running job's CPU and m
 MIN_CPU_INTERVAL = 0.2  # seconds: CPU use over less time than this is mostly noise
 DISK_CHECK_INTERVAL = 1.0  # at least this many seconds between two measures of a job's dir
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LocalDockerExecutor:
@@ -138,6 +138,45 @@ class LocalDockerExecutor:
         except (DockerUnavailable, docker.errors.DockerException):
             self.close()
             return False
+
+    async def check_settings(self) -> None:
+        """Refuse, naming the setting, a database network that is not an internal Docker
+        network: a database action on it could reach the internet. With the engine down the
+        site still starts; each database job checks its network before it runs."""
+
+        def check() -> None:
+            for name, database in self.settings.databases.items():
+                if database.network:
+                    problem = self._network_problem(database.network)
+                    if problem:
+                        raise SettingsError(f"databases.{name}.network: {problem}")
+
+        try:
+            await asyncio.to_thread(check)
+        except DockerUnavailable as e:
+            log.warning("could not check the databases' networks yet: %s", e)
+        finally:
+            self.close()  # a site refused at start leaves no connection behind
+
+    def _network_problem(self, network: str) -> str | None:
+        """What makes ``network`` unfit for database actions, if anything."""
+        with self._docker_calls():
+            try:
+                found = self._api().inspect_network(network)
+            except docker.errors.NotFound:
+                found = None
+        fix = (
+            "Database actions may only use an internal network (made with `docker network "
+            "create --internal NAME`, the database server attached to it), so that they reach "
+            "the database and nothing else."
+        )
+        if found is None:
+            return f"there is no Docker network {network!r}. {fix}"
+        if not found.get("Internal"):
+            return (
+                f"the Docker network {network!r} is not internal: it can reach the internet. {fix}"
+            )
+        return None
 
     def _user(self) -> str:
         if os.getuid() == 0:
@@ -233,6 +272,13 @@ class LocalDockerExecutor:
                 if job.database_url:
                     env["DATABASE_URL"] = job.database_url
                 network = job.database_network or "none"
+                problem = network != "none" and self._network_problem(network)
+                if problem:
+                    raise JobError(
+                        StatusCode.INTERNAL_ERROR,
+                        f"The database's network is not safe to use: {problem} An admin must "
+                        "fix the setting databases.<name>.network; then run the job again.",
+                    )
             host_config = api.create_host_config(
                 init=True,
                 network_mode=network,
@@ -592,7 +638,7 @@ class LocalDockerExecutor:
             try:
                 jobdir.remove_tree(self.data.job_dir(job_id))
             except OSError as e:
-                logger.warning("could not remove the files of job %s: %s", job_id, e)
+                log.warning("could not remove the files of job %s: %s", job_id, e)
 
         await asyncio.to_thread(clean)
 

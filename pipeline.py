@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
+from .datadir import ACTION_NAME, ACTION_NAME_RULE
 from .states import ACTIVE_STATES
 
 RUN_ALL = "run_all"
@@ -71,11 +72,23 @@ _DEPRECATED_SOON = {("python", "v1"), ("r", "v1")}
 # YAML aliases can make a small file describe a huge config; stop walking it past this.
 _MAX_CONFIG_VALUES = 100_000
 
+# The largest project.yaml the site reads (the largest real study's is about 220 KB). The
+# same limit applies to the pipeline it describes, counting each use of a YAML alias, so a
+# few hundred bytes of aliases cannot make every later step walk gigabytes.
+MAX_PROJECT_SIZE = 1024**2
+# A message quotes at most this much of a value from the file, and a file's report lists at
+# most this many problems: what the site says about a file stays small whatever is in it.
+_MAX_QUOTED = 200
+_MAX_ERRORS = 100
+
 
 class ProjectValidationError(Exception):
     """project.yaml is invalid; `.errors` lists every problem found, one sentence each."""
 
     def __init__(self, errors: list[str]) -> None:
+        if len(errors) > _MAX_ERRORS:
+            more = len(errors) - _MAX_ERRORS
+            errors = [*errors[:_MAX_ERRORS], f"... and {more} more problems: fix these first."]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -114,6 +127,8 @@ class Pipeline:
 
 def load_pipeline(text: str) -> Pipeline:
     """Parse and validate project.yaml text; raise ProjectValidationError listing every problem."""
+    if len(text) > MAX_PROJECT_SIZE:
+        raise ProjectValidationError([too_large_message(len(text))])
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
@@ -128,7 +143,41 @@ def load_pipeline(text: str) -> Pipeline:
         ) from None
     except UnicodeError as exc:
         raise ProjectValidationError([f"project.yaml is not valid text: {exc}."]) from None
+    if _expanded_size(data) > MAX_PROJECT_SIZE:
+        raise ProjectValidationError(
+            [
+                "project.yaml is too large once its YAML aliases are expanded: it describes "
+                f"more than {_mib(MAX_PROJECT_SIZE)} of text (counting each use of an alias). "
+                "Write the repeated parts out, or use fewer aliases."
+            ]
+        )
     return _Validator(data).pipeline()
+
+
+def too_large_message(size: int) -> str:
+    return (
+        f"project.yaml is {_mib(size)}, more than the {_mib(MAX_PROJECT_SIZE)} a project.yaml "
+        "may be: make it smaller (move long lists or configs into files the actions read)."
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"
+
+
+def _expanded_size(data: Any) -> int:
+    """The characters and values ``data`` describes, each use of a YAML alias counted, or
+    just past MAX_PROJECT_SIZE when it is larger: the walk stops there."""
+    stack, size = [data], 0
+    while stack and size <= MAX_PROJECT_SIZE:
+        item = stack.pop()
+        size += 1 + (len(item) if isinstance(item, str) else 0)
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return size
 
 
 # --- YAML -------------------------------------------------------------------------------
@@ -158,13 +207,14 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parse
         try:
             return int(text, 0) if text.lstrip("+-")[:2] in ("0o", "0x") else int(text, 10)
         except ValueError:
-            problem = f"{text!r} is not an integer"
+            problem = f"{_shown(text)} is not an integer"
             raise ConstructorError(None, None, problem, node.start_mark) from None
 
     def construct_yaml_bool(self, node: yaml.ScalarNode) -> bool:
         text = self.construct_scalar(node)
         if text.lower() not in ("true", "false"):
-            raise ConstructorError(None, None, f"{text!r} is not true or false", node.start_mark)
+            problem = f"{_shown(text)} is not true or false"
+            raise ConstructorError(None, None, problem, node.start_mark)
         return text.lower() == "true"
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
@@ -173,7 +223,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parse
         try:
             return special.get(text.lower()) or float(text)
         except ValueError:
-            problem = f"{text!r} is not a number"
+            problem = f"{_shown(text)} is not a number"
             raise ConstructorError(None, None, problem, node.start_mark) from None
 
 
@@ -209,18 +259,40 @@ def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
     mark = exc.problem_mark
     where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown place"
     if isinstance(exc, _DuplicateKeyError):
+        key = _shown(str(exc.key), quote="'")
         return (
-            f"project.yaml has the key {str(exc.key)!r} twice in one mapping, on line "
+            f"project.yaml has the key {key} twice in one mapping, on line "
             f"{exc.first_line} and on line {mark.line + 1}: each key may appear only once."
         )
-    message = f"project.yaml is not valid YAML: {exc.problem} at {where}"
+    message = f"project.yaml is not valid YAML: {_capped(str(exc.problem))} at {where}"
     if exc.context and exc.context_mark:
         message += f" ({exc.context} on line {exc.context_mark.line + 1})"
     return message + "."
 
 
 def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
+    return _capped(" ".join(str(exc).split()))
+
+
+def _capped(text: str) -> str:
+    return text if len(text) <= _MAX_QUOTED else text[:_MAX_QUOTED] + "..."
+
+
+def _shown(value: Any, quote: str = "`") -> str:
+    """A value from project.yaml as a message quotes it: a collection by its kind, text in
+    backticks (escaped when it is not printable), cut short so that no message ever writes
+    out a whole large value."""
+    if isinstance(value, dict | list):
+        return f"a {_kind(value)}"
+    if not isinstance(value, str):
+        return _capped(repr(value))
+    text = _capped(value[: _MAX_QUOTED + 1])
+    return f"{quote}{text}{quote}" if text.isprintable() else repr(text)
+
+
+def _names(values: Iterable[Any]) -> str:
+    """Keys or names from project.yaml, quoted as messages quote them."""
+    return ", ".join(_shown(str(value), quote="") for value in values)
 
 
 # --- validation -------------------------------------------------------------------------
@@ -235,6 +307,9 @@ class _Validator:
     warnings: list[str] = field(default_factory=list)
     version: float | None = None
 
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+
     def pipeline(self) -> Pipeline:
         data = self.data
         if not isinstance(data, dict):
@@ -242,10 +317,10 @@ class _Validator:
             raise ProjectValidationError(
                 [f"project.yaml must be a mapping with `version` and `actions`, but it is {what}."]
             )
-        unexpected = [str(key) for key in data if key not in PROJECT_KEYS]
+        unexpected = [key for key in data if key not in PROJECT_KEYS]
         if unexpected:
-            self.errors.append(
-                f"project.yaml has unexpected top-level key(s): {', '.join(unexpected)}. "
+            self.error(
+                f"project.yaml has unexpected top-level key(s): {_names(unexpected)}. "
                 f"The allowed keys are: {', '.join(PROJECT_KEYS)}."
             )
         self.version = self._check_version(data.get("version"))
@@ -265,7 +340,7 @@ class _Validator:
 
     def _check_version(self, version: Any) -> float | None:
         if version is None:
-            self.errors.append(
+            self.error(
                 "project.yaml must have a `version` saying which version of the format it "
                 f"uses (the latest is {LATEST_VERSION})."
             )
@@ -279,8 +354,9 @@ class _Validator:
             except ValueError:
                 pass
         if number is None or not 1 <= number <= LATEST_VERSION:
-            self.errors.append(
-                f"`version` must be a number between 1 and {LATEST_VERSION}, but it is {version!r}."
+            self.error(
+                f"`version` must be a number between 1 and {LATEST_VERSION}, but it is "
+                f"{_shown(version)}."
             )
             return None
         if number != LATEST_VERSION:
@@ -293,17 +369,26 @@ class _Validator:
     def _check_actions(self, actions: Any) -> dict[str, Action]:
         if not isinstance(actions, dict):
             if actions is None:
-                self.errors.append("project.yaml must have an `actions` section.")
+                self.error("project.yaml must have an `actions` section.")
             else:
-                self.errors.append(
+                self.error(
                     f"The `actions` section must be a mapping of action names to actions, "
                     f"but it is a {_kind(actions)}."
                 )
             return {}
-        specs = {str(name): spec for name, spec in actions.items()}
+        specs = {}
+        for name, spec in actions.items():
+            if ACTION_NAME.fullmatch(str(name)):
+                specs[str(name)] = spec
+            else:
+                self.error(
+                    f"The action name {_shown(str(name))} cannot be used: an action's name "
+                    f"becomes a file name (its log), so it may have {ACTION_NAME_RULE}. "
+                    "Rename the action."
+                )
         if RUN_ALL in specs:
             if self.applies("run_all_reserved"):
-                self.errors.append(
+                self.error(
                     f"`{RUN_ALL}` is a reserved action name (it runs every action): rename "
                     "that action."
                 )
@@ -312,7 +397,7 @@ class _Validator:
                     f"The action `{RUN_ALL}` is ignored: `{RUN_ALL}` is a reserved name that "
                     "runs every action, and from version 5 it is an error. Rename that action."
                 )
-        known = [name for name in specs if name != RUN_ALL]
+        known = {name for name in specs if name != RUN_ALL}
         built: dict[str, Action] = {}
         for name, spec in specs.items():
             action = _ActionChecker(self, name, spec, known).check()
@@ -333,7 +418,7 @@ class _Validator:
                 continue
             first = first_with_run.setdefault(run, name)
             if first != name:
-                self.errors.append(
+                self.error(
                     f"Action `{name}` has the same `run` command as action `{first}`: each "
                     "action must run something different."
                 )
@@ -345,8 +430,8 @@ class _Validator:
                 users.setdefault(pattern, []).append(action.name)
         for pattern, names in users.items():
             if len(names) > 1:
-                self.errors.append(
-                    f"Output path {pattern} is not unique: it is an output of "
+                self.error(
+                    f"Output path {_shown(pattern, quote='')} is not unique: it is an output of "
                     f"{_action_list(names)}. Each output path may be used only once."
                 )
 
@@ -374,9 +459,9 @@ class _Validator:
 
     def _report_cycle(self, cycle: list[str]) -> None:
         if len(cycle) == 2:
-            self.errors.append(f"Action `{cycle[0]}` needs itself: remove it from its `needs`.")
+            self.error(f"Action `{cycle[0]}` needs itself: remove it from its `needs`.")
         else:
-            self.errors.append(
+            self.error(
                 f"Actions depend on each other in a cycle: {' -> '.join(cycle)}. Remove one "
                 "of these `needs` so the actions can run in order."
             )
@@ -384,33 +469,29 @@ class _Validator:
     def _check_expectations(self, expectations: Any) -> None:
         if self.applies("no_cohortextractor"):
             if expectations is not None:
-                self.errors.append(
+                self.error(
                     "project.yaml has an `expectations` section, which is not supported from "
                     "version 4: it only applied to cohortextractor actions, so remove it."
                 )
         elif self.applies("expectations_required"):
             if expectations is None:
-                self.errors.append(
+                self.error(
                     "project.yaml version 3 must have an `expectations` section with "
                     "`population_size` (for example `expectations: {population_size: 1000}`)."
                 )
             elif not isinstance(expectations, dict):
-                self.errors.append(
-                    "The `expectations` section must be a mapping with `population_size`."
-                )
+                self.error("The `expectations` section must be a mapping with `population_size`.")
             else:
-                unexpected = [str(key) for key in expectations if key != "population_size"]
+                unexpected = [key for key in expectations if key != "population_size"]
                 if unexpected:
-                    self.errors.append(
+                    self.error(
                         f"The `expectations` section has unexpected key(s): "
-                        f"{', '.join(unexpected)}. Only `population_size` is allowed."
+                        f"{_names(unexpected)}. Only `population_size` is allowed."
                     )
                 if "population_size" not in expectations:
-                    self.errors.append("The `expectations` section must have `population_size`.")
+                    self.error("The `expectations` section must have `population_size`.")
                 elif not _is_integer_like(expectations["population_size"]):
-                    self.errors.append(
-                        "`population_size` in the `expectations` section must be a number."
-                    )
+                    self.error("`population_size` in the `expectations` section must be a number.")
 
 
 @dataclass
@@ -420,12 +501,12 @@ class _ActionChecker:
     validator: _Validator
     name: str
     spec: Any
-    known: list[str]
+    known: set[str]
     ok: bool = True
 
     def error(self, message: str) -> None:
         self.ok = False
-        self.validator.errors.append(message)
+        self.validator.error(message)
 
     def check(self) -> Action | None:
         name, spec = self.name, self.spec
@@ -435,10 +516,10 @@ class _ActionChecker:
                 f"{'empty' if spec is None else 'a ' + _kind(spec)}."
             )
             return None
-        unexpected = [str(key) for key in spec if key not in ACTION_KEYS]
+        unexpected = [key for key in spec if key not in ACTION_KEYS]
         if unexpected:
             self.error(
-                f"Action `{name}` has unexpected key(s): {', '.join(unexpected)}. The allowed "
+                f"Action `{name}` has unexpected key(s): {_names(unexpected)}. The allowed "
                 f"keys are: {', '.join(ACTION_KEYS)}."
             )
         for key in ("run", "outputs"):
@@ -492,10 +573,10 @@ class _ActionChecker:
             return None
         image, _, tag = parts[0].partition(":")
         if not image or not _TAG.fullmatch(tag):
-            shown = image or "IMAGE"
+            shown = _capped(image) or "IMAGE"
             self.error(
                 f"`run` of action `{name}` must start with an image and its version, in the "
-                f"form {shown}:vN (e.g. {shown}:v2), but it starts with `{parts[0]}`."
+                f"form {shown}:vN (e.g. {shown}:v2), but it starts with {_shown(parts[0])}."
             )
             return None
         if tag == "latest" and self.validator.applies("no_latest_tag"):
@@ -503,8 +584,8 @@ class _ActionChecker:
             if image in ("python", "r"):
                 hint = f" `{image}:latest` means `{image}:v1` (which is due to be retired)."
             self.error(
-                f"Action `{name}` uses `{parts[0]}`, but `latest` is not supported from "
-                f"version 5: give a version instead, e.g. `{image}:v2`.{hint}"
+                f"Action `{name}` uses {_shown(parts[0])}, but `latest` is not supported from "
+                f"version 5: give a version instead, e.g. `{_capped(image)}:v2`.{hint}"
             )
         if image.startswith("cohortextractor") and self.validator.applies("no_cohortextractor"):
             self.error(
@@ -528,19 +609,19 @@ class _ActionChecker:
                 f"but it is a {_kind(needs)}."
             )
             return ()
-        valid: list[str] = []
+        valid: dict[str, None] = {}  # in order, once each
         for need in needs:
             if not isinstance(need, str):
-                item = f"a {_kind(need)}" if isinstance(need, list | dict) else repr(need)
+                item = _shown(need)
                 self.error(
                     f"`needs` of action `{name}` must be a flat list of action names, but one "
                     f"item is {item}."
                 )
             elif " " in need or "," in need:
-                separate = ", ".join(re.split(r"[ ,]+", need.strip(" ,")))
+                separate = ", ".join(re.split(r"[ ,]+", _capped(need).strip(" ,")))
                 self.error(
-                    f"`needs` of action `{name}` has `{need}`: list each action separately, "
-                    f"separated with commas, like `[{separate}]`."
+                    f"`needs` of action `{name}` has {_shown(need)}: list each action "
+                    f"separately, separated with commas, like `[{separate}]`."
                 )
             elif need == RUN_ALL:
                 self.error(
@@ -548,11 +629,11 @@ class _ActionChecker:
                     "action: it cannot be needed."
                 )
             elif need not in self.known:
-                close = difflib.get_close_matches(need, self.known, n=1)
+                close = difflib.get_close_matches(_capped(need), sorted(self.known), n=1)
                 hint = f" Did you mean `{close[0]}`?" if close else ""
-                self.error(f"Action `{name}` needs `{need}`, which is not an action.{hint}")
-            elif need not in valid:
-                valid.append(need)
+                self.error(f"Action `{name}` needs {_shown(need)}, which is not an action.{hint}")
+            else:
+                valid[need] = None
         return tuple(valid)
 
     def _check_outputs(self, outputs: Any) -> dict[str, dict[str, str]] | None:
@@ -568,11 +649,11 @@ class _ActionChecker:
                 f"Action `{name}` must have at least one output under one of: "
                 f"{', '.join(PRIVACY_LEVELS)}."
             )
-        unexpected = [str(key) for key in outputs if key not in PRIVACY_LEVELS]
+        unexpected = [key for key in outputs if key not in PRIVACY_LEVELS]
         if unexpected:
             self.error(
                 f"`outputs` of action `{name}` has unknown privacy level(s): "
-                f"{', '.join(unexpected)}. Use {', '.join(PRIVACY_LEVELS)}."
+                f"{_names(unexpected)}. Use {', '.join(PRIVACY_LEVELS)}."
             )
         checked: dict[str, dict[str, str]] = {}
         for level in PRIVACY_LEVELS:
@@ -589,18 +670,18 @@ class _ActionChecker:
             for output_name, pattern in named.items():
                 output_name = str(output_name)
                 if output_name in checked[level]:
-                    self.error(f"Action `{name}` has the output name `{output_name}` twice.")
+                    self.error(f"Action `{name}` has the output name {_shown(output_name)} twice.")
                 elif not isinstance(pattern, str):
                     self.error(
-                        f"Output `{output_name}` of action `{name}` must be a path string, "
+                        f"Output {_shown(output_name)} of action `{name}` must be a path string, "
                         f"but it is a {_kind(pattern)}."
                     )
                 else:
                     problems = _pattern_problems(pattern, level)
                     if problems:
                         self.error(
-                            f"Output path {pattern} of action `{name}` is invalid: "
-                            f"{'; '.join(problems)}."
+                            f"Output path {_shown(pattern, quote='')} of action `{name}` is "
+                            f"invalid: {'; '.join(problems)}."
                         )
                     checked[level][output_name] = pattern
         return checked
@@ -648,7 +729,8 @@ class _ActionChecker:
                 self.error(
                     f"Action `{name}` runs `generate_cohort`, so its outputs must be in one "
                     f"directory (or it must pass `--output-dir`), but they are in "
-                    f"{len(directories)}: {', '.join(d + '/' for d in directories) or 'none'}."
+                    f"{len(directories)}: "
+                    f"{_capped(', '.join(d + '/' for d in directories)) or 'none'}."
                 )
         if ehrql := _EHRQL_GENERATE.match(run):
             command = ehrql.group(2).replace("_", "-")
@@ -670,7 +752,8 @@ class _ActionChecker:
             elif not _patterns_match_output_argument(spec, patterns):
                 self.error(
                     f"The outputs of action `{name}` must match its `--output` argument: "
-                    f"expected {_expected_pattern(spec)}, got {', '.join(patterns) or 'nothing'}."
+                    f"expected {_capped(_expected_pattern(spec))}, got "
+                    f"{_capped(', '.join(patterns)) or 'nothing'}."
                 )
 
 
@@ -931,6 +1014,6 @@ def _job_id(action: str, state: ActionState) -> str:
 
 
 def _unknown_actions_message(unknown: list[str], actions: Iterable[str]) -> str:
-    names = ", ".join(f"`{a}`" for a in unknown)
+    names = ", ".join(_shown(a) for a in unknown)
     verb = "is not an action" if len(unknown) == 1 else "are not actions"
     return f"{names} {verb} in project.yaml. The actions are: {', '.join([*actions, RUN_ALL])}."

@@ -169,9 +169,14 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data.root.mkdir(parents=True, exist_ok=True)
-        site.db = db = await Database.open(settings.data.db)
-        site.repos = Repos(settings.data.repos, timeout=settings.repos.fetch_timeout)
+        site.repos = Repos(
+            settings.data.repos,
+            timeout=settings.repos.fetch_timeout,
+            fetch_interval=settings.repos.fetch_interval,
+        )
         site.executor = LocalDockerExecutor(settings, site.repos)
+        await site.executor.check_settings()
+        site.db = db = await Database.open(settings.data.db)
         site.notifier = notify.Notifier(db, settings, job_url=job_url)
         site.scheduler = Scheduler(
             db, settings, site.executor, on_job_finished=site.notifier.job_finished

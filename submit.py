@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -15,7 +16,7 @@ from .config import Settings
 from .db import Database, Row
 from .outputs import Manifest, action_definition
 from .queries import LATEST_JOB_PER_ACTION, request_status
-from .repos import Repos
+from .repos import FileTooLarge, Repos
 from .states import ACTIVE_STATES, StatusCode
 from .units import iso_ms
 
@@ -36,7 +37,7 @@ def image_for(settings: Settings, action: pipeline.Action) -> str:
     if template is None:
         known = ", ".join(sorted(settings.images))
         raise SubmitError(
-            f"action {action.name} uses image {action.image!r}, which this site does not "
+            f"action {action.name} uses image {action.image[:200]!r}, which this site does not "
             f"provide (images here: {known})"
         )
     return template.replace("{name}", action.image).replace("{tag}", action.tag)
@@ -45,17 +46,27 @@ def image_for(settings: Settings, action: pipeline.Action) -> str:
 async def load_project(
     repos: Repos, repo: str, branch: str, commit: str | None = None
 ) -> tuple[str, pipeline.Pipeline]:
-    """The commit to run (``commit``, which must be on ``branch``, else the branch's head)
-    and its parsed project.yaml.
+    """The commit to run (``commit``, which must be on ``branch``, else the branch's head),
+    the repo just fetched, and its parsed project.yaml.
 
     Raises RepoError or ProjectValidationError, each with a message for the user.
     """
     if commit:
-        sha = await repos.resolve_commit(repo, branch, commit)
+        sha = await repos.resolve_commit(repo, branch, commit, fresh=True)
     else:
-        sha = await repos.resolve_branch(repo, branch)
-    text = await repos.read_file(repo, sha, "project.yaml")
-    return sha, pipeline.load_pipeline(text)
+        sha = await repos.resolve_branch(repo, branch, fresh=True)
+    return sha, await parse_project(repos, repo, sha)
+
+
+async def parse_project(repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
+    """project.yaml of ``repo`` at commit ``sha``, validated. A file over the size limit is
+    not read, and the rest is parsed in a thread: however hostile the file, the site goes
+    on answering meanwhile."""
+    try:
+        text = await repos.read_file(repo, sha, "project.yaml", max_size=pipeline.MAX_PROJECT_SIZE)
+    except FileTooLarge as e:
+        raise pipeline.ProjectValidationError([pipeline.too_large_message(e.size)]) from None
+    return await asyncio.to_thread(pipeline.load_pipeline, text)
 
 
 def action_definitions(project: pipeline.Pipeline) -> dict[str, dict[str, Any]]:

@@ -5,20 +5,22 @@ No HTTP here: callers pass who is acting, and refusals are raised as ``problems`
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import sqlite3
 import time
 from collections import OrderedDict
 from typing import Any
 
-from . import auth, pipeline
+from . import auth, pipeline, submit
 from .auth import User
 from .config import Settings
 from .db import Database, Row
 from .outputs import Manifest
 from .problems import FieldProblems, NotAllowed, NotFound, Problem
 from .queries import LATEST_JOB_PER_ACTION
-from .repos import BranchNotFound, FileNotFound, RepoError, Repos, check_allowed
+from .repos import BranchNotFound, FileNotFound, FileTooLarge, RepoError, Repos, check_allowed
 from .submit import action_definitions
 
 WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -157,9 +159,11 @@ async def create_workspace(
         errors["branch"] = "branch is required"
     else:
         try:
-            check_allowed(repo, settings.repos.allow)
-            sha = await repos.resolve_branch(repo, branch)
-            await repos.read_file(repo, sha, "project.yaml")
+            repo = check_allowed(repo, settings.repos.allow)
+            sha = await repos.resolve_branch(repo, branch, fresh=True)
+            # only that it is there matters here; the workspace page explains a file too large
+            with contextlib.suppress(FileTooLarge):
+                await repos.read_file(repo, sha, "project.yaml", max_size=pipeline.MAX_PROJECT_SIZE)
         except (BranchNotFound, FileNotFound) as e:
             errors["branch"] = str(e)
         except RepoError as e:
@@ -199,7 +203,7 @@ async def set_branch(db: Database, repos: Repos, user: User, workspace: Row, bra
     if branch == workspace["branch"]:
         return False
     try:
-        names = await repos.branches(workspace["repo"])
+        names = await repos.branches(workspace["repo"], fresh=True)
         if branch not in names:  # only a branch: not a tag, a commit or "main~1"
             known = ", ".join(names[:20]) or "none"
             raise BranchNotFound(
@@ -207,7 +211,11 @@ async def set_branch(db: Database, repos: Repos, user: User, workspace: Row, bra
                 "Push the branch, or choose one of these."
             )
         sha = await repos.resolve_branch(workspace["repo"], branch, fetch=False)
-        await repos.read_file(workspace["repo"], sha, "project.yaml")
+        # only that it is there matters here; the workspace page explains a file too large
+        with contextlib.suppress(FileTooLarge):
+            await repos.read_file(
+                workspace["repo"], sha, "project.yaml", max_size=pipeline.MAX_PROJECT_SIZE
+            )
     except RepoError as e:
         raise FieldProblems({"branch": str(e)}) from None
     now = time.time()
@@ -240,24 +248,42 @@ async def set_archived(db: Database, workspace_id: int, archived: bool) -> None:
 
 
 class ParsedProjects:
-    """project.yaml of a repo at a commit, parsed once: a commit never changes, and pages
-    poll the same one every few seconds. The most recently used few are kept."""
+    """project.yaml of a repo at a commit, parsed once, the pipeline or what is wrong with
+    it: a commit never changes, and pages poll the same one every few seconds. Callers
+    asking for one while it is parsed share that parse. The most recently used few are
+    kept."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.parsed: OrderedDict[tuple[str, str], pipeline.Pipeline] = OrderedDict()
+        # (repo, sha) -> the pipeline, or the problems of its project.yaml
+        self.parsed: OrderedDict[tuple[str, str], pipeline.Pipeline | list[str]] = OrderedDict()
+        self._parsing: dict[tuple[str, str], asyncio.Future[pipeline.Pipeline | list[str]]] = {}
 
     async def at(self, repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
         key = (repo, sha)
-        if key in self.parsed:
-            self.parsed.move_to_end(key)
+        found = self.parsed.get(key)
+        if found is None:
+            parsing = self._parsing.get(key)
+            if parsing is None:
+                parsing = self._parsing[key] = asyncio.ensure_future(self._parse(repos, key))
+                parsing.add_done_callback(lambda _: self._parsing.pop(key, None))
+            found = await asyncio.shield(parsing)  # one caller leaving stops it for no other
         else:
-            self.parsed[key] = pipeline.load_pipeline(
-                await repos.read_file(repo, sha, "project.yaml")
-            )
-            if len(self.parsed) > self.size:
-                self.parsed.popitem(last=False)
-        return self.parsed[key]
+            self.parsed.move_to_end(key)
+        if isinstance(found, list):
+            raise pipeline.ProjectValidationError(found)
+        return found
+
+    async def _parse(self, repos: Repos, key: tuple[str, str]) -> pipeline.Pipeline | list[str]:
+        found: pipeline.Pipeline | list[str]
+        try:
+            found = await submit.parse_project(repos, *key)
+        except pipeline.ProjectValidationError as e:
+            found = e.errors
+        self.parsed[key] = found
+        if len(self.parsed) > self.size:
+            self.parsed.popitem(last=False)
+        return found
 
 
 async def workspace_actions(

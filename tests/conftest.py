@@ -105,7 +105,8 @@ def settings(data_dir: Path, repos_dir: Path) -> Settings:
     return load_settings(
         environ={},
         data_dir=str(data_dir),
-        repos={"allow": [f"{repos_dir}/*"]},
+        # every page fetches, so that a test's commit shows at once
+        repos={"allow": [f"{repos_dir}/*"], "fetch_interval": 0},
         max_workers=2,
         job_memory="256M",
         job_cpus=1,

@@ -175,7 +175,7 @@ async def test_container_runs_locked_down_as_seen_from_inside(
 async def test_database_action_gets_the_database_url_and_network(
     settings, study, make_executor, docker_client: docker.DockerClient
 ):
-    network = docker_client.networks.create(f"jobsite-test-{secrets.token_hex(4)}")
+    network = docker_client.networks.create(f"jobsite-test-{secrets.token_hex(4)}", internal=True)
     try:
         job = spec(
             study,

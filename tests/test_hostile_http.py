@@ -522,3 +522,26 @@ async def test_headers_too_large_are_refused_and_the_site_goes_on(live, intact):
     status, _, _ = live.raw(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many + b"\r\n")
     assert status == 200, "many small headers are simply answered"
     await intact.check(live.client)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"actions": [["generate"]]},
+        {"actions": [{"generate": 1}]},
+        {"actions": [None]},
+        {"actions": [1, 2]},
+        {"actions": ["generate"], "commit": ["main"]},
+    ],
+)
+async def test_a_job_request_whose_actions_are_not_names_is_a_400(
+    app, client, intact, make_repo, body
+):
+    headers = await user_headers(app, "alice")
+    await app.state.scheduler.set_paused(True)
+    await setup_workspace(client, headers, make_repo({"project.yaml": PROJECT_YAML}))
+    response = await client.post("/api/v1/workspaces/ws1/job-requests", json=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert "must be a" in response.json()["error"]
+    assert await app.state.db.fetchval("SELECT count(*) FROM job_requests") == 0
+    await intact.check(client, made_here)

@@ -20,7 +20,7 @@ from jobsite.repos import (
 
 @pytest.fixture
 def repos(tmp_path):
-    return Repos(tmp_path / "mirrors", timeout=30)
+    return Repos(tmp_path / "mirrors", timeout=30, fetch_interval=0)
 
 
 async def test_branch_head_file_and_export(repos, make_repo, tmp_path):

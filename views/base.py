@@ -309,6 +309,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 def field(body: dict[str, Any], name: str, kind: type = str, required: bool = True) -> Any:
+    """``body[name]``, which must be a ``kind``; a list must be a list of strings."""
     value = body.get(name)
     if value is None:
         if required:
@@ -316,6 +317,8 @@ def field(body: dict[str, Any], name: str, kind: type = str, required: bool = Tr
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise HTTPError(400, f"{name} must be a {kind.__name__}")
+    if kind is list and not all(isinstance(item, str) for item in value):
+        raise HTTPError(400, f"{name} must be a list of strings")
     return value
 
 

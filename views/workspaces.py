@@ -51,8 +51,7 @@ async def load_branches(request: Request, repo: str, wanted: str = "") -> dict[s
     """The repo's branches with one preselected, or why they cannot be listed."""
     state = site(request)
     try:
-        check_allowed(repo, state.settings.repos.allow)
-        names = await state.repos.branches(repo)
+        names = await state.repos.branches(check_allowed(repo, state.settings.repos.allow))
     except RepoError as e:
         return {"branches": [], "selected": None, "branch_error": str(e)}
     if not names:
