@@ -1,0 +1,291 @@
+"""An open-loop load generator against a real `jobsite serve` process on loopback.
+
+    .venv/bin/python bench/load.py ROOT [--target poll] [--rate 100] [--duration 20]
+        [--signed-in] [--timeout 5] [--build]
+
+ROOT is a history made by bench/history.py (``--build`` makes one there first). The server
+runs as its own process (so its RSS can be read from /proc), with ROOT's settings, on a
+free loopback port. Requests are sent at a fixed arrival rate whatever the server does
+(open loop: a slow answer does not slow the next request), and each one's latency counts
+from when it was due, so queueing in the client is charged to the server as a user would
+feel it. Printed: sent, served rate, p50/p95/p99, errors, timeouts, the server's RSS, and
+whether its log says "database is locked".
+
+Targets (the pages a site's open tabs poll, and the heavy pages):
+poll (GET /<ws>/ as htmx), job-request (a job request's fragment), api-status
+(GET /api/v1/job-requests/<id>), logs (a logs page, ``--page``), admin (/admin/), home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from history import History, build
+
+JOBSITE = Path(sys.executable).with_name("jobsite")
+OK_CODES = (200, 286, 304)
+
+
+# -- the server, as its own process --------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`jobsite serve` over a history's settings, in a subprocess; its log goes to a file."""
+
+    def __init__(self, history: History, log: Path | None = None, **env: str) -> None:
+        self.history = history
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log or Path(history.root) / "server.log"
+        self.env = {
+            **os.environ,
+            "JOBSITE_CONFIG": history.config,
+            "JOBSITE_PORT": str(self.port),
+            **env,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> Server:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(JOBSITE), "serve"], env=self.env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jobsite serve exited; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"jobsite serve did not answer within {timeout:g}s; see {self.log}")
+
+    def rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def log_says(self, text: str) -> int:
+        return self.log.read_text(errors="replace").count(text)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to tidy up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def sign_in(client: httpx.AsyncClient, username: str, password: str) -> None:
+    """A browser's sign-in: the form (for its CSRF token), then the post; keeps the cookie."""
+    page = await client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token, "no CSRF token on the sign-in page"
+    response = await client.post(
+        "/login",
+        data={"username": username, "password": password, "csrf_token": token.group(1)},
+    )
+    assert response.status_code in (302, 303), f"sign-in answered {response.status_code}"
+
+
+# -- open-loop load ------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """What one run at a fixed rate saw."""
+
+    name: str
+    rate: float
+    duration: float
+    latencies: list[float] = field(default_factory=list)  # seconds, of answers in OK_CODES
+    errors: Counter = field(default_factory=Counter)  # status code or exception name
+    timeouts: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def sent(self) -> int:
+        return len(self.latencies) + sum(self.errors.values()) + self.timeouts
+
+    @property
+    def served_rate(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+
+    def percentile(self, p: float) -> float:
+        """The p-th percentile latency in ms (nearest rank); inf when nothing was served."""
+        if not self.latencies:
+            return float("inf")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) * 1000 if self.latencies else float("inf")
+
+    def line(self) -> str:
+        errors = ", ".join(f"{k}: {n}" for k, n in self.errors.items()) or "0"
+        return (
+            f"{self.name:<32} {self.rate:6.0f}/s  served {self.served_rate:6.1f}/s  "
+            f"p50 {self.p50:7.1f}  p95 {self.percentile(95):7.1f}  "
+            f"p99 {self.percentile(99):7.1f} ms  errors {errors}  timeouts {self.timeouts}"
+        )
+
+
+# a request to send: (method, path, headers, form data or None)
+Call = tuple[str, str, dict[str, str], dict[str, str] | None]
+
+
+async def open_loop(
+    client: httpx.AsyncClient,
+    name: str,
+    call: Callable[[int], Call],
+    rate: float,
+    duration: float,
+    timeout: float = 5.0,
+    ok: tuple[int, ...] = OK_CODES,
+) -> Load:
+    """Send ``call(i)`` at ``rate`` per second for ``duration`` seconds, not waiting for
+    answers; latency counts from each request's due time."""
+    result = Load(name, rate, duration)
+    count = int(rate * duration)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def one(i: int, due: float) -> None:
+        method, path, headers, data = call(i)
+        try:
+            async with asyncio.timeout(timeout):
+                response = await client.request(method, path, headers=headers, data=data)
+        except TimeoutError:
+            result.timeouts += 1
+            return
+        except httpx.HTTPError as e:
+            result.errors[type(e).__name__] += 1
+            return
+        if response.status_code in ok:
+            result.latencies.append(loop.time() - due)
+        else:
+            result.errors[response.status_code] += 1
+
+    tasks = []
+    for i in range(count):
+        due = start + i / rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    result.elapsed = loop.time() - start
+    return result
+
+
+def client_for(server: Server) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    return httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30.0)
+
+
+HTMX = {"HX-Request": "true"}
+TARGETS = ("poll", "job-request", "api-status", "logs", "admin", "home")
+
+
+def targets(history: History, page: int = 50) -> dict[str, Callable[[int], Call]]:
+    """Each target's request for the i-th send, spread over the history's workspaces."""
+    ws = history.workspaces
+    finished = history.finished_requests
+    api = {"Authorization": f"Bearer {history.developer_token}"}
+
+    def pick(items: list, i: int):
+        return items[i % len(items)]
+
+    return {
+        "poll": lambda i: ("GET", f"/{pick(ws, i)}/", HTMX, None),
+        "job-request": lambda i: (
+            "GET",
+            f"/{pick(finished, i)[0]}/logs/{pick(finished, i)[1]}",
+            HTMX,
+            None,
+        ),
+        "api-status": lambda i: ("GET", f"/api/v1/job-requests/{pick(finished, i)[1]}", api, None),
+        "logs": lambda i: ("GET", f"/{pick(ws, i)}/logs?page={page}", {}, None),
+        "admin": lambda i: ("GET", "/admin/", {}, None),
+        "home": lambda i: ("GET", "/", {}, None),
+    }
+
+
+async def run(
+    history: History,
+    target: str,
+    rate: float,
+    duration: float,
+    signed_in: bool,
+    timeout: float,
+    page: int,
+) -> None:
+    with Server(history) as server:
+        async with client_for(server) as client:
+            if signed_in or target == "admin":
+                user = history.admin if target == "admin" else history.developer
+                await sign_in(client, user, history.password)
+            call = targets(history, page)[target]
+            name = f"{target}{' (signed in)' if signed_in else ''}"
+            result = await open_loop(client, name, call, rate, duration, timeout)
+        print(result.line())
+        print(f"server RSS {server.rss_mb():.0f} MB; ", end="")
+        print(f'"database is locked" in its log: {server.log_says("database is locked")}')
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--build", action="store_true", help="build the history in ROOT first")
+    parser.add_argument("--target", default="poll", choices=TARGETS)
+    parser.add_argument("--rate", type=float, default=100)
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--timeout", type=float, default=5)
+    parser.add_argument("--page", type=int, default=50)
+    parser.add_argument("--signed-in", action="store_true")
+    args = parser.parse_args()
+    history = build(args.root) if args.build else History.load(args.root)
+    asyncio.run(
+        run(history, args.target, args.rate, args.duration, args.signed_in, args.timeout, args.page)
+    )
