@@ -24,7 +24,12 @@ BUSY_TIMEOUT_MS = 10_000
 
 # SQL that takes a database from version N to N+1, keyed by N. schema.sql always holds the
 # whole current schema; a migration is added here whenever schema.sql changes.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    1: """
+-- load: indexes the pages' reads use
+CREATE INDEX jobs_workspace_updated ON jobs (workspace_id, updated_at);
+""",
+}
 
 
 class DatabaseVersionError(Exception):

@@ -293,7 +293,6 @@ def build(
     )
     conn.execute("INSERT INTO site_state (key, value) VALUES ('paused', '1')")
     conn.execute("COMMIT")
-    conn.execute("ANALYZE")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     counts = {
         table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]

@@ -183,16 +183,21 @@ async def open_loop(
     duration: float,
     timeout: float = 5.0,
     ok: tuple[int, ...] = OK_CODES,
+    conditional: bool = False,
 ) -> Load:
     """Send ``call(i)`` at ``rate`` per second for ``duration`` seconds, not waiting for
-    answers; latency counts from each request's due time."""
+    answers; latency counts from each request's due time. ``conditional``: as htmx polls,
+    each request names the version (ETag) last seen of its URL."""
     result = Load(name, rate, duration)
+    seen: dict[str, str] = {}
     count = int(rate * duration)
     loop = asyncio.get_running_loop()
     start = loop.time()
 
     async def one(i: int, due: float) -> None:
         method, path, headers, data = call(i)
+        if conditional and path in seen:
+            headers = {**headers, "If-None-Match": seen[path]}
         try:
             async with asyncio.timeout(timeout):
                 response = await client.request(method, path, headers=headers, data=data)
@@ -204,6 +209,8 @@ async def open_loop(
             return
         if response.status_code in ok:
             result.latencies.append(loop.time() - due)
+            if "etag" in response.headers:
+                seen[path] = response.headers["etag"]
         else:
             result.errors[response.status_code] += 1
 
@@ -260,15 +267,30 @@ async def run(
     signed_in: bool,
     timeout: float,
     page: int,
+    profile: Path | None = None,
+    conditional: bool = False,
 ) -> None:
     with Server(history) as server:
+        spy = None
+        if profile:
+            spy = subprocess.Popen(
+                [str(JOBSITE.with_name("py-spy")), "record", "--format", "raw", "-o",
+                 str(profile), "--pid", str(server.proc.pid), "--duration", str(int(duration))],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
         async with client_for(server) as client:
             if signed_in or target == "admin":
                 user = history.admin if target == "admin" else history.developer
                 await sign_in(client, user, history.password)
             call = targets(history, page)[target]
-            name = f"{target}{' (signed in)' if signed_in else ''}"
-            result = await open_loop(client, name, call, rate, duration, timeout)
+            name = (
+                target + (" (signed in)" if signed_in else "") + (" (ETag)" if conditional else "")
+            )
+            result = await open_loop(
+                client, name, call, rate, duration, timeout, conditional=conditional
+            )
+        if spy:
+            spy.wait()
         print(result.line())
         print(f"server RSS {server.rss_mb():.0f} MB; ", end="")
         print(f'"database is locked" in its log: {server.log_says("database is locked")}')
@@ -284,8 +306,24 @@ if __name__ == "__main__":
     parser.add_argument("--timeout", type=float, default=5)
     parser.add_argument("--page", type=int, default=50)
     parser.add_argument("--signed-in", action="store_true")
+    parser.add_argument(
+        "--conditional", action="store_true", help="send If-None-Match as htmx polls do"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="record the server with py-spy into this file (raw stacks)"
+    )
     args = parser.parse_args()
     history = build(args.root) if args.build else History.load(args.root)
     asyncio.run(
-        run(history, args.target, args.rate, args.duration, args.signed_in, args.timeout, args.page)
+        run(
+            history,
+            args.target,
+            args.rate,
+            args.duration,
+            args.signed_in,
+            args.timeout,
+            args.page,
+            args.profile,
+            args.conditional,
+        )
     )

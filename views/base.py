@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import urllib.parse
 from typing import Any
 
@@ -17,6 +18,7 @@ from jinja2 import pass_context
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, NoMatchFound
 from starlette.templating import Jinja2Templates
 
 from .. import auth, pipeline
@@ -63,6 +65,7 @@ class Site:
         self.login_limiter = login_limiter
         self.sealer = sealer
         self.projects = ParsedProjects()
+        self.named_routes: dict[str, BaseRoute] = {}  # filled by url() as names are asked for
 
 
 def site(request: Request) -> Site:
@@ -296,7 +299,15 @@ def local_path(target: str | None, default: str) -> str:
 
 def url(request: Request, name: str, **params: Any) -> str:
     """The path of the named route (server.ROUTES), its parameters escaped."""
-    return request.app.url_path_for(name, **_path_params(params))
+    # Starlette tries every route in turn for each URL asked for; a page with a hundred
+    # links would spend most of its time there, so each name's route is found once
+    routes = site(request).named_routes
+    if name not in routes:
+        found = [r for r in request.app.router.routes if getattr(r, "name", None) == name]
+        if not found:
+            raise NoMatchFound(name, params)
+        routes[name] = found[0]
+    return routes[name].url_path_for(name, **_path_params(params))
 
 
 def _path_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -326,12 +337,37 @@ async def render(
     return response
 
 
-async def fragment(request: Request, name: str, context: dict[str, Any], done: bool) -> Response:
-    """A partial for htmx; HTTP 286 tells htmx to stop polling once nothing shown can change."""
-    response = await render(request, name, context)
+async def fragment(
+    request: Request, name: str, context: dict[str, Any], done: bool, etag: str | None = None
+) -> Response:
+    """A partial for htmx; HTTP 286 tells htmx to stop polling once nothing shown can change.
+    With ``etag`` (from ``version_tag``) the partial says which version it shows."""
+    response = await render(request, name, {**context, "etag": etag})
     if done:
         response.status_code = 286
+    if etag:
+        response.headers["ETag"] = etag
+        response.headers["Cache-Control"] = "no-cache"
     return response
+
+
+def version_tag(*parts: Any) -> str:
+    """An ETag for what a fragment shows, made from everything its content depends on (and
+    the minute, so that "5 min ago" stays true)."""
+    text = json.dumps([*parts, int(time.time() // 60)], default=str)
+    return '"' + hashlib.sha256(text.encode()).hexdigest()[:24] + '"'
+
+
+def not_modified(request: Request, etag: str) -> Response | None:
+    """304 Not Modified when the asker already has the version ``etag``: a poll that finds
+    nothing changed costs a lookup, not a render."""
+    sent = request.headers.get("if-none-match", "")
+    if etag not in (tag.strip().removeprefix("W/") for tag in sent.split(",")):
+        return None
+    return Response(
+        status_code=304,
+        headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": "HX-Request, Cookie"},
+    )
 
 
 def flash(request: Request, message: str, kind: str = "info") -> None:

@@ -1,0 +1,90 @@
+"""The workspace page's poll: only the live part, no git, and "nothing changed" as a 304."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+from helpers import setup_workspace, submit, user_headers
+
+PROJECT_YAML = """\
+version: "4"
+actions:
+  prepare:
+    run: python:v2 -c "echo preparing"
+    outputs:
+      moderately_sensitive:
+        a: output/a.csv
+  analyse:
+    run: python:v2 -c "echo analysing"
+    needs: [prepare]
+    outputs:
+      moderately_sensitive:
+        b: output/b.csv
+"""
+
+HX = {"HX-Request": "true"}
+
+
+@pytest.fixture
+async def watched(app, client, make_repo):
+    """ws1 with a pending job request (the queue is paused), its page open in a browser."""
+    await app.state.scheduler.set_paused(True)
+    headers = await user_headers(app, "alice")
+    repo = make_repo({"project.yaml": PROJECT_YAML})
+    await setup_workspace(client, headers, repo)
+    request_id = await submit(client, headers, ["analyse"])
+    page = await client.get("/ws1/")
+    assert page.status_code == 200
+    return {"headers": headers, "repo": repo, "page": page, "request_id": request_id}
+
+
+def polled_with(page_text: str) -> dict[str, str]:
+    """The headers htmx sends with the page's poll (hx-headers of the polling element)."""
+    found = re.search(r'id="workspace-live"[^>]*hx-headers=\'([^\']+)\'', page_text)
+    assert found, "the page does not poll with its version"
+    return {**HX, **json.loads(found.group(1).replace("&#34;", '"'))}
+
+
+async def test_a_poll_sends_only_the_pills_and_the_graph(client, watched):
+    poll = await client.get("/ws1/", headers=HX)
+    assert poll.status_code == 200
+    assert poll.text.count('hx-swap-oob="true"') == 3  # two pills and the graph
+    assert poll.text.count("data-status=") == 2 and 'data-status="not_run"' not in poll.text
+    assert "<table" not in poll.text and "Submit" not in poll.text
+    assert poll.headers["ETag"] and poll.headers["Cache-Control"] == "no-cache"
+
+
+async def test_nothing_changed_is_a_304_until_a_job_changes(app, client, watched):
+    headers = polled_with(watched["page"].text)
+    unchanged = await client.get("/ws1/", headers=headers)
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert unchanged.headers["ETag"] == headers["If-None-Match"]
+
+    cancel = await client.post(
+        f"/api/v1/job-requests/{watched['request_id']}/cancel", json={}, headers=watched["headers"]
+    )
+    assert cancel.status_code == 200, cancel.text
+    changed = await client.get("/ws1/", headers=headers)
+    assert changed.status_code == 286  # everything has finished: htmx stops polling
+    assert 'data-status="cancelled_by_user"' in changed.text
+    assert changed.headers["ETag"] != headers["If-None-Match"]
+
+
+async def test_a_poll_needs_no_git(app, client, settings, watched):
+    # the page resolved the branch and parsed project.yaml; with the mirror and the repo
+    # gone, any git command would fail, yet the poll still answers from what the site holds
+    shutil.rmtree(settings.data_dir / "repos")
+    shutil.rmtree(watched["repo"].path)
+    poll = await client.get("/ws1/", headers=HX)
+    assert poll.status_code == 200
+    assert poll.text.count("data-status=") == 2 and 'data-status="not_run"' not in poll.text
+    assert ">prepare</text>" in poll.text and ">analyse</text>" in poll.text  # the graph
+
+
+async def test_a_version_the_site_never_gave_gets_the_whole_live_part(client, watched):
+    for sent in ('"nonsense"', "*x, W/", "", '"' + "f" * 5000 + '"'):
+        poll = await client.get("/ws1/", headers={**HX, "If-None-Match": sent})
+        assert poll.status_code == 200 and ">analyse</text>" in poll.text
