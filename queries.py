@@ -83,15 +83,16 @@ async def job_request_rows(
     return result
 
 
-async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
+async def queue(
+    db: Database, shown: int | None = None
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
     """Running jobs, then runnable jobs in the order the scheduler would start them,
-    then jobs still waiting on their dependencies."""
+    then jobs still waiting on their dependencies: the first ``shown`` of each (all when
+    None), and how many each part holds. Only what ordering needs is read for every
+    unfinished job; the rest only for the jobs shown."""
     rows = await db.fetchall(
-        "SELECT j.id, j.action, j.state, j.status_code, j.status_message, j.user_id, "
-        "j.requires_db, j.created_at, j.started_at, j.job_request_id, r.priority, "
-        "w.name AS workspace, u.username FROM jobs j "
-        "JOIN job_requests r ON r.id = j.job_request_id "
-        "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = j.user_id "
+        "SELECT j.id, j.state, j.status_code, j.user_id, j.requires_db, j.created_at, "
+        "r.priority FROM jobs j JOIN job_requests r ON r.id = j.job_request_id "
         "WHERE j.state IN ('pending', 'running') ORDER BY j.created_at"
     )
     running = [row for row in rows if row["state"] == "running"]
@@ -123,8 +124,26 @@ async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
         per_user,
         usage,
     )
-    return {
+    parts = {
         "running": running,
         "queued": [runnable[job.id] for job in ordered],
         "blocked": blocked,
     }
+    counts = {part: len(jobs) for part, jobs in parts.items()}
+    parts = {part: jobs[:shown] for part, jobs in parts.items()}
+    ids = [job["id"] for jobs in parts.values() for job in jobs]
+    details: dict[str, Row] = {}
+    for start in range(0, len(ids), 500):  # SQLite takes a bounded number of parameters
+        batch = ids[start : start + 500]
+        for row in await db.fetchall(
+            "SELECT j.id, j.action, j.status_message, j.started_at, j.job_request_id, "
+            "w.name AS workspace, u.username FROM jobs j "
+            "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = j.user_id "
+            f"WHERE j.id IN ({','.join('?' * len(batch))})",
+            batch,
+        ):
+            details[row["id"]] = row
+    return (
+        {part: [{**job, **details[job["id"]]} for job in jobs] for part, jobs in parts.items()},
+        counts,
+    )

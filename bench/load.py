@@ -92,6 +92,12 @@ class Server:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS in /proc status")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server (and the git processes it waited for) used so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def log_says(self, text: str) -> int:
         return self.log.read_text(errors="replace").count(text)
 
@@ -142,6 +148,7 @@ class Load:
     errors: Counter = field(default_factory=Counter)  # status code or exception name
     timeouts: int = 0
     elapsed: float = 0.0
+    cpu: float = 0.0  # server CPU seconds used during the run
 
     @property
     def sent(self) -> int:
@@ -167,8 +174,13 @@ class Load:
         return (
             f"{self.name:<32} {self.rate:6.0f}/s  served {self.served_rate:6.1f}/s  "
             f"p50 {self.p50:7.1f}  p95 {self.percentile(95):7.1f}  "
-            f"p99 {self.percentile(99):7.1f} ms  errors {errors}  timeouts {self.timeouts}"
+            f"p99 {self.percentile(99):7.1f} ms  errors {errors}  timeouts {self.timeouts}  "
+            f"server CPU {self.cpu_per_request:5.2f} ms/request"
         )
+
+    @property
+    def cpu_per_request(self) -> float:
+        return self.cpu / self.sent * 1000 if self.sent else 0.0
 
 
 # a request to send: (method, path, headers, form data or None)
@@ -232,7 +244,7 @@ def client_for(server: Server) -> httpx.AsyncClient:
 
 
 HTMX = {"HX-Request": "true"}
-TARGETS = ("poll", "job-request", "api-status", "logs", "admin", "home")
+TARGETS = ("poll", "job-request", "api-status", "logs", "admin", "home", "health")
 
 
 def targets(history: History, page: int = 50) -> dict[str, Callable[[int], Call]]:
@@ -256,6 +268,7 @@ def targets(history: History, page: int = 50) -> dict[str, Callable[[int], Call]
         "logs": lambda i: ("GET", f"/{pick(ws, i)}/logs?page={page}", {}, None),
         "admin": lambda i: ("GET", "/admin/", {}, None),
         "home": lambda i: ("GET", "/", {}, None),
+        "health": lambda i: ("GET", "/api/v1/health", {}, None),
     }
 
 
@@ -286,9 +299,11 @@ async def run(
             name = (
                 target + (" (signed in)" if signed_in else "") + (" (ETag)" if conditional else "")
             )
+            before = server.cpu_seconds()
             result = await open_loop(
                 client, name, call, rate, duration, timeout, conditional=conditional
             )
+            result.cpu = server.cpu_seconds() - before
         if spy:
             spy.wait()
         print(result.line())

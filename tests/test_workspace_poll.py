@@ -73,6 +73,22 @@ async def test_nothing_changed_is_a_304_until_a_job_changes(app, client, watched
     assert changed.headers["ETag"] != headers["If-None-Match"]
 
 
+async def test_a_tab_without_a_version_gets_the_current_one(client, watched):
+    first = await client.get("/ws1/", headers=HX)
+    again = await client.get("/ws1/", headers=HX)  # another tab: answered as rendered
+    assert (again.status_code, again.text, again.headers["ETag"]) == (
+        first.status_code,
+        first.text,
+        first.headers["ETag"],
+    )
+    await client.post(
+        f"/api/v1/job-requests/{watched['request_id']}/cancel", json={}, headers=watched["headers"]
+    )
+    after = await client.get("/ws1/", headers=HX)
+    assert after.headers["ETag"] != first.headers["ETag"]
+    assert after.text.count('data-status="cancelled_by_user"') == 2
+
+
 async def test_a_poll_needs_no_git(app, client, settings, watched):
     # the page resolved the branch and parsed project.yaml; with the mirror and the repo
     # gone, any git command would fail, yet the poll still answers from what the site holds

@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 import urllib.parse
+from collections import OrderedDict
 from typing import Any
 
 from jinja2 import pass_context
@@ -65,7 +66,30 @@ class Site:
         self.login_limiter = login_limiter
         self.sealer = sealer
         self.projects = ParsedProjects()
+        self.fragments = Fragments()
         self.named_routes: dict[str, BaseRoute] = {}  # filled by url() as names are asked for
+
+
+class Fragments:
+    """Polled fragments as rendered, by version (ETag), the most recent few kept: every
+    open tab of a workspace polls for the same version, and the first to ask renders it."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.rendered: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+
+    def get(self, etag: str) -> Response | None:
+        found = self.rendered.get(etag)
+        if found is None:
+            return None
+        self.rendered.move_to_end(etag)
+        status, body = found
+        return Response(body, status, headers=_versioned(etag), media_type="text/html")
+
+    def keep(self, etag: str, response: Response) -> None:
+        self.rendered[etag] = (response.status_code, bytes(response.body))
+        if len(self.rendered) > self.size:
+            self.rendered.popitem(last=False)
 
 
 def site(request: Request) -> Site:
@@ -346,9 +370,13 @@ async def fragment(
     if done:
         response.status_code = 286
     if etag:
-        response.headers["ETag"] = etag
-        response.headers["Cache-Control"] = "no-cache"
+        response.headers.update(_versioned(etag))
     return response
+
+
+def _versioned(etag: str) -> dict[str, str]:
+    # no-cache: a browser may keep the answer but must ask again before using it
+    return {"ETag": etag, "Cache-Control": "no-cache", "Vary": "HX-Request, Cookie"}
 
 
 def version_tag(*parts: Any) -> str:
@@ -364,10 +392,7 @@ def not_modified(request: Request, etag: str) -> Response | None:
     sent = request.headers.get("if-none-match", "")
     if etag not in (tag.strip().removeprefix("W/") for tag in sent.split(",")):
         return None
-    return Response(
-        status_code=304,
-        headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": "HX-Request, Cookie"},
-    )
+    return Response(status_code=304, headers=_versioned(etag))
 
 
 def flash(request: Request, message: str, kind: str = "info") -> None:

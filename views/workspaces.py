@@ -202,9 +202,9 @@ async def workspace_status(request: Request, workspace: Any) -> Response:
     except RepoError:
         sha = None
     etag = await status_tag(request, workspace, sha)
-    unchanged = not_modified(request, etag)
-    if unchanged:
-        return unchanged
+    answer = not_modified(request, etag) or state.fragments.get(etag)
+    if answer:
+        return answer
     found = await workspaces.workspace_actions(
         state.db, state.repos, state.projects, workspace, fetch=False
     )
@@ -217,7 +217,9 @@ async def workspace_status(request: Request, workspace: Any) -> Response:
         "live": live,
         "oob": True,
     }
-    return await fragment(request, "_workspace_status.html", context, done=not live, etag=etag)
+    response = await fragment(request, "_workspace_status.html", context, done=not live, etag=etag)
+    state.fragments.keep(etag, response)
+    return response
 
 
 async def create_job_request(request: Request) -> Response:
