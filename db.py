@@ -10,6 +10,7 @@ aiosqlite runs each connection in its own thread, so the event loop is never blo
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -31,6 +32,13 @@ CREATE INDEX jobs_workspace_updated ON jobs (workspace_id, updated_at);
 CREATE INDEX job_requests_creator ON job_requests (created_by, id);
 """,
 }
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk is full (from the OS, or from SQLite writing)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
 class DatabaseVersionError(Exception):

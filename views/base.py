@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from starlette.templating import Jinja2Templates
 from .. import auth, pipeline
 from ..auth import RateLimiter, Sealer, User
 from ..config import Settings
-from ..db import Database, Row
+from ..db import Database, Row, out_of_space
 from ..executor import Executor
 from ..graph import ICONS
 from ..metrics import SiteMetrics
@@ -414,6 +415,20 @@ def redirect_to(path: str) -> Response:
     """See Other: to a URL the handler built, or a path checked to be on this site
     (see local_path)."""
     return RedirectResponse(path, status_code=303)
+
+
+DISK_FULL = (
+    "the disk holding the site's data is full, so nothing could be saved and nothing was "
+    "changed; try again once a site admin has freed some space"
+)
+# errors from storage: a full disk is answered (503, saying so); anything else is a bug
+STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
+
+
+async def handle_storage_error(request: Request, exc: Exception) -> Response:
+    if not out_of_space(exc):
+        raise exc
+    return await handle_error(request, HTTPError(503, DISK_FULL))
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:
