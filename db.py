@@ -28,7 +28,6 @@ BUSY_TIMEOUT_MS = 10_000
 MIGRATIONS: dict[int, str] = {
     1: """
 -- load: indexes the pages' reads use
-CREATE INDEX jobs_workspace_updated ON jobs (workspace_id, updated_at);
 CREATE INDEX job_requests_creator ON job_requests (created_by, id);
 """,
 }

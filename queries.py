@@ -13,22 +13,21 @@ from .states import State
 # the latest job of each action in a workspace (one row per action that ever ran): the
 # newest time per action from the index alone, then one index lookup per action (CROSS JOIN
 # keeps SQLite to that order, which it cannot know is best without table statistics)
-LATEST_JOB_PER_ACTION = (
-    "SELECT j.* FROM (SELECT action, max(created_at) AS newest FROM jobs "
+LATEST_JOBS = (
+    "SELECT {columns} FROM (SELECT action, max(created_at) AS newest FROM jobs "
     "WHERE workspace_id = ?1 GROUP BY action) latest CROSS JOIN jobs j "
     "ON j.workspace_id = ?1 AND j.action = latest.action AND j.created_at = latest.newest"
 )
+LATEST_JOB_PER_ACTION = LATEST_JOBS.format(columns="j.*")
 
 
-async def jobs_version(db: Database, where: str, params: tuple) -> tuple[int, float | None]:
-    """How many jobs match ``where`` (SQL written in this package) and when the latest of
-    them changed: together they change whenever a job is added, removed or updated, so a
-    poll can tell "nothing changed" from an index alone."""
-    row = await db.fetchone(
-        f"SELECT count(*) AS n, max(updated_at) AS changed FROM jobs WHERE {where}", params
+async def latest_statuses(db: Database, workspace_id: int) -> list[tuple[str, str, str, str]]:
+    """(action, job id, state, status code) of each action's latest job: what a workspace's
+    pills show. A waiting job's message changes as the queue moves; this does not."""
+    rows = await db.fetchall(
+        LATEST_JOBS.format(columns="j.action, j.id, j.state, j.status_code"), (workspace_id,)
     )
-    assert row is not None
-    return row["n"], row["changed"]
+    return sorted((r["action"], r["id"], r["state"], r["status_code"]) for r in rows)
 
 
 def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:

@@ -101,8 +101,6 @@ CREATE INDEX jobs_request ON jobs (job_request_id);
 CREATE INDEX jobs_workspace_action ON jobs (workspace_id, action, created_at);
 CREATE INDEX jobs_active ON jobs (state) WHERE state IN ('pending', 'running');
 CREATE INDEX jobs_completed ON jobs (completed_at);  -- /metrics reads jobs finished since its last scrape
--- load: the workspace poll asks "did any job of this workspace change?" (count, newest change)
-CREATE INDEX jobs_workspace_updated ON jobs (workspace_id, updated_at);
 
 -- every status a job passed through, for the timeline on the job page
 CREATE TABLE job_events (

@@ -183,8 +183,8 @@ class Load:
         return self.cpu / self.sent * 1000 if self.sent else 0.0
 
 
-# a request to send: (method, path, headers, form data or None)
-Call = tuple[str, str, dict[str, str], dict[str, str] | None]
+# a request to send: (method, path, headers, JSON body or None)
+Call = tuple[str, str, dict[str, str], dict | None]
 
 
 async def open_loop(
@@ -196,6 +196,7 @@ async def open_loop(
     timeout: float = 5.0,
     ok: tuple[int, ...] = OK_CODES,
     conditional: bool = False,
+    on_answer: Callable[[httpx.Response], None] | None = None,
 ) -> Load:
     """Send ``call(i)`` at ``rate`` per second for ``duration`` seconds, not waiting for
     answers; latency counts from each request's due time. ``conditional``: as htmx polls,
@@ -207,18 +208,20 @@ async def open_loop(
     start = loop.time()
 
     async def one(i: int, due: float) -> None:
-        method, path, headers, data = call(i)
+        method, path, headers, body = call(i)
         if conditional and path in seen:
             headers = {**headers, "If-None-Match": seen[path]}
         try:
             async with asyncio.timeout(timeout):
-                response = await client.request(method, path, headers=headers, data=data)
+                response = await client.request(method, path, headers=headers, json=body)
         except TimeoutError:
             result.timeouts += 1
             return
         except httpx.HTTPError as e:
             result.errors[type(e).__name__] += 1
             return
+        if on_answer is not None:
+            on_answer(response)
         if response.status_code in ok:
             result.latencies.append(loop.time() - due)
             if "etag" in response.headers:
@@ -272,6 +275,49 @@ def targets(history: History, page: int = 50) -> dict[str, Callable[[int], Call]
     }
 
 
+async def with_writes(
+    server: Server, history: History, clients: int, duration: float, timeout: float = 10.0
+) -> tuple[Load, Load]:
+    """``clients`` open tabs for ``duration`` seconds, each sending a request every 2 s:
+    90 % the polls of open pages (workspace polls as htmx sends them, job request
+    fragments), 10 % writes (job requests submitted, and the newest cancelled), while the
+    queue runs jobs. Returns (reads, writes)."""
+    rate = clients / 2
+    api = {"Authorization": f"Bearer {history.developer_token}"}
+    ws, finished = history.workspaces, history.finished_requests
+    submitted: list[int] = []
+
+    def read(i: int) -> Call:
+        if i % 3 == 2:
+            where, request_id = finished[i % len(finished)]
+            return ("GET", f"/{where}/logs/{request_id}", HTMX, None)
+        return ("GET", f"/{ws[i % len(ws)]}/", HTMX, None)
+
+    def write(i: int) -> Call:
+        if i % 2 and submitted:
+            return ("POST", f"/api/v1/job-requests/{submitted.pop()}/cancel", api, None)
+        path = f"/api/v1/workspaces/{ws[i % len(ws)]}/job-requests"
+        return ("POST", path, api, {"actions": ["action_000"]})
+
+    def note(response: httpx.Response) -> None:
+        if response.request.method == "POST" and response.status_code == 201:
+            submitted.append(response.json()["id"])
+
+    async with client_for(server) as client:
+        resumed = await client.post(
+            "/api/v1/admin/queue/resume",
+            headers={"Authorization": f"Bearer {history.admin_token}"},
+        )
+        assert resumed.status_code == 200, resumed.text
+        reads, writes = await asyncio.gather(
+            open_loop(client, f"{clients} clients: polls", read, rate * 0.9, duration, timeout,
+                      conditional=True),
+            open_loop(client, f"{clients} clients: submit/cancel", write, rate * 0.1, duration,
+                      timeout, ok=(200, 201), on_answer=note),
+        )  # fmt: skip
+    return reads, writes
+
+
 async def run(
     history: History,
     target: str,
@@ -311,6 +357,17 @@ async def run(
         print(f'"database is locked" in its log: {server.log_says("database is locked")}')
 
 
+async def run_with_writes(history: History, clients: int, duration: float) -> None:
+    with Server(history) as server:
+        before = server.cpu_seconds()
+        reads, writes = await with_writes(server, history, clients, duration)
+        reads.cpu = writes.cpu = server.cpu_seconds() - before
+        print(reads.line())
+        print(writes.line())
+        print(f"server RSS {server.rss_mb():.0f} MB; ", end="")
+        print(f'"database is locked" in its log: {server.log_says("database is locked")}')
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path)
@@ -327,8 +384,17 @@ if __name__ == "__main__":
     parser.add_argument(
         "--profile", type=Path, help="record the server with py-spy into this file (raw stacks)"
     )
+    parser.add_argument(
+        "--writes",
+        type=int,
+        metavar="CLIENTS",
+        help="instead of one target: CLIENTS open tabs, 90%% polls, 10%% submit/cancel",
+    )
     args = parser.parse_args()
     history = build(args.root) if args.build else History.load(args.root)
+    if args.writes:
+        asyncio.run(run_with_writes(history, args.writes, args.duration))
+        raise SystemExit(0)
     asyncio.run(
         run(
             history,

@@ -196,7 +196,7 @@ def test_the_check_sees_a_full_scan(tmp_path):
     assert full_scans(conn, "SELECT * FROM jobs WHERE workspace_id = ?", (1,)) == []
 
 
-INDEXES = ("jobs_workspace_updated", "job_requests_creator")
+INDEXES = ("job_requests_creator",)
 
 
 async def test_a_version_1_database_gets_the_indexes_when_opened(tmp_path):

@@ -73,6 +73,15 @@ async def test_nothing_changed_is_a_304_until_a_job_changes(app, client, watched
     assert changed.headers["ETag"] != headers["If-None-Match"]
 
 
+async def test_a_waiting_jobs_new_place_in_the_queue_is_not_a_change(app, client, watched):
+    headers = polled_with(watched["page"].text)
+    # as the scheduler writes it when the queue moves: same status code, a new message
+    await app.state.db.execute(
+        "UPDATE jobs SET status_message = '1 job ahead of this one', updated_at = updated_at + 5"
+    )
+    assert (await client.get("/ws1/", headers=headers)).status_code == 304
+
+
 async def test_a_tab_without_a_version_gets_the_current_one(client, watched):
     first = await client.get("/ws1/", headers=HX)
     again = await client.get("/ws1/", headers=HX)  # another tab: answered as rendered

@@ -12,7 +12,7 @@ from .. import auth, pipeline, submit, workspaces
 from ..graph import Node, render_svg
 from ..outputs import Manifest
 from ..problems import FieldProblems
-from ..queries import jobs_version
+from ..queries import latest_statuses
 from ..repos import RepoError, check_allowed, is_allowed
 from ..states import ACTIVE_STATES, status_label
 from ..submit import SubmitError
@@ -185,9 +185,9 @@ async def workspace_page(
 
 
 async def status_tag(request: Request, workspace: Any, sha: str | None) -> str:
-    """The version of the workspace's live part: the commit shown and its jobs' changes."""
-    count, changed = await jobs_version(site(request).db, "workspace_id = ?", (workspace["id"],))
-    return version_tag(workspace["id"], sha, count, changed)
+    """The version of the workspace's live part: the commit shown and its pills."""
+    pills = await latest_statuses(site(request).db, workspace["id"])
+    return version_tag(workspace["id"], sha, pills)
 
 
 async def workspace_status(request: Request, workspace: Any) -> Response:
