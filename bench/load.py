@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +31,11 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
-from history import History, build
+from helpers import ServeProcess  # noqa: E402
+from history import History, build  # noqa: E402
 
 JOBSITE = Path(sys.executable).with_name("jobsite")
 OK_CODES = (200, 286, 304)
@@ -46,80 +44,9 @@ OK_CODES = (200, 286, 304)
 # -- the server, as its own process --------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`jobsite serve` over a history's settings, in a subprocess; its log goes to a file."""
-
-    def __init__(self, history: History, log: Path | None = None, **env: str) -> None:
-        self.history = history
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log or Path(history.root) / "server.log"
-        self.env = {
-            **os.environ,
-            "JOBSITE_CONFIG": history.config,
-            "JOBSITE_PORT": str(self.port),
-            **env,
-        }
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 30.0) -> Server:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(JOBSITE), "serve"], env=self.env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"jobsite serve exited; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"jobsite serve did not answer within {timeout:g}s; see {self.log}")
-
-    def rss_mb(self) -> float:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS in /proc status")
-
-    def cpu_seconds(self) -> float:
-        """CPU time the server (and the git processes it waited for) used so far."""
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-    def log_says(self, text: str) -> int:
-        return self.log.read_text(errors="replace").count(text)
-
-    def kill(self) -> None:
-        """SIGKILL: the process gets no chance to tidy up."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def __enter__(self) -> Server:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def site_server(history: History, **env: str) -> ServeProcess:
+    """The site over a built history, as its own process (start it with ``with``)."""
+    return ServeProcess(Path(history.config), Path(history.root) / "server.log", **env)
 
 
 async def sign_in(client: httpx.AsyncClient, username: str, password: str) -> None:
@@ -241,7 +168,7 @@ async def open_loop(
     return result
 
 
-def client_for(server: Server) -> httpx.AsyncClient:
+def client_for(server: ServeProcess) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     return httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30.0)
 
@@ -276,7 +203,7 @@ def targets(history: History, page: int = 50) -> dict[str, Callable[[int], Call]
 
 
 async def with_writes(
-    server: Server, history: History, clients: int, duration: float, timeout: float = 10.0
+    server: ServeProcess, history: History, clients: int, duration: float, timeout: float = 10.0
 ) -> tuple[Load, Load]:
     """``clients`` open tabs for ``duration`` seconds, each sending a request every 2 s:
     90 % the polls of open pages (workspace polls as htmx sends them, job request
@@ -329,7 +256,7 @@ async def run(
     profile: Path | None = None,
     conditional: bool = False,
 ) -> None:
-    with Server(history) as server:
+    with site_server(history) as server:
         spy = None
         if profile:
             spy = subprocess.Popen(
@@ -358,7 +285,7 @@ async def run(
 
 
 async def run_with_writes(history: History, clients: int, duration: float) -> None:
-    with Server(history) as server:
+    with site_server(history) as server:
         before = server.cpu_seconds()
         reads, writes = await with_writes(server, history, clients, duration)
         reads.cpu = writes.cpu = server.cpu_seconds() - before

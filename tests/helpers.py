@@ -443,6 +443,33 @@ class ServeProcess:
         wait_until(answers, timeout, "jobsite serve to answer")
         return self.url
 
+    def _proc_file(self, name: str) -> str:
+        assert self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/{name}").read_text()
+
+    def rss_mb(self) -> float:
+        """The server's resident memory now, in MiB."""
+        for line in self._proc_file("status").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server (and the processes it waited for, such as git) used so far."""
+        fields = self._proc_file("stat").rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+    def log_says(self, text: str) -> int:
+        """How many times ``text`` is in the server's output so far."""
+        return self.log.read_text(errors="replace").count(text)
+
+    def __enter__(self) -> ServeProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no clean-up, as when a machine loses power."""
         if self.proc is not None and self.proc.poll() is None:
