@@ -110,6 +110,13 @@ class Load:
         return self.cpu / self.sent * 1000 if self.sent else 0.0
 
 
+def share_cpu(cpu: float, *loads: Load) -> None:
+    """Server CPU seconds used while ``loads`` ran together, shared per request sent."""
+    sent = sum(load.sent for load in loads)
+    for load in loads:
+        load.cpu = cpu * load.sent / sent if sent else 0.0
+
+
 # a request to send: (method, path, headers, JSON body or None)
 Call = tuple[str, str, dict[str, str], dict | None]
 
@@ -288,7 +295,7 @@ async def run_with_writes(history: History, clients: int, duration: float) -> No
     with site_server(history) as server:
         before = server.cpu_seconds()
         reads, writes = await with_writes(server, history, clients, duration)
-        reads.cpu = writes.cpu = server.cpu_seconds() - before
+        share_cpu(server.cpu_seconds() - before, reads, writes)
         print(reads.line())
         print(writes.line())
         print(f"server RSS {server.rss_mb():.0f} MB; ", end="")

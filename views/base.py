@@ -85,7 +85,7 @@ class Fragments:
             return None
         self.rendered.move_to_end(etag)
         status, body = found
-        return Response(body, status, headers=_versioned(etag), media_type="text/html")
+        return Response(body, status, headers=versioned(etag), media_type="text/html")
 
     def keep(self, etag: str, response: Response) -> None:
         self.rendered[etag] = (response.status_code, bytes(response.body))
@@ -371,11 +371,12 @@ async def fragment(
     if done:
         response.status_code = 286
     if etag:
-        response.headers.update(_versioned(etag))
+        response.headers.update(versioned(etag))
     return response
 
 
-def _versioned(etag: str) -> dict[str, str]:
+def versioned(etag: str) -> dict[str, str]:
+    """The headers of an answer with a version."""
     # no-cache: a browser may keep the answer but must ask again before using it
     return {"ETag": etag, "Cache-Control": "no-cache", "Vary": "HX-Request, Cookie"}
 
@@ -393,7 +394,7 @@ def not_modified(request: Request, etag: str) -> Response | None:
     sent = request.headers.get("if-none-match", "")
     if etag not in (tag.strip().removeprefix("W/") for tag in sent.split(",")):
         return None
-    return Response(status_code=304, headers=_versioned(etag))
+    return Response(status_code=304, headers=versioned(etag))
 
 
 def flash(request: Request, message: str, kind: str = "info") -> None:
@@ -467,6 +468,9 @@ def _url(context: Any, name: str, **params: Any) -> str:
 def templates(directory: str) -> Jinja2Templates:
     """The page templates, with the helpers they use."""
     result = Jinja2Templates(directory=directory)
+    # the templates ship with the package and never change while the site runs; reloading
+    # would stat each one (every included pill) on every render
+    result.env.auto_reload = False
     result.env.globals.update(
         url=_url,
         status_label=status_label,

@@ -1,4 +1,6 @@
-"""The workspace page's poll: only the live part, no git, and "nothing changed" as a 304."""
+"""The polls of open pages: the workspace page's sends only its live part, needs no git,
+and says "nothing changed" with a 304; a finished job request's is the same for everyone
+and answered as first rendered."""
 
 from __future__ import annotations
 
@@ -113,3 +115,19 @@ async def test_a_version_the_site_never_gave_gets_the_whole_live_part(client, wa
     for sent in ('"nonsense"', "*x, W/", "", '"' + "f" * 5000 + '"'):
         poll = await client.get("/ws1/", headers={**HX, "If-None-Match": sent})
         assert poll.status_code == 200 and ">analyse</text>" in poll.text
+
+
+async def test_a_finished_job_request_is_polled_as_rendered_and_304_once_seen(app, client, watched):
+    url = f"/ws1/logs/{watched['request_id']}"
+    assert (await client.get(url, headers=HX)).headers.get("ETag") is None  # still live
+    await client.post(
+        f"/api/v1/job-requests/{watched['request_id']}/cancel", json={}, headers=watched["headers"]
+    )
+    first = await client.get(url, headers=HX)
+    assert first.status_code == 286 and "Cancelled" in first.text
+    again = await client.get(url, headers=HX)
+    assert (again.status_code, again.text) == (286, first.text)
+    seen = await client.get(url, headers={**HX, "If-None-Match": first.headers["ETag"]})
+    assert seen.status_code == 304
+    page = await client.get(url)  # the whole page is never answered from the poll's cache
+    assert page.status_code == 200 and "<html" in page.text
