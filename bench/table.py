@@ -52,6 +52,7 @@ from jobsite.db import Database  # noqa: E402
 
 IMAGE = IMAGES[0]  # ghcr.io/opensafely-core/python:v2
 RESULTS = BENCH / "RESULTS.md"
+KEPT = "\n## Profiles, before and after\n"
 NOTES: list[str] = []  # what could not be measured, and why: printed under the table
 
 
@@ -380,6 +381,8 @@ def main() -> None:
         "make bench" if not sys.argv[1:] else "python bench/table.py " + " ".join(sys.argv[1:])
     )
     load_after = os.getloadavg()
+    # the notes kept below the table (profiles, before and after) survive each run
+    kept = RESULTS.read_text().partition(KEPT)[2] if RESULTS.exists() else ""
     RESULTS.write_text(
         "# Benchmark results\n\n"
         f"The latest `{command}`, {began}, on {machine()} (load average "
@@ -387,7 +390,7 @@ def main() -> None:
         "compare each figure with its baseline, measured in the same run).\n\n"
         "Each figure is a median; ratio = median / baseline median. Page figures are "
         "latencies from when each request was due (open loop), on a real `jobsite serve` "
-        "over bench/history.py's history.\n\n" + table + "\n"
+        "over bench/history.py's history.\n\n" + table + "\n" + (KEPT + kept if kept else "")
     )
     print(f"\n(kept in {RESULTS.relative_to(BENCH.parent)})")
 
