@@ -1,19 +1,17 @@
 """A full disk: the data dir on a small tmpfs, filled by a job and then by a file beside
 it. Failures say what went wrong, nothing is corrupted, and the site goes on when space
-returns (the tmpfs is made larger, as an admin would free space)."""
+returns (the tmpfs is made larger, as an admin would free space). Real Docker, a real
+SQLite file on the small disk, the site in this process."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 
-import httpx
 import pytest
-from helpers import ServeProcess, until
+from helpers import running_site, setup_workspace, until, user_headers
 
-from jobsite import auth
-from jobsite.db import Database
+from jobsite.config import load_settings
 
 PROJECT_YAML = """\
 version: "4"
@@ -55,41 +53,23 @@ def small_disk(data_dir):
 
 
 @pytest.fixture
-async def site(tmp_path, small_disk, repos_dir, settings, make_repo):
+async def site(small_disk, repos_dir, make_repo):
+    """The site (in this process, with real Docker) over the small data dir, with ws1."""
     repo = make_repo({"project.yaml": PROJECT_YAML})
-    config = tmp_path / "jobsite.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "data_dir": str(small_disk),
-                "repos": {"allow": [f"{repos_dir}/*"]},
-                "max_workers": 1,
-                "job_memory": "256M",
-                "job_cpus": 1,
-                "allow_pull": False,
-                "min_free_disk": "1M",
-            }
-        )
+    settings = load_settings(
+        environ={},
+        data_dir=str(small_disk),
+        repos={"allow": [f"{repos_dir}/*"]},
+        max_workers=1,
+        job_memory="256M",
+        job_cpus=1,
+        allow_pull=False,
+        min_free_disk="1M",
     )
-    db = await Database.open(settings.data.db, readers=1)
-    try:
-        user_id = await auth.create_user(db, "alice", "pw-1234567")
-        token = await auth.create_token(db, user_id, "faults")
-    finally:
-        await db.close()
-    server = ServeProcess(config, tmp_path / "server.log")
-    server.start()
-    client = httpx.AsyncClient(
-        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
-    response = await client.post("/api/v1/projects", json={"name": "Study"})
-    assert response.status_code == 201, response.text
-    body = {"name": "ws1", "repo": repo.url, "branch": "main", "database": "sample"}
-    response = await client.post("/api/v1/projects/study/workspaces", json=body)
-    assert response.status_code == 201, response.text
-    yield {"client": client, "server": server, "data_dir": small_disk}
-    await client.aclose()
-    server.stop()
+    async with running_site(settings) as (app, client):
+        client.headers.update(await user_headers(app, "alice"))
+        await setup_workspace(client, client.headers, repo)
+        yield {"client": client, "data_dir": small_disk}
 
 
 async def run(client, actions) -> dict:
