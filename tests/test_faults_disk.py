@@ -5,6 +5,7 @@ SQLite file on the small disk, the site in this process."""
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import subprocess
 
@@ -28,7 +29,14 @@ actions:
         small: output/small.csv
 """
 
-pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_cleanup")]
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.usefixtures("docker_cleanup"),
+    # a log stream cut by the full disk leaves the Docker SDK's socket to the garbage
+    # collector; the site fixture collects it before the test ends
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 
 def mount(path, size: str, remount: bool = False) -> None:
@@ -70,6 +78,7 @@ async def site(small_disk, repos_dir, make_repo):
         client.headers.update(await user_headers(app, "alice"))
         await setup_workspace(client, client.headers, repo)
         yield {"client": client, "data_dir": small_disk}
+    gc.collect()
 
 
 async def run(client, actions) -> dict:
