@@ -10,6 +10,7 @@ aiosqlite runs each connection in its own thread, so the event loop is never blo
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -71,8 +72,17 @@ CREATE TABLE workspace_events (
 );
 CREATE INDEX workspace_events_workspace ON workspace_events (workspace_id, id);
 -- end researcher-requests
+-- load: indexes the pages' reads use
+CREATE INDEX job_requests_creator ON job_requests (created_by, id);
 """,
 }
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk is full (from the OS, or from SQLite writing)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
 class DatabaseVersionError(Exception):

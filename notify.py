@@ -32,6 +32,9 @@ log = logging.getLogger("jobsite.notify")
 MAX_ATTEMPTS = 30  # 30 s, 1 m, 2 m ... then hourly: about a day of retries
 RETRY_DELAY = 30.0  # seconds before the first retry; doubled each time
 MAX_RETRY_DELAY = 3600.0
+# a job that finished this recently without its email queued (the server stopped between
+# the two writes) has it queued when the site starts again
+MISSED_WITHIN = 86400.0
 
 
 def status_word(state: str, status_code: str) -> str:
@@ -97,6 +100,7 @@ class Notifier:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        await self.queue_missed()
         if self.settings.smtp.enabled:
             self._task = asyncio.create_task(self._send_loop(), name="jobsite-outbox")
         else:
@@ -139,6 +143,18 @@ class Notifier:
             (job_id, job["email"], subject, body, now, now),
         )
         self._wake.set()
+
+    async def queue_missed(self) -> None:
+        """Queue the emails of jobs that finished, asked for one, and have none: a job is
+        marked finished before its email is queued, so a server killed in between would
+        otherwise never send it."""
+        for row in await self.db.fetchall(
+            "SELECT j.id FROM jobs j JOIN job_requests r ON r.id = j.job_request_id "
+            "WHERE j.completed_at > ? AND r.notify = 1 "
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)",
+            (time.time() - MISSED_WITHIN,),
+        ):
+            await self.job_finished(row["id"])
 
     # -- sending ---------------------------------------------------------------------
 

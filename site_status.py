@@ -12,7 +12,7 @@ from typing import Any
 from .auth import User
 from .config import Settings
 from .db import Database
-from .queries import expected_start_times, queue
+from .queries import expected_start_times, queue_parts
 from .runner import Scheduler
 from .units import disk_space, iso_ms
 
@@ -32,15 +32,15 @@ async def site_status(
     """The queue as anyone allowed to see it may: counts overall and per workspace (the
     workspaces of projects the asker may not see are counted together, unnamed)."""
     now = time.time()
-    jobs = await queue(db)
+    jobs = await queue_parts(db)
     running, queued, blocked = jobs["running"], jobs["queued"], jobs["blocked"]
     waiting = sorted([*queued, *blocked], key=lambda row: row["created_at"])
     starts = {} if scheduler.paused else await expected_start_times(db, settings.max_workers, jobs)
     visible = can_see(settings, user)
-    projects = {
-        row["name"]: row["project_id"]
+    workspaces = {
+        row["id"]: row
         for row in await db.fetchall(
-            "SELECT w.name, w.project_id FROM workspaces w WHERE w.id IN "
+            "SELECT w.id, w.name, w.project_id FROM workspaces w WHERE w.id IN "
             "(SELECT workspace_id FROM jobs WHERE state IN ('pending', 'running'))"
         )
     }
@@ -48,9 +48,10 @@ async def site_status(
     hidden = {"running": 0, "pending": 0}
     for row in [*running, *waiting]:
         counts = hidden
-        if visible(projects[row["workspace"]]):
+        workspace = workspaces[row["workspace_id"]]
+        if visible(workspace["project_id"]):
             counts = per_workspace.setdefault(
-                row["workspace"], {"workspace": row["workspace"], "running": 0, "pending": 0}
+                workspace["name"], {"workspace": workspace["name"], "running": 0, "pending": 0}
             )
         counts["running" if row["state"] == "running" else "pending"] += 1
     in_order = [*queued, *blocked]
@@ -83,7 +84,7 @@ async def site_status(
         "waiting": [
             {
                 "job_id": row["id"],
-                "workspace": row["workspace"],
+                "workspace": workspaces[row["workspace_id"]]["name"],
                 "action": row["action"],
                 "status_code": row["status_code"],
                 "created_at": iso_ms(row["created_at"]),
@@ -93,6 +94,6 @@ async def site_status(
                 else round(max(0.0, starts[row["id"]] - now), 1),
             }
             for row in in_order[:WAITING_LISTED]
-            if visible(projects[row["workspace"]])
+            if visible(workspaces[row["workspace_id"]]["project_id"])
         ],
     }

@@ -251,13 +251,15 @@ class ParsedProjects:
     """project.yaml of a repo at a commit, parsed once, the pipeline or what is wrong with
     it: a commit never changes, and pages poll the same one every few seconds. Callers
     asking for one while it is parsed share that parse. The most recently used few are
-    kept."""
+    kept. Also the head of each workspace branch as last resolved, so a poll needs no git
+    at all."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
         # (repo, sha) -> the pipeline, or the problems of its project.yaml
         self.parsed: OrderedDict[tuple[str, str], pipeline.Pipeline | list[str]] = OrderedDict()
         self._parsing: dict[tuple[str, str], asyncio.Future[pipeline.Pipeline | list[str]]] = {}
+        self.heads: dict[tuple[str, str], str] = {}
 
     async def at(self, repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
         key = (repo, sha)
@@ -285,6 +287,18 @@ class ParsedProjects:
             self.parsed.popitem(last=False)
         return found
 
+    async def head(self, repos: Repos, repo: str, branch: str, fetch: bool = True) -> str:
+        """The commit at the head of ``branch``: fetched and resolved again, or (``fetch``
+        false) as last resolved here, asking the local mirror only the first time."""
+        key = (repo, branch)
+        if fetch or key not in self.heads:
+            try:
+                self.heads[key] = await repos.resolve_branch(repo, branch, fetch=fetch)
+            except RepoError:
+                self.heads.pop(key, None)
+                raise
+        return self.heads[key]
+
 
 async def workspace_actions(
     db: Database,
@@ -297,11 +311,11 @@ async def workspace_actions(
     """The workspace's actions at the branch head with their latest jobs, or the errors;
     given the workspace's ``manifest``, each with why its outputs are out of date.
 
-    ``fetch=False`` reads the local mirror as it is, for status polling.
+    ``fetch=False`` takes the branch head as last seen, for status polling.
     """
     result: dict[str, Any] = {"actions": [], "error": None, "warnings": [], "sha": None}
     try:
-        sha = await repos.resolve_branch(workspace["repo"], workspace["branch"], fetch=fetch)
+        sha = await projects.head(repos, workspace["repo"], workspace["branch"], fetch=fetch)
         project = await projects.at(repos, workspace["repo"], sha)
     except (RepoError, pipeline.ProjectValidationError) as e:
         result["error"] = str(e)

@@ -11,7 +11,7 @@ gives every job the median of all recorded runtimes, and the ratio of the two.
 
 Then what the site pays for the estimate: ``queries.expected_start_times`` over a real
 SQLite database holding 10,000 pending jobs and 10,000 finished ones (the queue and the
-recorded runtimes it reads), against reading the queue alone (``queries.queue``).
+recorded runtimes it reads), against reading the queue alone (``queries.queue_parts``).
 
     .venv/bin/python bench/bench_expected_start.py [--queues 20] [--jobs 200] [--workers 4]
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from jobsite import auth
 from jobsite.db import Database
-from jobsite.queries import expected_start_times, queue
+from jobsite.queries import expected_start_times, queue_parts
 from jobsite.scheduling import (
     RECENT_RUNS,
     JobQueue,
@@ -190,7 +190,7 @@ async def cost(pending: int = 10_000, finished: int = 10_000, repeat: int = 5) -
             timings: dict[str, list[float]] = {"queue": [], "estimate": []}
             for _ in range(repeat):
                 for name, work in (
-                    ("queue", lambda: queue(db)),
+                    ("queue", lambda: queue_parts(db)),
                     ("estimate", lambda: expected_start_times(db, 8)),
                 ):
                     start = time.perf_counter()
@@ -200,7 +200,7 @@ async def cost(pending: int = 10_000, finished: int = 10_000, repeat: int = 5) -
             await db.close()
     read, estimate = (statistics.median(timings[k]) for k in ("queue", "estimate"))
     print(f"cost with {pending:,} pending and {finished:,} finished jobs ({repeat} runs):")
-    print(f"  reading the queue alone (queries.queue)      median {read * 1000:6.0f} ms")
+    print(f"  reading the queue alone (queries.queue_parts)    median {read * 1000:6.0f} ms")
     print(
         f"  expected start of every waiting job          median {estimate * 1000:6.0f} ms "
         f"({estimate / read:.2f}x the queue read; pages reuse it for 5 s)"

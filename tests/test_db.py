@@ -106,3 +106,15 @@ async def test_backup_is_a_consistent_copy(tmp_path):
     conn = sqlite3.connect(tmp_path / "copy.sqlite")
     assert conn.execute("SELECT value FROM site_state").fetchall() == [("1",)]
     conn.close()
+
+
+def test_a_full_disk_is_told_from_other_storage_errors():
+    import errno
+    import sqlite3
+
+    from jobsite.db import out_of_space
+
+    assert out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert out_of_space(sqlite3.OperationalError("database or disk is full"))
+    assert not out_of_space(OSError(errno.EACCES, "Permission denied"))
+    assert not out_of_space(sqlite3.OperationalError("no such table: jobs"))

@@ -8,6 +8,7 @@ import email.policy
 import logging
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -150,6 +151,23 @@ async def test_requester_gets_an_email_when_a_job_of_a_notify_request_succeeds(
     assert f"https://jobs.example.org/jobs/{job_id}\n" in body
     sent = await db.fetchone("SELECT sent_at, attempts FROM outbox WHERE job_id = ?", (job_id,))
     assert sent["sent_at"] is not None and sent["attempts"] == 1
+
+
+async def test_an_email_the_last_process_did_not_queue_is_sent_on_start(
+    db, smtp, mailbox, smtp_port, tmp_path
+):
+    # the job was marked finished and the server died before queueing its email
+    site = await Site.make(db, email="alice@example.org")
+    job_id = await site.add_job("generate")
+    await site.add_job("old", created_at=time.time() - 3 * 86400)  # long settled: left alone
+    notifier = notifier_for(db, site_settings(tmp_path, smtp_port))
+    async with running(notifier):
+        (message,) = await mailbox.wait_for(1)
+    assert message["Subject"] == "Succeeded: [ws1] generate"
+    assert await db.fetchval("SELECT job_id FROM outbox") == job_id
+    async with running(notifier_for(db, site_settings(tmp_path, smtp_port))):
+        pass  # started again: nothing is queued twice
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 1
 
 
 async def test_a_failed_job_email_gives_the_status_message(db, smtp, mailbox, smtp_port, tmp_path):

@@ -29,11 +29,11 @@ async def admin_page(request: Request) -> Response:
     await require_admin(request, "use the admin page")
     state = site(request)
     db = state.db
-    jobs = await queue(db)
+    jobs, counts = await queue(db, SHOWN)
     disk = await asyncio.to_thread(shutil.disk_usage, state.settings.data_dir)
     context = {
-        **{part: rows[:SHOWN] for part, rows in jobs.items()},
-        "counts": {part: len(rows) for part, rows in jobs.items()},
+        **jobs,
+        "counts": counts,
         "paused": state.scheduler.paused,
         "docker_ok": await state.executor.available(),
         "disk": {

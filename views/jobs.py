@@ -27,11 +27,14 @@ from .base import (
     get_workspace,
     is_htmx,
     local_path,
+    not_modified,
     parse_number,
     redirect_to,
     render,
     site,
     url,
+    version_tag,
+    versioned,
     with_usage_so_far,
 )
 
@@ -85,8 +88,13 @@ async def job_request_page(request: Request) -> Response:
     if row["workspace"] != request.path_params["workspace"]:
         raise HTTPError(404, f"job request {row['id']} belongs to another workspace")
     db = site(request).db
-    (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
     user = await current_user(request)
+    can_view_log = bool(user and user.can_view_outputs(row["project_id"]))
+    etag = await finished_request_tag(db, row, can_view_log) if is_htmx(request) else None
+    cached = etag and (not_modified(request, etag) or site(request).fragments.get(etag))
+    if cached:
+        return cached
+    (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
     now = time.time()
     events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in job_request["jobs"]}
     for event in await db.fetchall(
@@ -103,14 +111,18 @@ async def job_request_page(request: Request) -> Response:
         },
         "workspace": workspace,
         "can_cancel": bool(user and user.can_run(row["project_id"])),
-        "can_view_log": bool(user and user.can_view_outputs(row["project_id"])),
+        "can_view_log": can_view_log,
         "live": job_request["status"] in ACTIVE_STATES,
         "now": now,
         "counts": job_counts(job_request["jobs"], now),
         "expected_starts": await expected_starts(request, job_request["jobs"]),
     }
     if is_htmx(request):
-        return await fragment(request, "_job_request.html", context, done=not context["live"])
+        response = await fragment(request, "_job_request.html", context, done=not context["live"])
+        if etag and not context["live"]:
+            response.headers.update(versioned(etag))
+            site(request).fragments.keep(etag, response)
+        return response
     context["project_yaml"] = await project_yaml_at(request, workspace["repo"], row["sha"])
     context["changes"] = await changes_since_success(request, workspace, row)
     return await render(request, "job_request.html", context)
@@ -205,6 +217,21 @@ async def rerun(request: Request) -> Response:
         "info" if created["status"] == "created" else "warning",
     )
     return redirect_to(url(request, "job_request", workspace=row["workspace"], id=str(request_id)))
+
+
+async def finished_request_tag(db: Any, row: Any, can_view_log: bool) -> str | None:
+    """The version of a finished job request's fragment: the same for everyone who may (or
+    everyone who may not) read its logs, as it offers nothing to cancel; None while any of
+    its jobs is unfinished."""
+    jobs = await db.fetchall(
+        "SELECT id, state, status_code, updated_at FROM jobs WHERE job_request_id = ? ORDER BY id",
+        (row["id"],),
+    )
+    if any(job["state"] in ACTIVE_STATES for job in jobs):
+        return None
+    return version_tag(
+        "job request", row["id"], can_view_log, [tuple(job.values()) for job in jobs]
+    )
 
 
 async def cancel(request: Request) -> Response:
