@@ -192,4 +192,3 @@ def test_the_check_sees_a_full_scan(tmp_path):
     assert full_scans(conn, "SELECT * FROM jobs j WHERE action = ?", ("x",)) == ["SCAN j"]
     assert full_scans(conn, "SELECT * FROM jobs ORDER BY workspace_id", ()) != []
     assert full_scans(conn, "SELECT * FROM jobs WHERE workspace_id = ?", (1,)) == []
-
