@@ -127,6 +127,11 @@ class Executor(Protocol):
         ``config.SettingsError`` naming the setting."""
         ...
 
+    async def missing_images(self, images: list[str]) -> list[str]:
+        """Which of ``images`` are not here yet: a job that uses one fetches it first (when
+        the site allows pulling), which may take a while, so callers can say so."""
+        ...
+
     async def prepare(self, job: JobSpec) -> None:
         """Steps 1 and 2: the job's files, and the outputs of its direct needs."""
         ...

@@ -334,6 +334,22 @@ class LocalDockerExecutor:
                 container = create()
         return container["Id"]
 
+    async def missing_images(self, images: list[str]) -> list[str]:
+        def missing() -> list[str]:
+            found = []
+            for image in images:
+                try:
+                    with self._docker_calls():
+                        self._api().inspect_image(image)
+                except docker.errors.ImageNotFound:
+                    found.append(image)
+            return found
+
+        try:
+            return await asyncio.to_thread(missing)
+        except (DockerUnavailable, docker.errors.DockerException):
+            return []  # the jobs say what is wrong with Docker when they start
+
     def _pull(self, image: str) -> None:
         if not self.settings.allow_pull:
             raise JobError(

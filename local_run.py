@@ -196,6 +196,15 @@ class LocalRun:
                 "(and check `docker info` works), then run again."
             )
             return 1
+        for image in await self.executor.missing_images(sorted(set(images.values()))):
+            if self.settings.allow_pull:
+                self.out(f"Fetching missing docker image: {image} (this may take some time)")
+            else:
+                self.out(
+                    f"Warning: image {image} is not on this machine and pulling is turned off "
+                    "(allow_pull: false): the actions using it will fail. Load it with "
+                    "`docker load` or `docker pull`, then run again."
+                )
         results = await self._run_plan(project, plan, images, continue_on_error)
         self._print_summary(results)
         if self.options.debug:

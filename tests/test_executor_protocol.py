@@ -25,6 +25,9 @@ class InMemoryExecutor:
     async def available(self) -> bool:
         return True
 
+    async def missing_images(self, images: list[str]) -> list[str]:
+        return []
+
     async def prepare(self, job: JobSpec) -> None:
         self.steps.append(("prepare", job.action))
 

@@ -490,3 +490,40 @@ def test_help_and_messages_that_opensafely_run_users_rely_on(checkout, command_e
     assert "No actions were requested: choose one or more of generate, analyse, run_all" in (
         done.stdout
     )
+
+
+MISSING_IMAGE = """\
+version: "4"
+actions:
+  generate:
+    run: python:v99 -c "echo never"
+    outputs:
+      moderately_sensitive:
+        out: output/out.csv
+"""
+
+
+def test_an_image_not_on_this_machine_is_named_before_the_run(checkout, jobsite_run, monkeypatch):
+    monkeypatch.setenv("JOBSITE_ALLOW_PULL", "false")  # never a pull from the internet here
+    root = checkout(MISSING_IMAGE)
+    status, out = jobsite_run("generate", "--project-dir", str(root))
+    assert status == 1
+    assert (
+        "Warning: image ghcr.io/opensafely-core/python:v99 is not on this machine and "
+        "pulling is turned off (allow_pull: false)" in out
+    )
+    assert out.index("Warning: image") < out.index("generate: preparing")
+    assert "generate: internal_error: Image ghcr.io/opensafely-core/python:v99" in out
+    # an image that is here is fetched from nowhere
+    status, out = jobsite_run("generate", "--project-dir", str(checkout_with_image(root)))
+    assert status == 0, out
+    assert "image" not in out.split("Running")[0].lower()
+
+
+def checkout_with_image(root: Path) -> Path:
+    (root / "project.yaml").write_text(
+        MISSING_IMAGE.replace("v99", "v2").replace(
+            '"echo never"', '"mkdir -p output && echo n > output/out.csv"'
+        )
+    )
+    return root
