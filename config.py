@@ -118,6 +118,9 @@ class Settings:
     local_accounts: bool = True
     public_status: bool = True
     session_max_age: Duration = Duration(14 * 86400)
+    # requests handled at once; past it the site answers 503 at once (views/admission.py)
+    max_requests: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1) + 4)
+    max_requests_per_page: int | None = None  # of those, for one page; default: half
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -128,6 +131,12 @@ class Settings:
         self.base_url = self.base_url.rstrip("/")
         if self.max_workers < 1:
             raise SettingsError("max_workers: must be at least 1")
+        if self.max_requests < 1:
+            raise SettingsError("max_requests: must be at least 1")
+        if self.max_requests_per_page is None:
+            self.max_requests_per_page = max(1, self.max_requests // 2)
+        if self.max_requests_per_page < 1:
+            raise SettingsError("max_requests_per_page: must be at least 1")
 
     @property
     def data(self) -> DataDir:

@@ -22,6 +22,7 @@ from .local_docker import LocalDockerExecutor
 from .repos import Repos
 from .runner import Scheduler
 from .views import accounts, admin, api, base, jobs, projects, workspaces
+from .views.admission import Admission, AdmissionMiddleware
 from .views.csrf import CSRFMiddleware
 
 ROOT = Path(__file__).parent
@@ -111,6 +112,17 @@ ROUTES: list[BaseRoute] = [
     post("/{workspace}/logs/{id}/cancel", jobs.cancel, "cancel"),
 ]
 
+# the requests a busy site still answers (views/admission.py): its health check, signing in,
+# submitting a job request, and the CSS and JS of the pages it did answer
+RESERVED = (
+    "api_health",
+    "login",
+    "login_post",
+    "create_job_request",
+    "api_create_job_request",
+    "static",
+)
+
 
 def secret_key(data: DataDir) -> str:
     """The session signing key, made on first start and kept private to the site."""
@@ -153,10 +165,17 @@ def create_app(settings: Settings) -> Starlette:
         templates=base.templates(str(ROOT / "templates")),
         login_limiter=auth.RateLimiter(limit=10, window=300),
         sealer=auth.Sealer(key),
+        admission=Admission(
+            ROUTES,
+            max_requests=settings.max_requests,
+            max_requests_per_page=settings.max_requests_per_page,
+            reserved=RESERVED,
+        ),
     )
     app = Starlette(
         routes=ROUTES,
         middleware=[
+            Middleware(AdmissionMiddleware, admission=site.admission),
             Middleware(
                 SessionMiddleware,
                 secret_key=key,

@@ -35,6 +35,7 @@ from ..submit import SubmitError
 from ..units import ago, human_duration, iso, runtime, when
 from ..workspaces import ParsedProjects
 from . import csrf
+from .admission import Admission
 
 
 class Site:
@@ -57,8 +58,10 @@ class Site:
         templates: Jinja2Templates,
         login_limiter: RateLimiter,
         sealer: Sealer,
+        admission: Admission,
     ) -> None:
         self.settings = settings
+        self.admission = admission
         self.templates = templates
         self.login_limiter = login_limiter
         self.sealer = sealer

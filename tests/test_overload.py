@@ -1,0 +1,214 @@
+"""A busy site sheds what it cannot serve: past its limits a request gets 503 and
+Retry-After at once, one page cannot take every place, the requests that matter keep theirs,
+and a request whose client went away stops its work. All against uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import socket
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from helpers import serve, wait_until
+
+from jobsite import auth
+from jobsite.config import Settings
+from jobsite.server import create_app
+
+
+@contextlib.contextmanager
+def live(settings: Settings, **limits: int) -> Iterator[tuple[str, Any, Any, dict[str, str]]]:
+    """The site on loopback with these request limits, and an admin's API headers."""
+    app = create_app(dataclasses.replace(settings, **limits))
+    with serve(app) as (url, loop):
+
+        async def admin() -> str:
+            user_id = await auth.create_user(app.state.db, "ada", "pw-1234567", is_admin=True)
+            return await auth.create_token(app.state.db, user_id, "t")
+
+        token = asyncio.run_coroutine_threadsafe(admin(), loop).result(10)
+        yield url, app, loop, {"Authorization": f"Bearer {token}"}
+
+
+def raw_request(url: str, method: str, path: str, headers: dict[str, str], body: bytes) -> socket:
+    """A request sent by hand, so the test decides when (or whether) the body ends: a
+    Content-Length longer than ``body`` is a client still uploading."""
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port))
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+def slow_upload(url: str, headers: dict[str, str]) -> socket:
+    """A new-project request whose client sends its headers and then nothing more."""
+    more = {**headers, "Content-Type": "application/json", "Content-Length": "100"}
+    return raw_request(url, "POST", "/api/v1/projects", more, b'{"name": ')
+
+
+def test_past_the_limit_a_request_is_refused_at_once_with_503_and_retry_after(settings):
+    with live(settings, max_requests=2, max_requests_per_page=2) as (url, app, _, headers):
+        admission = app.state.admission
+        holding = [slow_upload(url, headers) for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two uploads to hold both places")
+
+        page = httpx.get(url + "/", headers={"Accept": "text/html"})
+        assert page.status_code == 503
+        assert page.headers["retry-after"] == "2"
+        assert "The site is busy" in page.text and "try again in 2 seconds" in page.text
+        assert page.headers["content-type"].startswith("text/html")
+
+        api = httpx.get(url + "/api/v1/admin/queue", headers=headers)
+        assert api.status_code == 503
+        assert api.headers["retry-after"] == "2"
+        assert "The site is busy" in api.json()["error"]
+        htmx = httpx.get(url + "/", headers={"Accept": "application/json"})
+        assert htmx.status_code == 503 and "error" in htmx.json()
+
+        for sock in holding:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
+        assert httpx.get(url + "/").status_code == 200
+        assert admission.refused == 3
+
+
+def test_the_health_check_sign_in_and_submissions_get_through_a_full_site(settings):
+    with live(settings, max_requests=2, max_requests_per_page=2) as (url, app, _, headers):
+        admission = app.state.admission
+        holding = [slow_upload(url, headers) for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two uploads to hold both places")
+        assert httpx.get(url + "/api/v1/projects/x/members").status_code == 503
+
+        assert httpx.get(url + "/api/v1/health").json() == {"status": "ok"}
+        assert httpx.get(url + "/login").status_code == 200
+        assert httpx.get(url + "/static/jobsite.css").status_code == 200
+        with httpx.Client(base_url=url) as client:
+            client.get("/login")  # the session's CSRF token
+            signed_in = client.post(
+                "/login",
+                data={"username": "ada", "password": "pw-1234567"},
+                headers={"X-CSRF-Token": _csrf(client)},
+            )
+            assert signed_in.status_code == 303, signed_in.text
+        submission = httpx.post(
+            url + "/api/v1/workspaces/nowhere/job-requests", json={"actions": []}, headers=headers
+        )
+        assert submission.status_code == 404  # answered: there is no such workspace
+
+        # the reserve is theirs alone, and it too has an end
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "50"}
+        more = [
+            raw_request(url, "POST", "/login", form, b"username=") for _ in range(admission.reserve)
+        ]
+        wait_until(lambda: admission.in_flight == 2 + admission.reserve, 10, "the reserve used")
+        assert httpx.get(url + "/api/v1/health").status_code == 503
+        for sock in holding + more:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
+
+
+def _csrf(client: httpx.Client) -> str:
+    page = client.get("/login").text
+    marker = 'name="csrf_token" value="'
+    start = page.index(marker) + len(marker)
+    return page[start : page.index('"', start)]
+
+
+def test_one_page_cannot_take_every_place(settings):
+    with live(settings, max_requests=4, max_requests_per_page=2) as (url, app, _, headers):
+        admission = app.state.admission
+        holding = [slow_upload(url, headers) for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two uploads to the same page")
+        refused = httpx.post(url + "/api/v1/projects", json={"name": "Third"}, headers=headers)
+        assert refused.status_code == 503
+        assert httpx.get(url + "/").status_code == 200
+        assert httpx.get(url + "/api/v1/admin/queue", headers=headers).status_code == 200
+        for sock in holding:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
+        created = httpx.post(url + "/api/v1/projects", json={"name": "Third"}, headers=headers)
+        assert created.status_code == 201
+
+
+def test_a_request_abandoned_by_its_client_stops_its_work(settings, caplog):
+    """The new-project request waits for the database's writer; its client gives up. The
+    request leaves the site while the writer is still busy, and never creates the project."""
+    with live(settings) as (url, app, loop, headers):
+        admission = app.state.admission
+        db = app.state.db
+        release = asyncio.Event()
+        holding = asyncio.Event()
+
+        async def hold_the_writer() -> None:
+            async with db.transaction():
+                holding.set()
+                await release.wait()
+
+        held = asyncio.run_coroutine_threadsafe(hold_the_writer(), loop)
+        wait_until(holding.is_set, 10, "the test to hold the writer")
+        body = json.dumps({"name": "Abandoned"}).encode()
+        more = {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))}
+        sock = raw_request(url, "POST", "/api/v1/projects", more, body)
+        wait_until(lambda: db._write_lock._waiters, 10, "the request to wait for the writer")
+        assert admission.in_flight == 1
+
+        with caplog.at_level(logging.INFO):
+            sock.close()
+            wait_until(lambda: admission.in_flight == 0, 10, "the abandoned request to stop")
+        assert db._write_lock.locked()  # it stopped while the writer was still busy
+        loop.call_soon_threadsafe(release.set)
+        held.result(10)
+        projects = asyncio.run_coroutine_threadsafe(
+            db.fetchval("SELECT count(*) FROM projects"), loop
+        ).result(10)
+        assert projects == 0
+        assert admission.abandoned == 1
+
+    lines = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
+    assert lines == [
+        "client went away before the answer: POST /api/v1/projects (its work was stopped)"
+    ]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_an_upload_abandoned_half_way_is_one_log_line_not_a_traceback(settings, caplog):
+    with live(settings) as (url, app, _, headers), caplog.at_level(logging.INFO):
+        admission = app.state.admission
+        sock = slow_upload(url, headers)
+        wait_until(lambda: admission.in_flight == 1, 10, "the upload to start")
+        sock.close()
+        wait_until(lambda: admission.abandoned == 1, 10, "the upload to be abandoned")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert not [r for r in caplog.records if "Exception in ASGI" in r.getMessage()]
+    assert sum("went away" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"max_requests": 0}, "max_requests: must be at least 1"),
+        ({"max_requests_per_page": 0}, "max_requests_per_page: must be at least 1"),
+    ],
+)
+def test_request_limits_must_be_positive(settings, limits, message):
+    from jobsite.config import SettingsError
+
+    with pytest.raises(SettingsError, match=message):
+        dataclasses.replace(settings, **limits)
+
+
+def test_a_page_share_defaults_to_half_the_places(settings):
+    assert (
+        dataclasses.replace(
+            settings, max_requests=10, max_requests_per_page=None
+        ).max_requests_per_page
+        == 5
+    )
