@@ -17,6 +17,8 @@ from .config import Settings, SettingsError, load_settings
 from .db import Database, DatabaseVersionError
 from .units import Duration, Size, human_size, parse_duration, parse_size
 
+SHUTDOWN_GRACE = 3  # seconds
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -142,6 +144,9 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level="info",
         proxy_headers=True,
+        # on SIGTERM or Ctrl-C, requests still running after this long are stopped, so the
+        # site is down within seconds even under load (running jobs' containers stay up)
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
     return 0
 

@@ -10,6 +10,7 @@ aiosqlite runs each connection in its own thread, so the event loop is never blo
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 READERS = 4
@@ -113,9 +116,23 @@ class Database:
         await self._writer.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
 
     async def close(self) -> None:
+        """Closes every connection. The writer goes last, after the last write, folding the
+        write-ahead log into the database file first: people copy ``db.sqlite`` alone, and
+        a copy without its ``-wal`` would lose the recent writes."""
         conns, self._all = self._all, []
+        writer, self._writer = self._writer, None
         for conn in conns:
-            await conn.close()
+            if conn is not writer:
+                await conn.close()
+        if writer is None:
+            return
+        async with self._write_lock:
+            try:
+                await writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:  # a file that is no database: nothing to keep
+                log.warning("could not checkpoint %s at close: %s", self.path, e)
+            finally:
+                await writer.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -16,6 +16,7 @@ disconnect is logged as one line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections import Counter
@@ -37,13 +38,10 @@ BUSY_MESSAGE = (
     "The site is busy: it is answering as many requests as it can at once. "
     f"Nothing was done; try again in {RETRY_AFTER} seconds."
 )
-BUSY_PAGE = (
-    "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Busy</title>"
-    "<meta name='viewport' content='width=device-width, initial-scale=1'></head>"
-    f"<body><h1>The site is busy</h1><p>{BUSY_MESSAGE}</p>"
-    "<p><a href=''>Try again</a></p></body></html>"
-).encode()
-BUSY_JSON = json.dumps({"error": BUSY_MESSAGE}).encode()
+STOPPING_MESSAGE = (
+    "The site is restarting: this request was stopped before it finished. "
+    f"Try again in {RETRY_AFTER} seconds."
+)
 
 
 class Admission:
@@ -114,6 +112,7 @@ class AdmissionMiddleware:
         handler = asyncio.current_task()
         assert handler is not None
         body: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+        started = False  # the answer began
         answered = False  # the whole answer was sent
         finished = False  # the handler returned
         gone = False
@@ -135,7 +134,8 @@ class AdmissionMiddleware:
             return await body.get()
 
         async def handler_send(message: Message) -> None:
-            nonlocal answered
+            nonlocal started, answered
+            started = True
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 answered = True
             await send(message)
@@ -144,28 +144,48 @@ class AdmissionMiddleware:
         try:
             await self.app(scope, handler_receive, handler_send)
         except asyncio.CancelledError:
-            if not gone:
-                raise
+            # the client went away, or the server is stopping (uvicorn cancels the requests
+            # still running after its grace period): either way one line, not a traceback
             handler.uncancel()
-            self.admission.abandoned += 1
+            if gone:
+                self.admission.abandoned += 1
+                log.info(
+                    "client went away before the answer: %s %s (its work was stopped)",
+                    scope["method"],
+                    scope["path"],
+                )
+                return
             log.info(
-                "client went away before the answer: %s %s (its work was stopped)",
-                scope["method"],
-                scope["path"],
+                "stopped answering %s %s: the site is stopping", scope["method"], scope["path"]
             )
+            if not started:
+                await refuse(scope, send, STOPPING_MESSAGE)
         finally:
             finished = True
             watcher.cancel()
 
 
-async def refuse(scope: Scope, send: Send) -> None:
+@functools.cache
+def busy_bodies(message: str) -> tuple[bytes, bytes]:
+    """A refusal as a small page and as the API's JSON error."""
+    page = (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Busy</title>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'></head>"
+        f"<body><h1>The site is busy</h1><p>{message}</p>"
+        "<p><a href=''>Try again</a></p></body></html>"
+    )
+    return page.encode(), json.dumps({"error": message}).encode()
+
+
+async def refuse(scope: Scope, send: Send, message: str = BUSY_MESSAGE) -> None:
     """503 with Retry-After, as JSON for the API (or a client asking for JSON), else a page."""
     accept = b""
     for name, value in scope["headers"]:
         if name == b"accept":
             accept = value
     wants_json = scope["path"].startswith("/api/") or b"application/json" in accept
-    body = BUSY_JSON if wants_json else BUSY_PAGE
+    page, error = busy_bodies(message)
+    body = error if wants_json else page
     kind = b"application/json" if wants_json else b"text/html; charset=utf-8"
     await send(
         {
