@@ -28,7 +28,7 @@ WAITING_YAML = """\
 version: "4"
 actions:
   wait:
-    run: python:v2 -c "while [ ! -f go ]; do sleep 0.1; done; mkdir -p output; echo n > output/w.csv"
+    run: python:v2 -c "until [ -f go ]; do sleep 0.1; done; mkdir -p output; echo n > output/w.csv"
     outputs:
       moderately_sensitive:
         w: output/w.csv
