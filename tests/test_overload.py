@@ -212,3 +212,115 @@ def test_a_page_share_defaults_to_half_the_places(settings):
         ).max_requests_per_page
         == 5
     )
+
+
+# -- no page grows without bound with the data ---------------------------------------------
+
+GROWN_PAGES = ["/admin/", "/admin/users", "/ws1/logs", "/ws1/logs/{big}"]
+
+
+class History:
+    """Users, finished job requests, a waiting queue and one big job request, written
+    straight into the database in steps of the same size."""
+
+    STEP = 40  # users, finished requests and queued jobs added per step
+
+    def __init__(self, db: Any, user_id: int, workspace_id: int, big: int) -> None:
+        self.db = db
+        self.user_id = user_id
+        self.workspace_id = workspace_id
+        self.big = big  # the job request that gets more jobs each step
+        self.steps = 0
+
+    @classmethod
+    async def make(cls, app: Any) -> History:
+        db = app.state.db
+        user_id = await auth.create_user(db, "ada", "pw-1234567", is_admin=True)
+        project = await db.execute(
+            "INSERT INTO projects (slug, name, created_by, created_at) "
+            "VALUES ('study', 'Study', ?, 0)",
+            (user_id,),
+        )
+        workspace_id = await db.execute(
+            "INSERT INTO workspaces (name, project_id, repo, branch, database, created_by, "
+            "created_at) VALUES ('ws1', ?, '/repo', 'main', 'sample', ?, 0)",
+            (project, user_id),
+        )
+        history = cls(db, user_id, workspace_id, 0)
+        history.big = await history.request(0)
+        return history
+
+    async def request(self, at: float) -> int:
+        return await self.db.execute(
+            "INSERT INTO job_requests (workspace_id, created_by, branch, sha, "
+            "requested_actions, created_at) VALUES (?, ?, 'main', 'abc1234', '[\"a\"]', ?)",
+            (self.workspace_id, self.user_id, at),
+        )
+
+    async def job(self, conn: Any, request_id: int, n: int, state: str, code: str) -> None:
+        job_id = f"{n:016x}"
+        await conn.execute(
+            "INSERT INTO jobs (id, job_request_id, workspace_id, user_id, action, sha, "
+            "run_command, image, args, outputs, state, status_code, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, 'abc1234', 'python:v2 a.py', 'python:v2', '[]', '{}', ?, ?, "
+            "?, ?)",
+            (job_id, request_id, self.workspace_id, self.user_id, f"a{n:06d}", state, code, n, n),
+        )
+        await conn.execute(
+            "INSERT INTO job_events (job_id, at, status_code) VALUES (?, ?, ?)",
+            (job_id, n, code),
+        )
+
+    async def step(self) -> None:
+        base = self.steps * self.STEP
+        self.steps += 1
+        requests = [await self.request(1000 + base + i) for i in range(self.STEP)]
+        async with self.db.transaction() as conn:
+            for i in range(self.STEP):
+                n = base + i
+                await conn.execute(
+                    "INSERT INTO users (username, created_at) VALUES (?, 0)", (f"user{n:06d}",)
+                )
+                await self.job(conn, requests[i], 10**6 + n, "succeeded", "succeeded")
+                await self.job(conn, requests[i], 2 * 10**6 + n, "pending", "created")
+                await self.job(conn, self.big, 3 * 10**6 + n, "pending", "created")
+
+
+async def page_sizes(client: httpx.AsyncClient, headers: dict, big: int) -> dict[str, int]:
+    sizes = {}
+    for path in GROWN_PAGES:
+        response = await client.get(path.format(big=big), headers=headers)
+        assert response.status_code == 200, (path, response.text[:500])
+        sizes[path] = len(response.content)
+    return sizes
+
+
+async def test_no_page_grows_with_the_history(app, client):
+    await app.state.scheduler.set_paused(True)
+    history = await History.make(app)
+    token = await auth.create_token(app.state.db, history.user_id, "t")
+    headers = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):  # past every page's first screenful
+        await history.step()
+    before = await page_sizes(client, headers, history.big)
+    for _ in range(27):  # ten times the history
+        await history.step()
+    after = await page_sizes(client, headers, history.big)
+    for path in GROWN_PAGES:
+        assert after[path] <= before[path] * 1.02, (path, before[path], after[path])
+    # and what is not shown is counted and a link away
+    admin = (await client.get("/admin/", headers=headers)).text
+    assert "… and 1151 more users" in admin
+    assert 'href="/admin/?from=100"' in admin
+    users = (await client.get("/admin/users", headers=headers)).text
+    assert 'href="/admin/users?after=user000098"' in users
+    big = (await client.get(f"/ws1/logs/{history.big}", headers=headers)).text
+    assert "Jobs 1–100 of 1200" in big and f'href="/ws1/logs/{history.big}?from=100"' in big
+    later = (await client.get("/admin/?from=100", headers=headers)).text
+    assert "Jobs 101–200 of 2400" in later and 'rel="prev" href="/admin/"' in later
+    assert "Jobs 1–100 of 2400" in (await client.get("/admin/?from=9999", headers=headers)).text
+    later = (await client.get(f"/ws1/logs/{history.big}?from=200", headers=headers)).text
+    assert "Jobs 201–300 of 1200" in later
+    assert f'rel="prev" href="/ws1/logs/{history.big}?from=100"' in later
+    users = (await client.get("/admin/users?after=user000098", headers=headers)).text
+    assert "user000099" in users and "user000098" not in users and 'rel="prev"' in users

@@ -8,6 +8,7 @@ import shutil
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..db import Row
 from ..queries import queue
 from .base import (
     HTTPError,
@@ -22,7 +23,29 @@ from .base import (
 )
 
 PRIORITY_RANGE = range(-10, 11)
-SHOWN = 100  # jobs listed per part of the queue; the rest are counted
+SHOWN = 100  # jobs of the queue listed at once; the page pages through the rest
+SHOWN_USERS = 50  # users listed here; /admin/users pages through them all
+QUEUE_PARTS = ("running", "queued", "blocked")
+
+
+def queue_window(
+    jobs: dict[str, list[Row]], start: int
+) -> tuple[dict[str, list[Row]], dict[str, int]]:
+    """SHOWN jobs of the queue (running, then waiting in order, then blocked) from
+    ``start``, per part, each with its position in its part; and how many of each part
+    come after them."""
+    window: dict[str, list[Row]] = {}
+    after: dict[str, int] = {}
+    skip, room = start, SHOWN
+    for part in QUEUE_PARTS:
+        rows = jobs[part]
+        first = min(skip, len(rows))
+        skip -= first
+        taken = rows[first : first + room]
+        room -= len(taken)
+        window[part] = [{**row, "position": first + i + 1} for i, row in enumerate(taken)]
+        after[part] = len(rows) - first - len(taken)
+    return window, after
 
 
 async def admin_page(request: Request) -> Response:
@@ -30,10 +53,18 @@ async def admin_page(request: Request) -> Response:
     state = site(request)
     db = state.db
     jobs = await queue(db)
+    total = sum(len(rows) for rows in jobs.values())
+    start_param = request.query_params.get("from", "")
+    start = int(start_param) if start_param.isdigit() and int(start_param) < total else 0
+    window, after = queue_window(jobs, start)
     disk = await asyncio.to_thread(shutil.disk_usage, state.settings.data_dir)
     context = {
-        **{part: rows[:SHOWN] for part, rows in jobs.items()},
+        **window,
         "counts": {part: len(rows) for part, rows in jobs.items()},
+        "after": after,
+        "start": start,
+        "shown": SHOWN,
+        "total": total,
         "paused": state.scheduler.paused,
         "docker_ok": await state.executor.available(),
         "disk": {
@@ -43,8 +74,10 @@ async def admin_page(request: Request) -> Response:
         },
         "users": await db.fetchall(
             "SELECT u.*, (SELECT count(DISTINCT project_id) FROM project_members m "
-            "WHERE m.user_id = u.id) AS projects FROM users u ORDER BY u.username"
+            "WHERE m.user_id = u.id) AS projects FROM users u ORDER BY u.username LIMIT ?",
+            (SHOWN_USERS,),
         ),
+        "user_count": await db.fetchval("SELECT count(*) FROM users"),
         "priorities": PRIORITY_RANGE,
     }
     if is_htmx(request):

@@ -23,6 +23,7 @@ from .base import (
     get_job,
     get_job_request,
     get_workspace,
+    in_sqlite_range,
     is_htmx,
     local_path,
     redirect_to,
@@ -32,6 +33,7 @@ from .base import (
 )
 
 PAGE_SIZE = 20
+JOBS_SHOWN = 100  # jobs of one job request listed at once; the page pages through the rest
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
 
 
@@ -44,8 +46,12 @@ async def logs_page(request: Request) -> Response:
     workspace = await get_workspace(request, request.path_params["workspace"])
     db = site(request).db
     query = request.query_params.get("q", "").strip()
-    page_param = request.query_params.get("page", "1")
-    page = max(1, int(page_param)) if page_param.isdigit() else 1
+    # a page of older requests starts below the id in ?before= (keyset: as fast deep in
+    # the history as at its top)
+    before_param = request.query_params.get("before", "")
+    before = int(before_param) if before_param.isdigit() else None
+    if before is not None and not in_sqlite_range(before):
+        before = None
     where = "r.workspace_id = ?"
     params: tuple = (workspace["id"],)
     if query:
@@ -55,15 +61,18 @@ async def logs_page(request: Request) -> Response:
             "WHERE j.job_request_id = r.id AND j.action LIKE ? ESCAPE '\\'))"
         )
         params += (_like(query), _like(query))
-    rows = await job_request_rows(db, where, params, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE)
+    if before is not None:
+        where += " AND r.id < ?"
+        params += (before,)
+    rows = await job_request_rows(db, where, params, PAGE_SIZE + 1)
     user = await current_user(request)
     context = {
         "workspace": workspace,
         "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
         "job_requests": rows[:PAGE_SIZE],
         "query": query,
-        "page": page,
-        "has_more": len(rows) > PAGE_SIZE,
+        "before": before,
+        "older": rows[PAGE_SIZE - 1]["id"] if len(rows) > PAGE_SIZE else None,
         "live": any(r["status"] in ACTIVE_STATES for r in rows[:PAGE_SIZE]),
     }
     if is_htmx(request):
@@ -79,18 +88,23 @@ async def job_request_page(request: Request) -> Response:
     (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
     user = await current_user(request)
     now = time.time()
-    events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in job_request["jobs"]}
-    for event in await db.fetchall(
-        "SELECT e.* FROM job_events e JOIN jobs j ON j.id = e.job_id "
-        "WHERE j.job_request_id = ? ORDER BY e.id",
-        (row["id"],),
-    ):
-        events[event["job_id"]].append(event)
+    jobs = job_request["jobs"]
+    start_param = request.query_params.get("from", "")
+    start = int(start_param) if start_param.isdigit() and int(start_param) < len(jobs) else 0
+    shown = jobs[start : start + JOBS_SHOWN]
+    events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in shown}
+    if shown:
+        marks = ",".join("?" * len(shown))
+        for event in await db.fetchall(
+            f"SELECT * FROM job_events WHERE job_id IN ({marks}) ORDER BY id", list(events)
+        ):
+            events[event["job_id"]].append(event)
     context = {
         "job_request": job_request,
-        "timelines": {
-            job["id"]: timeline(events[job["id"]], job, now) for job in job_request["jobs"]
-        },
+        "shown_jobs": shown,
+        "jobs_from": start,
+        "jobs_shown": JOBS_SHOWN,
+        "timelines": {job["id"]: timeline(events[job["id"]], job, now) for job in shown},
         "workspace": await get_workspace(request, row["workspace"]),
         "can_cancel": bool(user and user.can_run(row["project_id"])),
         "live": job_request["status"] in ACTIVE_STATES,
