@@ -54,8 +54,9 @@ format: $(TESTING)
 images: $(TESTING)
 	$(BIN)/python tests/images.py
 
+# one table of medians against baselines measured in the same run, kept in bench/RESULTS.md
 bench: $(TESTING)
-	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/table.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .coverage

@@ -10,6 +10,7 @@ aiosqlite runs each connection in its own thread, so the event loop is never blo
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
@@ -27,7 +28,19 @@ BUSY_TIMEOUT_MS = 10_000
 
 # SQL that takes a database from version N to N+1, keyed by N. schema.sql always holds the
 # whole current schema; a migration is added here whenever schema.sql changes.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    1: """
+-- load: indexes the pages' reads use
+CREATE INDEX job_requests_creator ON job_requests (created_by, id);
+""",
+}
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk is full (from the OS, or from SQLite writing)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
 class DatabaseVersionError(Exception):

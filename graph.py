@@ -8,6 +8,7 @@ short and uncrossed. Status is shown by colour *and* by an icon and a word.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -151,20 +152,29 @@ def _height(item: Item) -> float:
 def layout(nodes: list[Node]) -> Layout:
     """Where each node and edge goes, and the size of the whole picture."""
     by_name = {node.name: node for node in nodes}
-    cols, chains = _columns(nodes)
+    spots, edges, width, height = _geometry(tuple((node.name, node.needs) for node in nodes))
+    placed = [Placed(by_name[name], c, r, x, y) for name, c, r, x, y in spots]
+    return Layout(placed, [list(points) for points in edges], width, height)
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(shape: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple:
+    # the picture depends only on the actions and their needs, which a polled page redraws
+    # with new states every few seconds: each shape is laid out once
+    cols, chains = _columns([Node(name, needs) for name, needs in shape])
     column_heights = [
         sum(_height(item) for item in col) + max(0, len(col) - 1) * ROW_GAP for col in cols
     ]
     tallest = max(column_heights, default=0)
     top: dict[Item, tuple[float, float]] = {}  # item -> (x, y of its top)
-    placed = []
+    spots = []
     for c, col in enumerate(cols):
         x = MARGIN + c * (NODE_WIDTH + COLUMN_GAP)
         y = MARGIN + (tallest - column_heights[c]) / 2  # short columns are centred
         for r, item in enumerate(col):
             top[item] = (x, y)
             if isinstance(item, str):
-                placed.append(Placed(by_name[item], c, r, x, y))
+                spots.append((item, c, r, x, y))
             y += _height(item) + ROW_GAP
     edges = []
     for chain in chains:
@@ -176,9 +186,9 @@ def layout(nodes: list[Node]) -> Layout:
                 points.append((x, middle))
             if i < len(chain) - 1:
                 points.append((x + NODE_WIDTH, middle))
-        edges.append(points)
+        edges.append(tuple(points))
     width = 2 * MARGIN + len(cols) * NODE_WIDTH + max(0, len(cols) - 1) * COLUMN_GAP
-    return Layout(placed, edges, width, 2 * MARGIN + tallest)
+    return tuple(spots), tuple(edges), width, 2 * MARGIN + tallest
 
 
 def _path(points: list[tuple[float, float]]) -> str:

@@ -98,7 +98,11 @@ class LocalDockerExecutor:
         """Turn a lost connection to the engine into DockerUnavailable (the job is requeued)."""
         try:
             yield
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        except (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError,  # the engine went away mid-answer
+        ) as e:
             self.close()
             raise DockerUnavailable(f"Docker is not reachable: {e}") from e
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import json
 import math
 import posixpath
@@ -112,6 +113,9 @@ class Pipeline:
     warnings: tuple[str, ...] = ()
 
 
+# a Pipeline is never changed once made, and the site parses the same file at every submit:
+# the same text gives the same (shared) Pipeline, parsed once
+@functools.lru_cache(maxsize=64)
 def load_pipeline(text: str) -> Pipeline:
     """Parse and validate project.yaml text; raise ProjectValidationError listing every problem."""
     try:

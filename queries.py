@@ -10,12 +10,24 @@ from .db import Database, Row
 from .scheduling import QueuedJob, decayed, queue_order
 from .states import State
 
-# the latest job of each action in a workspace (one row per action that ever ran)
-LATEST_JOB_PER_ACTION = (
-    "SELECT * FROM jobs j WHERE workspace_id = ? AND created_at = "
-    "(SELECT max(created_at) FROM jobs WHERE workspace_id = j.workspace_id "
-    "AND action = j.action)"
+# the latest job of each action in a workspace (one row per action that ever ran): the
+# newest time per action from the index alone, then one index lookup per action (CROSS JOIN
+# keeps SQLite to that order, which it cannot know is best without table statistics)
+LATEST_JOBS = (
+    "SELECT {columns} FROM (SELECT action, max(created_at) AS newest FROM jobs "
+    "WHERE workspace_id = ?1 GROUP BY action) latest CROSS JOIN jobs j "
+    "ON j.workspace_id = ?1 AND j.action = latest.action AND j.created_at = latest.newest"
 )
+LATEST_JOB_PER_ACTION = LATEST_JOBS.format(columns="j.*")
+
+
+async def latest_statuses(db: Database, workspace_id: int) -> list[tuple[str, str, str, str]]:
+    """(action, job id, state, status code) of each action's latest job: what a workspace's
+    pills show. A waiting job's message changes as the queue moves; this does not."""
+    rows = await db.fetchall(
+        LATEST_JOBS.format(columns="j.action, j.id, j.state, j.status_code"), (workspace_id,)
+    )
+    return sorted((r["action"], r["id"], r["state"], r["status_code"]) for r in rows)
 
 
 def request_status(request: Row, jobs: list[Row]) -> tuple[str, str]:
@@ -70,15 +82,17 @@ async def job_request_rows(
     return result
 
 
-async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
+async def queue(
+    db: Database, shown: int | None = None, start: int = 0
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
     """Running jobs, then runnable jobs in the order the scheduler would start them,
-    then jobs still waiting on their dependencies."""
+    then jobs still waiting on their dependencies: ``shown`` of them from the ``start``-th
+    on (all when None), per part, each with its ``position`` in its part; and how many each
+    part holds. Only what ordering needs is read for every unfinished job; the rest only
+    for the jobs shown."""
     rows = await db.fetchall(
-        "SELECT j.id, j.action, j.state, j.status_code, j.status_message, j.user_id, "
-        "j.requires_db, j.created_at, j.started_at, j.job_request_id, r.priority, "
-        "w.name AS workspace, u.username FROM jobs j "
-        "JOIN job_requests r ON r.id = j.job_request_id "
-        "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = j.user_id "
+        "SELECT j.id, j.state, j.status_code, j.user_id, j.requires_db, j.created_at, "
+        "r.priority FROM jobs j JOIN job_requests r ON r.id = j.job_request_id "
         "WHERE j.state IN ('pending', 'running') ORDER BY j.created_at"
     )
     running = [row for row in rows if row["state"] == "running"]
@@ -110,8 +124,33 @@ async def queue(db: Database) -> dict[str, list[dict[str, Any]]]:
         per_user,
         usage,
     )
-    return {
+    parts = {
         "running": running,
         "queued": [runnable[job.id] for job in ordered],
         "blocked": blocked,
     }
+    counts = {part: len(jobs) for part, jobs in parts.items()}
+    skip, room = start, len(rows) if shown is None else shown
+    for part, jobs in parts.items():
+        first = min(skip, len(jobs))
+        skip -= first
+        parts[part] = [
+            {**job, "position": first + i + 1} for i, job in enumerate(jobs[first : first + room])
+        ]
+        room -= len(parts[part])
+    ids = [job["id"] for jobs in parts.values() for job in jobs]
+    details: dict[str, Row] = {}
+    for start in range(0, len(ids), 500):  # SQLite takes a bounded number of parameters
+        batch = ids[start : start + 500]
+        for row in await db.fetchall(
+            "SELECT j.id, j.action, j.status_message, j.started_at, j.job_request_id, "
+            "w.name AS workspace, u.username FROM jobs j "
+            "JOIN workspaces w ON w.id = j.workspace_id JOIN users u ON u.id = j.user_id "
+            f"WHERE j.id IN ({','.join('?' * len(batch))})",
+            batch,
+        ):
+            details[row["id"]] = row
+    return (
+        {part: [{**job, **details[job["id"]]} for job in jobs] for part, jobs in parts.items()},
+        counts,
+    )

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import Settings
-from .db import Database, Row
+from .db import Database, Row, out_of_space
 from .executor import DockerUnavailable, Executor, JobError, JobSpec
 from .scheduling import DependencyFailure, JobQueue, Limits, QueuedJob
 from .states import MESSAGES, State, StatusCode
@@ -35,6 +35,11 @@ SAFETY_TICK = 5.0
 STATUS_INTERVAL = 0.5  # seconds between two rewrites of waiting jobs' statuses
 STOP_TIMEOUT = 5.0  # the longest stop() waits for job tasks to wind down
 MAX_ATTEMPTS = 2  # a job caught preparing by a restart is retried once
+DISK_FULL = (
+    "The disk holding the site's data filled up while this job ran, so it was stopped and "
+    "its files removed; the workspace was left as it was. An admin must free some space; "
+    "then run the job again."
+)
 
 PENDING_COLUMNS = (
     "j.id, j.user_id, j.job_request_id, j.action, j.wait_for, j.requires_db, "
@@ -585,10 +590,13 @@ class Scheduler:
             ending = (State.FAILED, e.status_code, e.message, {})
         except Exception as e:
             log.error("job %s failed inside jobsite:\n%s", job_id, traceback.format_exc())
-            message = (
-                f"Internal error: {type(e).__name__}: {e}. The site admin can find the "
-                "details in the server log."
-            )
+            if out_of_space(e):
+                message = DISK_FULL
+            else:
+                message = (
+                    f"Internal error: {type(e).__name__}: {e}. The site admin can find the "
+                    "details in the server log."
+                )
             ending = (State.FAILED, StatusCode.INTERNAL_ERROR, message, {})
         state, code, message, fields = ending
         fields["completed_at"] = time.time()  # the outputs are in place: the job is done

@@ -67,6 +67,8 @@ CREATE TABLE job_requests (
     created_at REAL NOT NULL
 );
 CREATE INDEX job_requests_workspace ON job_requests (workspace_id, id);
+-- load: "your recent job requests" on the home page
+CREATE INDEX job_requests_creator ON job_requests (created_by, id);
 
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
@@ -139,4 +141,4 @@ CREATE TABLE site_state (
     value TEXT NOT NULL
 );
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

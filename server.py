@@ -186,7 +186,10 @@ def create_app(settings: Settings) -> Starlette:
             ),
             Middleware(CSRFMiddleware, base_url=settings.base_url, sign_in_paths=("/login",)),
         ],
-        exception_handlers={error: base.handle_error for error in base.HANDLED_ERRORS},
+        exception_handlers={
+            **{error: base.handle_error for error in base.HANDLED_ERRORS},
+            **{error: base.handle_storage_error for error in base.STORAGE_ERRORS},
+        },
         lifespan=lifespan,
     )
     app.state = site  # type: ignore[assignment]  # typed: handlers read it as base.Site

@@ -180,11 +180,13 @@ async def set_archived(db: Database, workspace_id: int, archived: bool) -> None:
 
 class ParsedProjects:
     """project.yaml of a repo at a commit, parsed once: a commit never changes, and pages
-    poll the same one every few seconds. The most recently used few are kept."""
+    poll the same one every few seconds. The most recently used few are kept. Also the
+    head of each workspace branch as last resolved, so a poll needs no git at all."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self.parsed: OrderedDict[tuple[str, str], pipeline.Pipeline] = OrderedDict()
+        self.heads: dict[tuple[str, str], str] = {}
 
     async def at(self, repos: Repos, repo: str, sha: str) -> pipeline.Pipeline:
         key = (repo, sha)
@@ -198,17 +200,29 @@ class ParsedProjects:
                 self.parsed.popitem(last=False)
         return self.parsed[key]
 
+    async def head(self, repos: Repos, repo: str, branch: str, fetch: bool = True) -> str:
+        """The commit at the head of ``branch``: fetched and resolved again, or (``fetch``
+        false) as last resolved here, asking the local mirror only the first time."""
+        key = (repo, branch)
+        if fetch or key not in self.heads:
+            try:
+                self.heads[key] = await repos.resolve_branch(repo, branch, fetch=fetch)
+            except RepoError:
+                self.heads.pop(key, None)
+                raise
+        return self.heads[key]
+
 
 async def workspace_actions(
     db: Database, repos: Repos, projects: ParsedProjects, workspace: Row, fetch: bool = True
 ) -> dict[str, Any]:
     """The workspace's actions at the branch head with their latest jobs, or the errors.
 
-    ``fetch=False`` reads the local mirror as it is, for status polling.
+    ``fetch=False`` takes the branch head as last seen, for status polling.
     """
     result: dict[str, Any] = {"actions": [], "error": None, "warnings": [], "sha": None}
     try:
-        sha = await repos.resolve_branch(workspace["repo"], workspace["branch"], fetch=fetch)
+        sha = await projects.head(repos, workspace["repo"], workspace["branch"], fetch=fetch)
         project = await projects.at(repos, workspace["repo"], sha)
     except (RepoError, pipeline.ProjectValidationError) as e:
         result["error"] = str(e)

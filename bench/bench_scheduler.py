@@ -65,7 +65,8 @@ def queued_jobs(rng: random.Random) -> list[QueuedJob]:
     ]
 
 
-def bench_decisions(decisions: int) -> None:
+def bench_decisions(decisions: int) -> tuple[float, float]:
+    """Prints the figures; returns the median decision and re-sort times (seconds)."""
     rng = random.Random(1)
     queue = JobQueue()
     for user in range(USERS):
@@ -103,6 +104,7 @@ def bench_decisions(decisions: int) -> None:
     print(f"  p99: {ms(sorted(picks)[int(len(picks) * 0.99)])}")
     print(f"re-sorting the whole queue instead, median of {len(sorts)}: {ms(resort)}")
     print(f"  ratio: {resort / pick:.0f}x faster")
+    return pick, resort
 
 
 async def bench_dispatch_pass() -> None:
@@ -250,7 +252,9 @@ def bare_docker_run(events: DockerEvents, label: str, n: int) -> tuple[float, fl
     return statistics.median(times), statistics.median(create_to_start)
 
 
-async def bench_dependency_start(chains: int) -> None:
+async def bench_dependency_start(chains: int) -> tuple[float, float]:
+    """Prints the figures; returns the median dependency exit -> dependent start delay and
+    a bare `docker run`'s invoked -> started time (seconds)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import GitRepo, add_request
 
@@ -340,6 +344,7 @@ async def bench_dependency_start(chains: int) -> None:
     print(f"bare `docker run` of {IMAGE}, invoked -> started, median: {ms(baseline)}")
     print(f"  of which created -> started: {ms(bare_create_to_start)}")
     print(f"beyond a bare `docker run`'s start time: {ms(delay - baseline)}")
+    return delay, baseline
 
 
 def main() -> None:

@@ -404,3 +404,82 @@ class Intact:
         assert response.status_code == 200, f"health check answered {response.status_code}"
         assert self.database_ok() == "ok"
         assert self.new_files(allowed) == set(), "files appeared outside the data dir"
+
+
+# -- the site as its own process -------------------------------------------------------------
+
+
+class ServeProcess:
+    """`jobsite serve` in a subprocess over a settings file, on a free loopback port, its
+    output in ``log``: a server that can really be killed (SIGKILL) and started again."""
+
+    def __init__(self, config: Path, log: Path, **env: str) -> None:
+        import sys
+
+        self.command = [str(Path(sys.executable).with_name("jobsite")), "serve"]
+        self.config = config
+        self.log = log
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Starts the server; returns its base URL once it answers its health check."""
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "JOBSITE_CONFIG": str(self.config), "JOBSITE_PORT": str(port)}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command, env={**env, **self.env}, stdout=log, stderr=log
+            )
+
+        def answers() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            try:
+                return httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(answers, timeout, "jobsite serve to answer")
+        return self.url
+
+    def _proc_file(self, name: str) -> str:
+        assert self.proc is not None
+        return Path(f"/proc/{self.proc.pid}/{name}").read_text()
+
+    def rss_mb(self) -> float:
+        """The server's resident memory now, in MiB."""
+        for line in self._proc_file("status").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server (and the processes it waited for, such as git) used so far."""
+        fields = self._proc_file("stat").rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+    def log_says(self, text: str) -> int:
+        """How many times ``text`` is in the server's output so far."""
+        return self.log.read_text(errors="replace").count(text)
+
+    def __enter__(self) -> ServeProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no clean-up, as when a machine loses power."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -8,7 +8,6 @@ import shutil
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..db import Row
 from ..queries import queue
 from .base import (
     HTTPError,
@@ -28,40 +27,32 @@ SHOWN_USERS = 50  # users listed here; /admin/users pages through them all
 QUEUE_PARTS = ("running", "queued", "blocked")
 
 
-def queue_window(
-    jobs: dict[str, list[Row]], start: int
-) -> tuple[dict[str, list[Row]], dict[str, int]]:
-    """SHOWN jobs of the queue (running, then waiting in order, then blocked) from
-    ``start``, per part, each with its position in its part; and how many of each part
-    come after them."""
-    window: dict[str, list[Row]] = {}
-    after: dict[str, int] = {}
-    skip, room = start, SHOWN
+def jobs_after(counts: dict[str, int], start: int) -> dict[str, int]:
+    """How many jobs of each part of the queue come after the SHOWN listed from ``start``."""
+    after, before = {}, 0
     for part in QUEUE_PARTS:
-        rows = jobs[part]
-        first = min(skip, len(rows))
-        skip -= first
-        taken = rows[first : first + room]
-        room -= len(taken)
-        window[part] = [{**row, "position": first + i + 1} for i, row in enumerate(taken)]
-        after[part] = len(rows) - first - len(taken)
-    return window, after
+        listed_to = min(max(start + SHOWN - before, 0), counts[part])
+        after[part] = counts[part] - listed_to
+        before += counts[part]
+    return after
 
 
 async def admin_page(request: Request) -> Response:
     await require_admin(request, "use the admin page")
     state = site(request)
     db = state.db
-    jobs = await queue(db)
-    total = sum(len(rows) for rows in jobs.values())
     start_param = request.query_params.get("from", "")
-    start = int(start_param) if start_param.isdigit() and int(start_param) < total else 0
-    window, after = queue_window(jobs, start)
+    start = int(start_param) if start_param.isdigit() else 0
+    jobs, counts = await queue(db, SHOWN, start)
+    total = sum(counts.values())
+    if start >= total > 0:  # past the end (the queue got shorter): the first jobs
+        start = 0
+        jobs, counts = await queue(db, SHOWN, start)
     disk = await asyncio.to_thread(shutil.disk_usage, state.settings.data_dir)
     context = {
-        **window,
-        "counts": {part: len(rows) for part, rows in jobs.items()},
-        "after": after,
+        **jobs,
+        "counts": counts,
+        "after": jobs_after(counts, start),
         "start": start,
         "shown": SHOWN,
         "total": total,
@@ -81,7 +72,7 @@ async def admin_page(request: Request) -> Response:
         "priorities": PRIORITY_RANGE,
     }
     if is_htmx(request):
-        live = bool(jobs["running"] or jobs["queued"] or jobs["blocked"])
+        live = total > 0
         return await fragment(request, "_queue.html", context, done=not live)
     return await render(request, "admin.html", context)
 

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
+import time
 import urllib.parse
+from collections import OrderedDict
 from typing import Any
 
 from jinja2 import pass_context
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, NoMatchFound
 from starlette.templating import Jinja2Templates
 
 from .. import auth, pipeline
 from ..auth import RateLimiter, Sealer, User
 from ..config import Settings
-from ..db import Database, Row
+from ..db import Database, Row, out_of_space
 from ..executor import Executor
 from ..graph import ICONS
 from ..metrics import SiteMetrics
@@ -66,6 +70,30 @@ class Site:
         self.login_limiter = login_limiter
         self.sealer = sealer
         self.projects = ParsedProjects()
+        self.fragments = Fragments()
+        self.named_routes: dict[str, BaseRoute] = {}  # filled by url() as names are asked for
+
+
+class Fragments:
+    """Polled fragments as rendered, by version (ETag), the most recent few kept: every
+    open tab of a workspace polls for the same version, and the first to ask renders it."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.rendered: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+
+    def get(self, etag: str) -> Response | None:
+        found = self.rendered.get(etag)
+        if found is None:
+            return None
+        self.rendered.move_to_end(etag)
+        status, body = found
+        return Response(body, status, headers=versioned(etag), media_type="text/html")
+
+    def keep(self, etag: str, response: Response) -> None:
+        self.rendered[etag] = (response.status_code, bytes(response.body))
+        if len(self.rendered) > self.size:
+            self.rendered.popitem(last=False)
 
 
 def site(request: Request) -> Site:
@@ -299,7 +327,15 @@ def local_path(target: str | None, default: str) -> str:
 
 def url(request: Request, name: str, **params: Any) -> str:
     """The path of the named route (server.ROUTES), its parameters escaped."""
-    return request.app.url_path_for(name, **_path_params(params))
+    # Starlette tries every route in turn for each URL asked for; a page with a hundred
+    # links would spend most of its time there, so each name's route is found once
+    routes = site(request).named_routes
+    if name not in routes:
+        found = [r for r in request.app.router.routes if getattr(r, "name", None) == name]
+        if not found:
+            raise NoMatchFound(name, params)
+        routes[name] = found[0]
+    return routes[name].url_path_for(name, **_path_params(params))
 
 
 def _path_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -329,12 +365,39 @@ async def render(
     return response
 
 
-async def fragment(request: Request, name: str, context: dict[str, Any], done: bool) -> Response:
-    """A partial for htmx; HTTP 286 tells htmx to stop polling once nothing shown can change."""
-    response = await render(request, name, context)
+async def fragment(
+    request: Request, name: str, context: dict[str, Any], done: bool, etag: str | None = None
+) -> Response:
+    """A partial for htmx; HTTP 286 tells htmx to stop polling once nothing shown can change.
+    With ``etag`` (from ``version_tag``) the partial says which version it shows."""
+    response = await render(request, name, {**context, "etag": etag})
     if done:
         response.status_code = 286
+    if etag:
+        response.headers.update(versioned(etag))
     return response
+
+
+def versioned(etag: str) -> dict[str, str]:
+    """The headers of an answer with a version."""
+    # no-cache: a browser may keep the answer but must ask again before using it
+    return {"ETag": etag, "Cache-Control": "no-cache", "Vary": "HX-Request, Cookie"}
+
+
+def version_tag(*parts: Any) -> str:
+    """An ETag for what a fragment shows, made from everything its content depends on (and
+    the minute, so that "5 min ago" stays true)."""
+    text = json.dumps([*parts, int(time.time() // 60)], default=str)
+    return '"' + hashlib.sha256(text.encode()).hexdigest()[:24] + '"'
+
+
+def not_modified(request: Request, etag: str) -> Response | None:
+    """304 Not Modified when the asker already has the version ``etag``: a poll that finds
+    nothing changed costs a lookup, not a render."""
+    sent = request.headers.get("if-none-match", "")
+    if etag not in (tag.strip().removeprefix("W/") for tag in sent.split(",")):
+        return None
+    return Response(status_code=304, headers=versioned(etag))
 
 
 def flash(request: Request, message: str, kind: str = "info") -> None:
@@ -356,6 +419,20 @@ def redirect_to(path: str) -> Response:
     """See Other: to a URL the handler built, or a path checked to be on this site
     (see local_path)."""
     return RedirectResponse(path, status_code=303)
+
+
+DISK_FULL = (
+    "the disk holding the site's data is full, so nothing could be saved and nothing was "
+    "changed; try again once a site admin has freed some space"
+)
+# errors from storage: a full disk is answered (503, saying so); anything else is a bug
+STORAGE_ERRORS = (sqlite3.OperationalError, OSError)
+
+
+async def handle_storage_error(request: Request, exc: Exception) -> Response:
+    if not out_of_space(exc):
+        raise exc
+    return await handle_error(request, HTTPError(503, DISK_FULL))
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:
@@ -394,6 +471,9 @@ def _url(context: Any, name: str, **params: Any) -> str:
 def templates(directory: str) -> Jinja2Templates:
     """The page templates, with the helpers they use."""
     result = Jinja2Templates(directory=directory)
+    # the templates ship with the package and never change while the site runs; reloading
+    # would stat each one (every included pill) on every render
+    result.env.auto_reload = False
     result.env.globals.update(
         url=_url,
         status_label=status_label,

@@ -26,10 +26,13 @@ from .base import (
     in_sqlite_range,
     is_htmx,
     local_path,
+    not_modified,
     redirect_to,
     render,
     site,
     url,
+    version_tag,
+    versioned,
 )
 
 PAGE_SIZE = 20
@@ -85,6 +88,10 @@ async def job_request_page(request: Request) -> Response:
     if row["workspace"] != request.path_params["workspace"]:
         raise HTTPError(404, f"job request {row['id']} belongs to another workspace")
     db = site(request).db
+    etag = await finished_request_tag(db, row) if is_htmx(request) else None
+    cached = etag and (not_modified(request, etag) or site(request).fragments.get(etag))
+    if cached:
+        return cached
     (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
     user = await current_user(request)
     now = time.time()
@@ -111,8 +118,24 @@ async def job_request_page(request: Request) -> Response:
         "now": now,
     }
     if is_htmx(request):
-        return await fragment(request, "_job_request.html", context, done=not context["live"])
+        response = await fragment(request, "_job_request.html", context, done=not context["live"])
+        if etag and not context["live"]:
+            response.headers.update(versioned(etag))
+            site(request).fragments.keep(etag, response)
+        return response
     return await render(request, "job_request.html", context)
+
+
+async def finished_request_tag(db: Any, row: Any) -> str | None:
+    """The version of a finished job request's fragment, the same for everyone (it offers
+    nothing to cancel); None while any of its jobs is unfinished."""
+    jobs = await db.fetchall(
+        "SELECT id, state, status_code, updated_at FROM jobs WHERE job_request_id = ? ORDER BY id",
+        (row["id"],),
+    )
+    if any(job["state"] in ACTIVE_STATES for job in jobs):
+        return None
+    return version_tag("job request", row["id"], [tuple(job.values()) for job in jobs])
 
 
 async def cancel(request: Request) -> Response:

@@ -12,6 +12,7 @@ from .. import auth, pipeline, submit, workspaces
 from ..graph import Node, render_svg
 from ..outputs import Manifest
 from ..problems import FieldProblems
+from ..queries import latest_statuses
 from ..repos import RepoError, check_allowed, is_allowed
 from ..states import ACTIVE_STATES, status_label
 from ..submit import SubmitError
@@ -25,10 +26,12 @@ from .base import (
     get_project,
     get_workspace,
     is_htmx,
+    not_modified,
     redirect,
     render,
     site,
     url,
+    version_tag,
 )
 
 PREFERRED_BRANCHES = ("main", "master")
@@ -158,20 +161,19 @@ async def workspace_page(
     """The workspace's actions with their latest jobs; for htmx, only their status."""
     if workspace is None:
         workspace = await get_workspace(request, request.path_params["workspace"])
+    if is_htmx(request) and request.method == "GET":
+        return await workspace_status(request, workspace)
     user = await current_user(request)
-    polling = is_htmx(request) and request.method == "GET"
     state = site(request)
-    found = await workspaces.workspace_actions(
-        state.db, state.repos, state.projects, workspace, fetch=not polling
-    )
+    found = await workspaces.workspace_actions(state.db, state.repos, state.projects, workspace)
     actions = action_views(found)
-    live = any(a["state"] in ACTIVE_STATES for a in actions)
     context = {
         "workspace": workspace,
         "found": found,
         "actions": actions,
         "graph": graph_svg(request, actions) if actions else None,
-        "live": live,
+        "live": any(a["state"] in ACTIVE_STATES for a in actions),
+        "etag": await status_tag(request, workspace, found["sha"]),
         "error": error,
         "selected": selected or [],
         "force": force,
@@ -179,10 +181,45 @@ async def workspace_page(
         "can_run": bool(user and user.can_run(workspace["project_id"])),
         "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
     }
-    if polling:
-        context["oob"] = True
-        return await fragment(request, "_workspace_status.html", context, done=not live)
     return await render(request, "workspace.html", context, status=400 if error else 200)
+
+
+async def status_tag(request: Request, workspace: Any, sha: str | None) -> str:
+    """The version of the workspace's live part: the commit shown and its pills."""
+    pills = await latest_statuses(site(request).db, workspace["id"])
+    return version_tag(workspace["id"], sha, pills)
+
+
+async def workspace_status(request: Request, workspace: Any) -> Response:
+    """The poll of an open workspace page: the pills and the graph, out of band, or 304 when
+    nothing changed since the version the page has. No git: the branch head is the one last
+    seen and project.yaml at it is parsed once."""
+    state = site(request)
+    try:
+        sha = await state.projects.head(
+            state.repos, workspace["repo"], workspace["branch"], fetch=False
+        )
+    except RepoError:
+        sha = None
+    etag = await status_tag(request, workspace, sha)
+    answer = not_modified(request, etag) or state.fragments.get(etag)
+    if answer:
+        return answer
+    found = await workspaces.workspace_actions(
+        state.db, state.repos, state.projects, workspace, fetch=False
+    )
+    actions = action_views(found)
+    live = any(a["state"] in ACTIVE_STATES for a in actions)
+    context = {
+        "workspace": workspace,
+        "actions": actions,
+        "graph": graph_svg(request, actions) if actions else None,
+        "live": live,
+        "oob": True,
+    }
+    response = await fragment(request, "_workspace_status.html", context, done=not live, etag=etag)
+    state.fragments.keep(etag, response)
+    return response
 
 
 async def create_job_request(request: Request) -> Response:
