@@ -120,7 +120,7 @@ class Settings:
     session_max_age: Duration = Duration(14 * 86400)
     # requests handled at once; past it the site answers 503 at once (views/admission.py)
     max_requests: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1) + 4)
-    max_requests_per_page: int | None = None  # of those, for one page; default: half
+    max_requests_per_page: int | None = None  # of those, for one page; default: a quarter
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -134,7 +134,7 @@ class Settings:
         if self.max_requests < 1:
             raise SettingsError("max_requests: must be at least 1")
         if self.max_requests_per_page is None:
-            self.max_requests_per_page = max(1, self.max_requests // 2)
+            self.max_requests_per_page = max(1, self.max_requests // 4)
         if self.max_requests_per_page < 1:
             raise SettingsError("max_requests_per_page: must be at least 1")
 
