@@ -9,14 +9,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import socket
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from helpers import serve, wait_until
+from helpers import raw_request, serve, slow_upload, wait_until
 
 from jobsite import auth
 from jobsite.config import Settings
@@ -35,23 +33,6 @@ def live(settings: Settings, **limits: int) -> Iterator[tuple[str, Any, Any, dic
 
         token = asyncio.run_coroutine_threadsafe(admin(), loop).result(10)
         yield url, app, loop, {"Authorization": f"Bearer {token}"}
-
-
-def raw_request(url: str, method: str, path: str, headers: dict[str, str], body: bytes) -> socket:
-    """A request sent by hand, so the test decides when (or whether) the body ends: a
-    Content-Length longer than ``body`` is a client still uploading."""
-    parts = urllib.parse.urlsplit(url)
-    sock = socket.create_connection((parts.hostname, parts.port))
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-    return sock
-
-
-def slow_upload(url: str, headers: dict[str, str]) -> socket:
-    """A new-project request whose client sends its headers and then nothing more."""
-    more = {**headers, "Content-Type": "application/json", "Content-Length": "100"}
-    return raw_request(url, "POST", "/api/v1/projects", more, b'{"name": ')
 
 
 def test_past_the_limit_a_request_is_refused_at_once_with_503_and_retry_after(settings):

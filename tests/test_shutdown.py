@@ -5,10 +5,9 @@ logs a client that went away as one line, never a traceback."""
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port, wait_until
+from helpers import ServeProcess, slow_upload, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -38,71 +37,51 @@ ABANDONED = 6  # of those, the ones whose client gives up before the site stops
 HAMMERS = 6  # threads asking for the admin page as fast as they can
 
 
-class Served:
-    """A `jobsite serve` process over the test's data dir; its log is kept in a file."""
-
-    def __init__(self, data_dir: Path, repos_dir: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {
-            **os.environ,
-            "JOBSITE_DATA_DIR": str(data_dir),
-            "JOBSITE_PORT": str(self.port),
-            "JOBSITE_REPOS__ALLOW": f"[{repos_dir}/*]",
-            "JOBSITE_MAX_WORKERS": "2",
-            "JOBSITE_JOB_MEMORY": "256M",
-            "JOBSITE_JOB_CPUS": "1",
-            # room for every slow client, so that the admin page's askers fill the rest
-            "JOBSITE_MAX_REQUESTS": str(SLOW_CLIENTS + HAMMERS // 2),
-            "JOBSITE_MAX_REQUESTS_PER_PAGE": str(SLOW_CLIENTS + HAMMERS // 2),
-        }
-        self.env = env
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "jobsite.cli", "serve"], env=env, stdout=out, stderr=out
-            )
-        wait_until(self.answers, 30, "jobsite serve to answer")
-
-    def answers(self) -> bool:
-        assert self.process.poll() is None, self.text()
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(self.url + "/api/v1/health", timeout=2).status_code == 200
-        return False
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def token(self) -> str:
-        made = subprocess.run(
-            [sys.executable, "-m", "jobsite.cli", "token", "create", "admin"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
+def settings_file(path: Path, data_dir: Path, repos_dir: Path) -> Path:
+    """The test site's settings, with room for every slow client so that the admin page's
+    askers fill the rest."""
+    limit = SLOW_CLIENTS + HAMMERS // 2
+    path.write_text(
+        json.dumps(
+            {
+                "data_dir": str(data_dir),
+                "repos": {"allow": [f"{repos_dir}/*"]},
+                "max_workers": 2,
+                "job_memory": "256M",
+                "job_cpus": 1,
+                "max_requests": limit,
+                "max_requests_per_page": limit,
+            }
         )
-        return made.stdout.strip()
-
-    def stop(self, sig: int) -> float:
-        """Sends ``sig``; the seconds until the process exited."""
-        start = time.monotonic()
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise AssertionError(f"jobsite serve did not stop in 30 s:\n{self.text()}") from None
-        return time.monotonic() - start
-
-
-def slow_upload(url: str, token: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        f"POST /api/v1/projects HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
     )
-    return sock
+    return path
+
+
+def token(config: Path) -> str:
+    made = subprocess.run(
+        [sys.executable, "-m", "jobsite.cli", "--config", str(config), "token", "create", "admin"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return made.stdout.strip()
+
+
+def stop(server: ServeProcess, sig: int) -> float:
+    """Sends ``sig``; the seconds until the server exited."""
+    assert server.proc is not None
+    start = time.monotonic()
+    server.proc.send_signal(sig)
+    try:
+        server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise AssertionError(f"jobsite serve did not stop in 30 s:\n{text(server)}") from None
+    return time.monotonic() - start
+
+
+def text(server: ServeProcess) -> str:
+    return server.log.read_text(errors="replace")
 
 
 @contextlib.contextmanager
@@ -132,12 +111,14 @@ def hammering(url: str, headers: dict[str, str]) -> Iterator[list[int]]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_the_site_stops_within_10_s_under_load_and_the_next_start_adopts_its_job(
-    settings, data_dir, repos_dir, make_repo, tmp_path, docker_client, docker_cleanup, sig
+    settings, data_dir, repos_dir, make_repo, tmp_path, docker_client, docker_cleanup, sig, request
 ):
     repo = make_repo({"project.yaml": WAITING_YAML})
-    first = Served(data_dir, repos_dir, tmp_path / "first.log")
-    token = first.token()
-    headers = {"Authorization": f"Bearer {token}"}
+    config = settings_file(tmp_path / "jobsite.yaml", data_dir, repos_dir)
+    first = ServeProcess(config, tmp_path / "first.log")
+    request.addfinalizer(first.kill)  # when the test fails before stopping it
+    first.start()
+    headers = {"Authorization": f"Bearer {token(config)}"}
     api = httpx.Client(base_url=first.url, headers=headers, timeout=10)
     slug = api.post("/api/v1/projects", json={"name": "Study"}).json()["slug"]
     made = api.post(
@@ -153,13 +134,13 @@ def test_the_site_stops_within_10_s_under_load_and_the_next_start_adopts_its_job
         "the job's container to run",
     )
 
-    slow = [slow_upload(first.url, token) for _ in range(SLOW_CLIENTS)]
+    slow = [slow_upload(first.url, headers) for _ in range(SLOW_CLIENTS)]
     with hammering(first.url, headers) as statuses:
         wait_until(lambda: 503 in statuses, 30, "the site to be full and refuse requests")
         for sock in slow[:ABANDONED]:
             sock.close()
         wait_until(
-            lambda: first.text().count("client went away") == ABANDONED,
+            lambda: text(first).count("client went away") == ABANDONED,
             30,
             "the abandoned uploads to be logged",
         )
@@ -169,13 +150,13 @@ def test_the_site_stops_within_10_s_under_load_and_the_next_start_adopts_its_job
         # the last connection closes does not happen then; the site's must
         onlooker = sqlite3.connect(data_dir / "db.sqlite")
         onlooker.execute("SELECT count(*) FROM users").fetchone()
-        took = first.stop(sig)
+        took = stop(first, sig)
     for sock in slow[ABANDONED:]:
         sock.close()
     api.close()
 
     assert took < 10, f"jobsite serve took {took:.1f} s to stop"
-    log = first.text()
+    log = text(first)
     assert "Traceback" not in log and "Exception in ASGI" not in log, log
     assert log.count("client went away") == ABANDONED, log
     container = docker_client.containers.get(f"jobsite-{job['id']}")
@@ -192,9 +173,10 @@ def test_the_site_stops_within_10_s_under_load_and_the_next_start_adopts_its_job
         conn.close()
     assert "The last write" in names
 
-    second = Served(data_dir, repos_dir, tmp_path / "second.log")
+    second = ServeProcess(config, tmp_path / "second.log")
+    second.start()
     try:
-        wait_until(lambda: "re-adopted" in second.text(), 30, "the next start to adopt the job")
+        wait_until(lambda: "re-adopted" in text(second), 30, "the next start to adopt the job")
         (data_dir / "jobs" / job["id"] / "go").touch()
         with httpx.Client(base_url=second.url, headers=headers, timeout=10) as again:
             wait_until(
@@ -203,4 +185,4 @@ def test_the_site_stops_within_10_s_under_load_and_the_next_start_adopts_its_job
                 "the adopted job to finish under the new process",
             )
     finally:
-        second.stop(signal.SIGTERM)
+        second.stop()

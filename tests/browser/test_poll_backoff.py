@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import socket
 import time
-import urllib.parse
 
 import pytest
-from helpers import Site, wait_until
+from helpers import Site, slow_upload, wait_until
 from playwright.sync_api import Browser
 
 from jobsite.config import Settings
@@ -25,17 +23,6 @@ pytestmark = pytest.mark.browser
 def settings(settings: Settings) -> Settings:
     # two places: two slow clients fill the site
     return dataclasses.replace(settings, max_requests=2, max_requests_per_page=2)
-
-
-def slow_upload(url: str, token: str) -> socket.socket:
-    parts = urllib.parse.urlsplit(url)
-    sock = socket.create_connection((parts.hostname, parts.port))
-    sock.sendall(
-        f"POST /api/v1/projects HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-        "Content-Length: 100\r\n\r\n{".encode()
-    )
-    return sock
 
 
 def test_a_poll_waits_longer_each_time_the_site_is_busy_and_resumes_after(
@@ -73,7 +60,8 @@ def test_a_poll_waits_longer_each_time_the_site_is_busy_and_resumes_after(
 
     with contextlib.ExitStack() as open_sockets:
         for _ in range(2):
-            open_sockets.enter_context(slow_upload(live_server.url, live_server.token))
+            headers = {"Authorization": f"Bearer {live_server.token}"}
+            open_sockets.enter_context(slow_upload(live_server.url, headers))
         admission = app.state.admission
         wait_until(lambda: admission.in_flight == 2, 10, "the slow clients to fill the site")
         wait_until(polled(lambda: [s for _, s in polls].count(503) >= 3), 30, "three refused polls")
