@@ -321,9 +321,10 @@ class Site:
 
 
 @contextlib.contextmanager
-def serve(app: Any) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+def serve(app: Any, grace: float | None = None) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
     """uvicorn serving ``app`` (its lifespan too) in a thread on a free loopback port; yields
-    the base URL and the server's event loop, and stops the server when the block ends."""
+    the base URL and the server's event loop, and stops the server when the block ends
+    (stopping requests still running after ``grace`` seconds, as `jobsite serve` does)."""
     import threading
 
     import uvicorn
@@ -332,7 +333,14 @@ def serve(app: Any) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", access_log=False)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            ws="none",
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=grace,
+        )
     )
     loops: list[asyncio.AbstractEventLoop] = []
 

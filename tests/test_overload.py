@@ -22,10 +22,12 @@ from jobsite.server import create_app
 
 
 @contextlib.contextmanager
-def live(settings: Settings, **limits: int) -> Iterator[tuple[str, Any, Any, dict[str, str]]]:
+def live(
+    settings: Settings, grace: float | None = None, **limits: int
+) -> Iterator[tuple[str, Any, Any, dict[str, str]]]:
     """The site on loopback with these request limits, and an admin's API headers."""
     app = create_app(dataclasses.replace(settings, **limits))
-    with serve(app) as (url, loop):
+    with serve(app, grace) as (url, loop):
 
         async def admin() -> str:
             user_id = await auth.create_user(app.state.db, "ada", "pw-1234567", is_admin=True)
@@ -170,6 +172,21 @@ def test_an_upload_abandoned_half_way_is_one_log_line_not_a_traceback(settings, 
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert not [r for r in caplog.records if "Exception in ASGI" in r.getMessage()]
     assert sum("went away" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_request_still_running_when_the_site_stops_is_answered_503(settings, caplog):
+    with caplog.at_level(logging.INFO), live(settings, grace=0.5) as (url, app, _, headers):
+        sock = slow_upload(url, headers)
+        wait_until(lambda: app.state.admission.in_flight == 1, 10, "the upload to start")
+    answer = sock.recv(65536).decode()
+    sock.close()
+    assert answer.startswith("HTTP/1.1 503"), answer
+    assert "retry-after: 2" in answer.lower()
+    assert "The site is restarting" in answer
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert [r.getMessage() for r in caplog.records if "stopped answering" in r.getMessage()] == [
+        "stopped answering POST /api/v1/projects: the site is stopping"
+    ]
 
 
 @pytest.mark.parametrize(
