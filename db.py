@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-
-log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 READERS = 4
@@ -142,8 +139,6 @@ class Database:
         async with self._write_lock:
             try:
                 await writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as e:  # a file that is no database: nothing to keep
-                log.warning("could not checkpoint %s at close: %s", self.path, e)
             finally:
                 await writer.close()
 

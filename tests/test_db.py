@@ -106,3 +106,26 @@ async def test_backup_is_a_consistent_copy(tmp_path):
     conn = sqlite3.connect(tmp_path / "copy.sqlite")
     assert conn.execute("SELECT value FROM site_state").fetchall() == [("1",)]
     conn.close()
+
+
+async def test_closing_folds_the_write_ahead_log_into_the_database_file(tmp_path):
+    path = tmp_path / "db.sqlite"
+    db = await Database.open(path)
+    onlooker = sqlite3.connect(path)  # another connection: SQLite's own checkpoint waits
+    onlooker.execute("SELECT count(*) FROM users").fetchone()
+    try:
+        await db.execute("INSERT INTO users (username, created_at) VALUES ('last-write', 0)")
+        await db.close()
+        assert (tmp_path / "db.sqlite-wal").stat().st_size == 0
+        copy = tmp_path / "copy.sqlite"
+        copy.write_bytes(path.read_bytes())  # the file alone, as people copy it
+        alone = sqlite3.connect(copy)
+        assert alone.execute("SELECT username FROM users").fetchall() == [("last-write",)]
+        alone.close()
+    finally:
+        onlooker.close()
+
+
+async def test_a_database_that_cannot_be_opened_leaves_nothing_open(tmp_path):
+    with pytest.raises(sqlite3.OperationalError):
+        await Database.open(tmp_path / "no such dir" / "db.sqlite")
