@@ -114,6 +114,7 @@ def test_one_page_cannot_take_every_place(settings):
         assert refused.status_code == 503
         assert httpx.get(url + "/").status_code == 200
         assert httpx.get(url + "/api/v1/admin/queue", headers=headers).status_code == 200
+        assert httpx.get(url + "/favicon.ico").status_code != 503  # no page: a share too
         for sock in holding:
             sock.close()
         wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
