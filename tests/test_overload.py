@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,6 +122,44 @@ def test_one_page_cannot_take_every_place(settings):
         wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
         created = httpx.post(url + "/api/v1/projects", json={"name": "Third"}, headers=headers)
         assert created.status_code == 201
+
+
+def test_while_the_site_runs_behind_it_refuses_its_costliest_page_first(settings):
+    from jobsite.views.admission import LAG_LIMIT
+
+    with live(settings, max_requests=8, max_requests_per_page=2) as (url, app, loop, headers):
+        admission = app.state.admission
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "50"}
+        signing_in = [raw_request(url, "POST", "/login", form, b"u") for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two sign-ins to be under way")
+        held = slow_upload(url, headers)  # a new-project request that takes its time
+        wait_until(lambda: admission.in_flight == 3, 10, "the upload to start")
+        held.close()
+        wait_until(lambda: "api_create_project" in admission.cost, 10, "its cost noted")
+
+        behind = threading.Event()
+
+        def hog() -> None:  # a page computing on the event loop, again and again
+            while not behind.is_set():
+                loop.call_soon_threadsafe(time.sleep, 0.05)
+                time.sleep(0.06)
+
+        hogging = threading.Thread(target=hog)
+        hogging.start()
+        try:
+            wait_until(lambda: admission.lag > LAG_LIMIT, 10, "the loop to run behind")
+            costly = httpx.post(url + "/api/v1/projects", json={"name": "X"}, headers=headers)
+            assert costly.status_code == 503
+            assert httpx.get(url + "/").status_code == 200  # cheap: still answered
+        finally:
+            behind.set()
+            hogging.join()
+        wait_until(lambda: admission.lag < LAG_LIMIT, 10, "the loop to catch up")
+        created = httpx.post(url + "/api/v1/projects", json={"name": "X"}, headers=headers)
+        assert created.status_code == 201
+        for sock in signing_in:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the sign-ins to stop")
 
 
 def test_a_request_abandoned_by_its_client_stops_its_work(settings, caplog):

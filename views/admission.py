@@ -9,6 +9,13 @@ must get through when the site is busy — the health check, signing in, submitt
 request, the pages' own CSS and JS — are never refused before the rest: they skip the
 per-page share and have a reserve of places that no other request may take.
 
+In-flight limits alone do not keep the site quick: one page that computes for 20 ms at a
+time holds up every other request, the quick 503s too. So the site also watches how far its
+event loop runs behind; while it is behind and busy, it refuses the pages that usually take
+longest (at least half as long as the slowest, and more than a few milliseconds: the heavy
+ones, measured as they are answered) and keeps answering
+the cheap ones and the reserved ones.
+
 A request whose client has gone away stops its work: its handler is cancelled, and the
 disconnect is logged as one line.
 """
@@ -19,6 +26,7 @@ import asyncio
 import functools
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
@@ -34,6 +42,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RETRY_AFTER = 2  # seconds a refused client is asked to wait
+TICK = 0.02  # seconds between two looks at the event loop's lag
+LAG_DECAY = 0.9  # per tick: a lag is remembered for a while (0.9**22 < 0.1: about 0.5 s)
+LAG_LIMIT = 0.02  # seconds behind past which the site sheds its costly pages
+CHEAP = 0.005  # seconds: a page answered in less is never shed for lag
 BUSY_MESSAGE = (
     "The site is busy: it is answering as many requests as it can at once. "
     f"Nothing was done; try again in {RETRY_AFTER} seconds."
@@ -64,6 +76,10 @@ class Admission:
         self.per_page: Counter[str] = Counter()
         self.refused = 0
         self.abandoned = 0
+        # how far the event loop runs behind (seconds), and each page's usual time to answer
+        self.lag = 0.0
+        self.cost: dict[str, float] = {}
+        self._watching = False
 
     def page(self, scope: Scope) -> str:
         """The name of the route that will answer (server.ROUTES), or "" for none."""
@@ -76,9 +92,34 @@ class Admission:
     def admit(self, page: str) -> bool:
         if page in self.reserved:
             return self.in_flight < self.max_requests + self.reserve
+        if self.in_flight >= self.max_requests_per_page and self.lag > LAG_LIMIT:
+            # the site is behind: the pages that cost the most wait first
+            cost = self.cost.get(page, 0.0)
+            if cost > CHEAP and cost * 2 >= max(self.cost.values()):
+                return False
         return (
             self.in_flight < self.max_requests and self.per_page[page] < self.max_requests_per_page
         )
+
+    def answered(self, page: str, seconds: float) -> None:
+        """A page took ``seconds`` to answer: its usual cost, a moving average."""
+        self.cost[page] = self.cost.get(page, seconds) * 0.8 + seconds * 0.2
+
+    def watch_the_loop(self) -> None:
+        """Measures, from now on, how late the event loop runs a callback due every TICK: a
+        loop that falls behind answers everything late, however few requests are in flight
+        (a page that computes for 20 ms holds up every other one for as long)."""
+        if self._watching:
+            return
+        self._watching = True
+        loop = asyncio.get_running_loop()
+
+        def tick(due: float) -> None:
+            now = loop.time()
+            self.lag = max(now - due, self.lag * LAG_DECAY)
+            loop.call_at(now + TICK, tick, now + TICK)
+
+        loop.call_at(loop.time() + TICK, tick, loop.time() + TICK)
 
 
 class AdmissionMiddleware:
@@ -94,6 +135,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         admission = self.admission
+        admission.watch_the_loop()
         page = admission.page(scope)
         if not admission.admit(page):
             admission.refused += 1
@@ -101,11 +143,13 @@ class AdmissionMiddleware:
             return
         admission.in_flight += 1
         admission.per_page[page] += 1
+        start = time.monotonic()
         try:
             await self.handle(scope, receive, send)
         finally:
             admission.in_flight -= 1
             admission.per_page[page] -= 1
+            admission.answered(page, time.monotonic() - start)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The request, cancelled when its client disconnects before the answer is sent."""
