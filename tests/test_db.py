@@ -124,8 +124,3 @@ async def test_closing_folds_the_write_ahead_log_into_the_database_file(tmp_path
         alone.close()
     finally:
         onlooker.close()
-
-
-async def test_a_database_that_cannot_be_opened_leaves_nothing_open(tmp_path):
-    with pytest.raises(sqlite3.OperationalError):
-        await Database.open(tmp_path / "no such dir" / "db.sqlite")
