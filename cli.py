@@ -17,6 +17,9 @@ from .config import Settings, SettingsError, load_settings
 from .db import Database, DatabaseVersionError
 from .units import Duration, Size, human_size, parse_duration, parse_size
 
+SHUTDOWN_GRACE = 3  # seconds
+SWITCH_INTERVAL = 0.0005  # seconds
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -172,12 +175,19 @@ def serve(args: argparse.Namespace) -> int:
     asyncio.run(_check_executor(settings))
     configure_logging()
     asyncio.run(_with_db(settings, lambda db: _first_admin(db, settings)))
+    # The event loop gives up the GIL at every socket call and must wait for it back while
+    # the database and rendering threads run Python code: hand it over more often than the
+    # default 5 ms, or a busy site answers everything (even its quick 503s) late.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level="info",
         proxy_headers=True,
+        # on SIGTERM or Ctrl-C, requests still running after this long are stopped, so the
+        # site is down within seconds even under load (running jobs' containers stay up)
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
     return 0
 

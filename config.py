@@ -131,6 +131,9 @@ class Settings:
     # longer than request_body_timeout to arrive is refused too (408)
     max_request_size: Size = Size(1024**2)
     request_body_timeout: Duration = Duration(30)
+    # requests handled at once; past it the site answers 503 at once (views/admission.py)
+    max_requests: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1) + 4)
+    max_requests_per_page: int | None = None  # of those, for one page; default: a quarter
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -145,6 +148,12 @@ class Settings:
             raise SettingsError(
                 f"project_registration: must be users or admins, not {self.project_registration!r}"
             )
+        if self.max_requests < 1:
+            raise SettingsError("max_requests: must be at least 1")
+        if self.max_requests_per_page is None:
+            self.max_requests_per_page = max(1, self.max_requests // 4)
+        if self.max_requests_per_page < 1:
+            raise SettingsError("max_requests_per_page: must be at least 1")
 
     @property
     def data(self) -> DataDir:

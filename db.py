@@ -171,9 +171,21 @@ class Database:
         await self._writer.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
 
     async def close(self) -> None:
+        """Closes every connection. The writer goes last, after the last write, folding the
+        write-ahead log into the database file first: people copy ``db.sqlite`` alone, and
+        a copy without its ``-wal`` would lose the recent writes."""
         conns, self._all = self._all, []
+        writer, self._writer = self._writer, None
         for conn in conns:
-            await conn.close()
+            if conn is not writer:
+                await conn.close()
+        if writer is None:
+            return
+        async with self._write_lock:
+            try:
+                await writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                await writer.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

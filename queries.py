@@ -151,18 +151,26 @@ async def queue_parts(db: Database) -> dict[str, list[Row]]:
 
 
 async def queue(
-    db: Database, shown: int | None = None
+    db: Database, shown: int | None = None, start: int = 0
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
-    """The queue as ``queue_parts`` orders it: the first ``shown`` jobs of each part (all
-    when None), with what a page shows of them, and how many each part holds. Only what
-    ordering needs is read for every unfinished job; the rest only for the jobs shown."""
+    """The queue as ``queue_parts`` orders it: ``shown`` of its jobs from the ``start``-th
+    on (all when None), per part, each with its ``position`` in its part and what a page
+    shows of it; and how many each part holds. Only what ordering needs is read for every
+    unfinished job; the rest only for the jobs shown."""
     parts = await queue_parts(db)
     counts = {part: len(jobs) for part, jobs in parts.items()}
-    parts = {part: jobs[:shown] for part, jobs in parts.items()}
+    skip, room = start, sum(counts.values()) if shown is None else shown
+    for part, jobs in parts.items():
+        first = min(skip, len(jobs))
+        skip -= first
+        parts[part] = [
+            {**job, "position": first + i + 1} for i, job in enumerate(jobs[first : first + room])
+        ]
+        room -= len(parts[part])
     ids = [job["id"] for jobs in parts.values() for job in jobs]
     details: dict[str, Row] = {}
-    for start in range(0, len(ids), 500):  # SQLite takes a bounded number of parameters
-        batch = ids[start : start + 500]
+    for first in range(0, len(ids), 500):  # SQLite takes a bounded number of parameters
+        batch = ids[first : first + 500]
         for row in await db.fetchall(
             "SELECT j.id, j.status_message, j.job_request_id, "
             "w.name AS workspace, u.username FROM jobs j "

@@ -24,6 +24,7 @@ from .local_docker import LocalDockerExecutor
 from .repos import Repos
 from .runner import Scheduler
 from .views import accounts, admin, api, base, jobs, projects, status, workspaces
+from .views.admission import Admission, AdmissionMiddleware
 from .views.csrf import CSRFMiddleware
 from .views.limits import BodyLimitMiddleware
 
@@ -126,6 +127,17 @@ ROUTES: list[BaseRoute] = [
     post("/{workspace}/logs/{id}/rerun", jobs.rerun, "rerun"),
 ]
 
+# the requests a busy site still answers (views/admission.py): its health check, signing in,
+# submitting a job request, and the CSS and JS of the pages it did answer
+RESERVED = (
+    "api_health",
+    "login",
+    "login_post",
+    "create_job_request",
+    "api_create_job_request",
+    "static",
+)
+
 
 MIN_SECRET_KEY = 32  # characters of the session signing key; a new one has 64
 
@@ -198,10 +210,17 @@ def create_app(settings: Settings) -> Starlette:
         templates=base.templates(str(ROOT / "templates")),
         sign_in_throttle=auth.SignInThrottle(),
         sealer=auth.Sealer(key),
+        admission=Admission(
+            ROUTES,
+            max_requests=settings.max_requests,
+            max_requests_per_page=settings.max_requests_per_page,
+            reserved=RESERVED,
+        ),
     )
     app = Starlette(
         routes=ROUTES,
         middleware=[
+            Middleware(AdmissionMiddleware, admission=site.admission),
             Middleware(
                 BodyLimitMiddleware,
                 limit=int(settings.max_request_size),

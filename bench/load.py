@@ -13,7 +13,8 @@ whether its log says "database is locked".
 
 Targets (the pages a site's open tabs poll, and the heavy pages):
 poll (GET /<ws>/ as htmx), job-request (a job request's fragment), api-status
-(GET /api/v1/job-requests/<id>), logs (a logs page, ``--page``), admin (/admin/), home.
+(GET /api/v1/job-requests/<id>), logs (a logs page deep in the history, by ``?before=``),
+admin (/admin/), home.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ HTMX = {"HX-Request": "true"}
 TARGETS = ("poll", "job-request", "api-status", "logs", "admin", "home", "health")
 
 
-def targets(history: History, page: int = 50) -> dict[str, Callable[[int], Call]]:
+def targets(history: History) -> dict[str, Callable[[int], Call]]:
     """Each target's request for the i-th send, spread over the history's workspaces."""
     ws = history.workspaces
     finished = history.finished_requests
@@ -202,7 +203,13 @@ def targets(history: History, page: int = 50) -> dict[str, Callable[[int], Call]
             None,
         ),
         "api-status": lambda i: ("GET", f"/api/v1/job-requests/{pick(finished, i)[1]}", api, None),
-        "logs": lambda i: ("GET", f"/{pick(ws, i)}/logs?page={page}", {}, None),
+        # a page of older requests, half-way down the workspace's history (keyset: ?before=)
+        "logs": lambda i: (
+            "GET",
+            f"/{pick(finished, i)[0]}/logs?before={pick(finished, i)[1] // 2}",
+            {},
+            None,
+        ),
         "admin": lambda i: ("GET", "/admin/", {}, None),
         "home": lambda i: ("GET", "/", {}, None),
         "health": lambda i: ("GET", "/api/v1/health", {}, None),
@@ -259,7 +266,6 @@ async def run(
     duration: float,
     signed_in: bool,
     timeout: float,
-    page: int,
     profile: Path | None = None,
     conditional: bool = False,
 ) -> None:
@@ -275,7 +281,7 @@ async def run(
             if signed_in or target == "admin":
                 user = history.admin if target == "admin" else history.developer
                 await sign_in(client, user, history.password)
-            call = targets(history, page)[target]
+            call = targets(history)[target]
             name = (
                 target + (" (signed in)" if signed_in else "") + (" (ETag)" if conditional else "")
             )
@@ -310,7 +316,6 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--duration", type=float, default=20)
     parser.add_argument("--timeout", type=float, default=5)
-    parser.add_argument("--page", type=int, default=50)
     parser.add_argument("--signed-in", action="store_true")
     parser.add_argument(
         "--conditional", action="store_true", help="send If-None-Match as htmx polls do"
@@ -337,7 +342,6 @@ if __name__ == "__main__":
             args.duration,
             args.signed_in,
             args.timeout,
-            args.page,
             args.profile,
             args.conditional,
         )

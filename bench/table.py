@@ -89,7 +89,7 @@ PAGES = [  # (figure, target, rate, signed in, as htmx polls (If-None-Match), p9
     ("workspace poll, a tab's first (no ETag)", "poll", 100, False, False, None),
     ("job request fragment", "job-request", 200, False, False, 20),
     ("API job request status", "api-status", 200, False, False, 20),
-    ("logs page 50", "logs", 50, False, False, 50),
+    ("logs page, deep in the history", "logs", 50, False, False, 50),
     ("/admin/ (admin signed in)", "admin", 50, True, False, 50),
 ]
 

@@ -357,9 +357,10 @@ class Site:
 
 
 @contextlib.contextmanager
-def serve(app: Any) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+def serve(app: Any, grace: float | None = None) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
     """uvicorn serving ``app`` (its lifespan too) in a thread on a free loopback port; yields
-    the base URL and the server's event loop, and stops the server when the block ends."""
+    the base URL and the server's event loop, and stops the server when the block ends
+    (stopping requests still running after ``grace`` seconds, as `jobsite serve` does)."""
     import threading
 
     import uvicorn
@@ -368,7 +369,14 @@ def serve(app: Any) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", access_log=False)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            ws="none",
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=grace,
+        )
     )
     loops: list[asyncio.AbstractEventLoop] = []
 
@@ -388,6 +396,28 @@ def serve(app: Any) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
         thread.join(timeout=60)
         sock.close()
     assert not thread.is_alive(), "the live server did not stop within 60 s"
+
+
+def raw_request(
+    url: str, method: str, path: str, headers: dict[str, str], body: bytes
+) -> socket.socket:
+    """A request sent by hand on its own connection, so the test decides when (or whether)
+    the body ends: a Content-Length longer than ``body`` is a client still uploading."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port))
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+def slow_upload(url: str, headers: dict[str, str]) -> socket.socket:
+    """A new-project API request whose client sends its headers and the start of its body,
+    then nothing more: it holds one of the site's places until the socket is closed."""
+    more = {**headers, "Content-Type": "application/json", "Content-Length": "100"}
+    return raw_request(url, "POST", "/api/v1/projects", more, b'{"name": ')
 
 
 def files_under(root: Path, skip: Path | None = None) -> set[str]:

@@ -118,3 +118,21 @@ def test_a_full_disk_is_told_from_other_storage_errors():
     assert out_of_space(sqlite3.OperationalError("database or disk is full"))
     assert not out_of_space(OSError(errno.EACCES, "Permission denied"))
     assert not out_of_space(sqlite3.OperationalError("no such table: jobs"))
+
+
+async def test_closing_folds_the_write_ahead_log_into_the_database_file(tmp_path):
+    path = tmp_path / "db.sqlite"
+    db = await Database.open(path)
+    onlooker = sqlite3.connect(path)  # another connection: SQLite's own checkpoint waits
+    onlooker.execute("SELECT count(*) FROM users").fetchone()
+    try:
+        await db.execute("INSERT INTO users (username, created_at) VALUES ('last-write', 0)")
+        await db.close()
+        assert (tmp_path / "db.sqlite-wal").stat().st_size == 0
+        copy = tmp_path / "copy.sqlite"
+        copy.write_bytes(path.read_bytes())  # the file alone, as people copy it
+        alone = sqlite3.connect(copy)
+        assert alone.execute("SELECT username FROM users").fetchall() == [("last-write",)]
+        alone.close()
+    finally:
+        onlooker.close()

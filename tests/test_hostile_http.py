@@ -69,14 +69,21 @@ async def test_ids_in_page_addresses_follow_the_same_rule(app, client, intact, p
     await intact.check(client, made_here)
 
 
-@pytest.mark.parametrize("page", ["99999999999999999999", "%C2%B2", "0", "-3", "1e3", ""])
-async def test_a_page_number_out_of_bounds_is_a_clear_400(app, client, intact, make_repo, page):
-    headers = await user_headers(app, "alice")
+@pytest.mark.parametrize("number", ["99999999999999999999", "%C2%B2", "%D9%A3", "-3", "1e3", "+1"])
+@pytest.mark.parametrize("page", ["/ws1/logs?before={}", "/ws1/logs/1?from={}", "/admin/?from={}"])
+async def test_a_place_in_a_paged_list_that_is_not_a_number_is_a_clear_400(
+    app, client, intact, make_repo, page, number
+):
+    headers = await user_headers(app, "alice", admin=True)
     await setup_workspace(client, headers, make_repo({"project.yaml": PROJECT_YAML}))
-    response = await client.get(f"/ws1/logs?page={page}")
+    await app.state.scheduler.set_paused(True)
+    await submit(client, headers, ["generate"])
+    response = await client.get(page.format(number), headers=headers)
     assert response.status_code == 400, response.text
-    assert "page must be a whole number from 1 to" in response.text
-    assert (await client.get("/ws1/logs?page=2")).status_code == 200
+    name = page.split("?")[1].split("=")[0]
+    assert f"{name} must be a whole number" in response.text
+    for fine in ("", "0", "2", "999999999999999999"):
+        assert (await client.get(page.format(fine), headers=headers)).status_code == 200, fine
     await intact.check(client, made_here)
 
 

@@ -485,8 +485,11 @@ async def test_logs_are_newest_first_paged_and_searchable(app, browser, study):
     assert 'rel="next"' in page.text and 'rel="prev"' not in page.text
     assert "alice" in text(page)
     assert "0/1 jobs succeeded" in text(page) and "0/2 jobs succeeded" in text(page)
-    page2 = await alice.get("/ws1/logs?page=2")
+    older = re.search(r'<a rel="next" href="([^"]+)"', page.text)[1].replace("&amp;", "&")
+    page2 = await alice.get(older)
     assert [int(i) for i in re.findall(r'data-job-request="(\d+)"', page2.text)] == [3, 2, 1]
+    assert 'rel="prev"' in page2.text and 'rel="next"' not in page2.text
+    assert (await alice.get("/ws1/logs?before=99999999999999999999")).status_code == 400
     found = await alice.get("/ws1/logs", params={"q": "analy"})
     ids = [int(i) for i in re.findall(r'data-job-request="(\d+)"', found.text)]
     assert ids and all(i % 2 == 1 for i in ids)  # odd ids asked for analyse

@@ -137,7 +137,7 @@ async def sign_in(client, username: str) -> None:
 def pages(request_id: int, job_id: str) -> list[tuple[str, dict[str, str]]]:
     """Every page a person opens, each with its htmx fragment where it has one."""
     urls = [
-        "/", "/projects/study-one/", "/ws1/", "/ws1/logs", "/ws1/logs?page=7",
+        "/", "/projects/study-one/", "/ws1/", "/ws1/logs", "/ws1/logs?before=7",
         "/ws1/logs?q=analyse", f"/ws1/logs/{request_id}", "/ws1/logs/3", f"/jobs/{job_id}",
         f"/jobs/{job_id}/log", "/ws1/outputs/", "/admin/", "/admin/users", "/account",
     ]  # fmt: skip

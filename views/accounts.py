@@ -265,17 +265,33 @@ async def revoke_token(request: Request) -> Response:
 # -- site admins managing users -------------------------------------------------------
 
 
+USERS_PER_PAGE = 100
+
+
 async def admin_users(request: Request, **context: Any) -> Response:
     await require_admin(request, "manage users")
     local_accounts = site(request).settings.local_accounts
+    after = request.query_params.get("after", "")  # a page starts after this username
     users = [
         {**user, "actions": user_actions(user, local_accounts)}
         for user in await site(request).db.fetchall(
             "SELECT id, username, full_name, email, is_admin, is_active, github_id, "
-            "password_hash IS NOT NULL AS has_password FROM users ORDER BY username"
+            "password_hash IS NOT NULL AS has_password FROM users WHERE username > ? "
+            "ORDER BY username LIMIT ?",
+            (after, USERS_PER_PAGE + 1),
         )
     ]
-    context = {"users": users, "error": None, "message": None, "new_password": None, **context}
+    context = {
+        "users": users[:USERS_PER_PAGE],
+        "after": after,
+        "next_after": users[USERS_PER_PAGE - 1]["username"]
+        if len(users) > USERS_PER_PAGE
+        else None,
+        "error": None,
+        "message": None,
+        "new_password": None,
+        **context,
+    }
     status = 400 if context["error"] else 200
     return await render(request, "admin_users.html", context, status=status)
 

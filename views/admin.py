@@ -15,6 +15,7 @@ from .base import (
     fragment,
     get_job_request,
     is_htmx,
+    query_number,
     redirect,
     render,
     require_admin,
@@ -22,18 +23,39 @@ from .base import (
 )
 
 PRIORITY_RANGE = range(-10, 11)
-SHOWN = 100  # jobs listed per part of the queue; the rest are counted
+SHOWN = 100  # jobs of the queue listed at once; the page pages through the rest
+SHOWN_USERS = 50  # users listed here; /admin/users pages through them all
+QUEUE_PARTS = ("running", "queued", "blocked")
+
+
+def jobs_after(counts: dict[str, int], start: int) -> dict[str, int]:
+    """How many jobs of each part of the queue come after the SHOWN listed from ``start``."""
+    after, before = {}, 0
+    for part in QUEUE_PARTS:
+        listed_to = min(max(start + SHOWN - before, 0), counts[part])
+        after[part] = counts[part] - listed_to
+        before += counts[part]
+    return after
 
 
 async def admin_page(request: Request) -> Response:
     await require_admin(request, "use the admin page")
     state = site(request)
     db = state.db
-    jobs, counts = await queue(db, SHOWN)
+    start = query_number(request, "from") or 0
+    jobs, counts = await queue(db, SHOWN, start)
+    total = sum(counts.values())
+    if start >= total > 0:  # past the end (the queue got shorter): the first jobs
+        start = 0
+        jobs, counts = await queue(db, SHOWN, start)
     disk = await asyncio.to_thread(shutil.disk_usage, state.settings.data_dir)
     context = {
         **jobs,
         "counts": counts,
+        "after": jobs_after(counts, start),
+        "start": start,
+        "shown": SHOWN,
+        "total": total,
         "paused": state.scheduler.paused,
         "docker_ok": await state.executor.available(),
         "disk": {
@@ -43,12 +65,14 @@ async def admin_page(request: Request) -> Response:
         },
         "users": await db.fetchall(
             "SELECT u.*, (SELECT count(DISTINCT project_id) FROM project_members m "
-            "WHERE m.user_id = u.id) AS projects FROM users u ORDER BY u.username"
+            "WHERE m.user_id = u.id) AS projects FROM users u ORDER BY u.username LIMIT ?",
+            (SHOWN_USERS,),
         ),
+        "user_count": await db.fetchval("SELECT count(*) FROM users"),
         "priorities": PRIORITY_RANGE,
     }
     if is_htmx(request):
-        live = bool(jobs["running"] or jobs["queued"] or jobs["blocked"])
+        live = total > 0
         return await fragment(request, "_queue.html", context, done=not live)
     return await render(request, "admin.html", context)
 

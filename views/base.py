@@ -41,6 +41,7 @@ from ..submit import SubmitError
 from ..units import ago, expected_in, human_duration, iso, runtime, when
 from ..workspaces import ParsedProjects
 from . import csrf
+from .admission import Admission
 
 
 class Site:
@@ -63,8 +64,10 @@ class Site:
         templates: Jinja2Templates,
         sign_in_throttle: SignInThrottle,
         sealer: Sealer,
+        admission: Admission,
     ) -> None:
         self.settings = settings
+        self.admission = admission
         self.templates = templates
         self.sign_in_throttle = sign_in_throttle
         self.sealer = sealer
@@ -246,6 +249,18 @@ NUMBER = re.compile(r"[0-9]{1,18}")
 def parse_number(text: str | None) -> int | None:
     """The number ``text`` spells by that rule, or None when it does not."""
     return int(text) if text is not None and NUMBER.fullmatch(text) else None
+
+
+def query_number(request: Request, name: str) -> int | None:
+    """The number in the query string's ``name`` by that rule (a place in a paged list, an
+    id to page from): None when not given, a clear 400 when it is not such a number."""
+    text = request.query_params.get(name, "")
+    if text == "":
+        return None
+    number = parse_number(text)
+    if number is None:
+        raise HTTPError(400, f"{name} must be a whole number (ASCII digits, at most 18)")
+    return number
 
 
 # -- lookups by name ----------------------------------------------------------------------

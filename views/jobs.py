@@ -28,7 +28,7 @@ from .base import (
     is_htmx,
     local_path,
     not_modified,
-    parse_number,
+    query_number,
     redirect_to,
     render,
     site,
@@ -39,7 +39,7 @@ from .base import (
 )
 
 PAGE_SIZE = 20
-MAX_PAGE = 10**6  # pages of job requests: far more than any workspace has
+JOBS_SHOWN = 100  # jobs of one job request listed at once; the page pages through the rest
 LOG_TAIL = 256 * 1024  # bytes of a log shown on the page; the whole log is a link away
 PROJECT_YAML_SHOWN = 200_000  # characters of a job request's project.yaml shown on its page
 CHANGED_FILES_SHOWN = 500  # files listed as changed since the last success; the rest counted
@@ -55,9 +55,7 @@ async def logs_page(request: Request) -> Response:
     workspace = await get_workspace(request, request.path_params["workspace"])
     db = site(request).db
     query = request.query_params.get("q", "").strip()
-    page = parse_number(request.query_params.get("page", "1"))
-    if page is None or not 1 <= page <= MAX_PAGE:
-        raise HTTPError(400, f"page must be a whole number from 1 to {MAX_PAGE}")
+    before = query_number(request, "before")  # keyset: as fast deep in history as at its top
     where = "r.workspace_id = ?"
     params: tuple = (workspace["id"],)
     if query:
@@ -67,15 +65,18 @@ async def logs_page(request: Request) -> Response:
             "WHERE j.job_request_id = r.id AND j.action LIKE ? ESCAPE '\\'))"
         )
         params += (_like(query), _like(query))
-    rows = await job_request_rows(db, where, params, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE)
+    if before is not None:
+        where += " AND r.id < ?"
+        params += (before,)
+    rows = await job_request_rows(db, where, params, PAGE_SIZE + 1)
     user = await current_user(request)
     context = {
         "workspace": workspace,
         "can_view_outputs": bool(user and user.can_view_outputs(workspace["project_id"])),
         "job_requests": rows[:PAGE_SIZE],
         "query": query,
-        "page": page,
-        "has_more": len(rows) > PAGE_SIZE,
+        "before": before,
+        "older": rows[PAGE_SIZE - 1]["id"] if len(rows) > PAGE_SIZE else None,
         "live": any(r["status"] in ACTIVE_STATES for r in rows[:PAGE_SIZE]),
     }
     if is_htmx(request):
@@ -96,19 +97,25 @@ async def job_request_page(request: Request) -> Response:
         return cached
     (job_request,) = await job_request_rows(db, "r.id = ?", (row["id"],), 1)
     now = time.time()
-    events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in job_request["jobs"]}
-    for event in await db.fetchall(
-        "SELECT e.* FROM job_events e JOIN jobs j ON j.id = e.job_id "
-        "WHERE j.job_request_id = ? ORDER BY e.id",
-        (row["id"],),
-    ):
-        events[event["job_id"]].append(event)
+    jobs = job_request["jobs"]
+    start = query_number(request, "from") or 0
+    if start >= len(jobs):  # past the end: the first jobs
+        start = 0
+    shown = jobs[start : start + JOBS_SHOWN]
+    events: dict[str, list[dict[str, Any]]] = {job["id"]: [] for job in shown}
+    if shown:
+        marks = ",".join("?" * len(shown))
+        for event in await db.fetchall(
+            f"SELECT * FROM job_events WHERE job_id IN ({marks}) ORDER BY id", list(events)
+        ):
+            events[event["job_id"]].append(event)
     workspace = await get_workspace(request, row["workspace"])
     context = {
         "job_request": job_request,
-        "timelines": {
-            job["id"]: timeline(events[job["id"]], job, now) for job in job_request["jobs"]
-        },
+        "shown_jobs": shown,
+        "jobs_from": start,
+        "jobs_shown": JOBS_SHOWN,
+        "timelines": {job["id"]: timeline(events[job["id"]], job, now) for job in shown},
         "workspace": workspace,
         "can_cancel": bool(user and user.can_run(row["project_id"])),
         "can_view_log": can_view_log,

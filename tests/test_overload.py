@@ -1,0 +1,367 @@
+"""A busy site sheds what it cannot serve: past its limits a request gets 503 and
+Retry-After at once, one page cannot take every place, the requests that matter keep theirs,
+and a request whose client went away stops its work. All against uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from helpers import raw_request, serve, slow_upload, wait_until
+
+from jobsite import auth
+from jobsite.config import Settings
+from jobsite.server import create_app
+
+
+@contextlib.contextmanager
+def live(
+    settings: Settings, grace: float | None = None, **limits: int
+) -> Iterator[tuple[str, Any, Any, dict[str, str]]]:
+    """The site on loopback with these request limits, and an admin's API headers."""
+    app = create_app(dataclasses.replace(settings, **limits))
+    with serve(app, grace) as (url, loop):
+
+        async def admin() -> str:
+            user_id = await auth.create_user(app.state.db, "ada", "pw-1234567", is_admin=True)
+            return await auth.create_token(app.state.db, user_id, "t")
+
+        token = asyncio.run_coroutine_threadsafe(admin(), loop).result(10)
+        yield url, app, loop, {"Authorization": f"Bearer {token}"}
+
+
+def test_past_the_limit_a_request_is_refused_at_once_with_503_and_retry_after(settings):
+    with live(settings, max_requests=2, max_requests_per_page=2) as (url, app, _, headers):
+        admission = app.state.admission
+        holding = [slow_upload(url, headers) for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two uploads to hold both places")
+
+        page = httpx.get(url + "/", headers={"Accept": "text/html"})
+        assert page.status_code == 503
+        assert page.headers["retry-after"] == "2"
+        assert "The site is busy" in page.text and "try again in 2 seconds" in page.text
+        assert page.headers["content-type"].startswith("text/html")
+
+        api = httpx.get(url + "/api/v1/admin/queue", headers=headers)
+        assert api.status_code == 503
+        assert api.headers["retry-after"] == "2"
+        assert "The site is busy" in api.json()["error"]
+        htmx = httpx.get(url + "/", headers={"Accept": "application/json"})
+        assert htmx.status_code == 503 and "error" in htmx.json()
+
+        for sock in holding:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
+        assert httpx.get(url + "/").status_code == 200
+        assert admission.refused == 3
+
+
+def test_the_health_check_sign_in_and_submissions_get_through_a_full_site(settings):
+    with live(settings, max_requests=2, max_requests_per_page=2) as (url, app, _, headers):
+        admission = app.state.admission
+        holding = [slow_upload(url, headers) for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two uploads to hold both places")
+        assert httpx.get(url + "/api/v1/projects/x/members").status_code == 503
+
+        assert httpx.get(url + "/api/v1/health").json() == {"status": "ok"}
+        assert httpx.get(url + "/login").status_code == 200
+        assert httpx.get(url + "/static/jobsite.css").status_code == 200
+        with httpx.Client(base_url=url) as client:
+            client.get("/login")  # the session's CSRF token
+            signed_in = client.post(
+                "/login",
+                data={"username": "ada", "password": "pw-1234567"},
+                headers={"X-CSRF-Token": _csrf(client)},
+            )
+            assert signed_in.status_code == 303, signed_in.text
+        submission = httpx.post(
+            url + "/api/v1/workspaces/nowhere/job-requests", json={"actions": []}, headers=headers
+        )
+        assert submission.status_code == 404  # answered: there is no such workspace
+
+        # the reserve is theirs alone, and it too has an end
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "50"}
+        more = [
+            raw_request(url, "POST", "/login", form, b"username=") for _ in range(admission.reserve)
+        ]
+        wait_until(lambda: admission.in_flight == 2 + admission.reserve, 10, "the reserve used")
+        assert httpx.get(url + "/api/v1/health").status_code == 503
+        for sock in holding + more:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
+
+
+def _csrf(client: httpx.Client) -> str:
+    page = client.get("/login").text
+    marker = 'name="csrf_token" value="'
+    start = page.index(marker) + len(marker)
+    return page[start : page.index('"', start)]
+
+
+def test_one_page_cannot_take_every_place(settings):
+    with live(settings, max_requests=4, max_requests_per_page=2) as (url, app, _, headers):
+        admission = app.state.admission
+        holding = [slow_upload(url, headers) for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two uploads to the same page")
+        refused = httpx.post(url + "/api/v1/projects", json={"name": "Third"}, headers=headers)
+        assert refused.status_code == 503
+        assert httpx.get(url + "/").status_code == 200
+        assert httpx.get(url + "/api/v1/admin/queue", headers=headers).status_code == 200
+        assert httpx.get(url + "/favicon.ico").status_code != 503  # no page: a share too
+        for sock in holding:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the abandoned uploads to stop")
+        created = httpx.post(url + "/api/v1/projects", json={"name": "Third"}, headers=headers)
+        assert created.status_code == 201
+
+
+def test_while_the_site_runs_behind_it_refuses_its_costliest_page_first(settings):
+    from jobsite.views.admission import LAG_LIMIT
+
+    with live(settings, max_requests=8, max_requests_per_page=2) as (url, app, loop, headers):
+        admission = app.state.admission
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "50"}
+        signing_in = [raw_request(url, "POST", "/login", form, b"u") for _ in range(2)]
+        wait_until(lambda: admission.in_flight == 2, 10, "two sign-ins to be under way")
+        held = slow_upload(url, headers)  # a new-project request that takes its time
+        wait_until(lambda: admission.in_flight == 3, 10, "the upload to start")
+        held.close()
+        wait_until(lambda: "api_create_project" in admission.cost, 10, "its cost noted")
+
+        behind = threading.Event()
+
+        def hog() -> None:  # a page computing on the event loop, again and again
+            while not behind.is_set():
+                loop.call_soon_threadsafe(time.sleep, 0.05)
+                time.sleep(0.06)
+
+        hogging = threading.Thread(target=hog)
+        hogging.start()
+        try:
+            wait_until(lambda: admission.lag > LAG_LIMIT, 10, "the loop to run behind")
+            costly = httpx.post(url + "/api/v1/projects", json={"name": "X"}, headers=headers)
+            assert costly.status_code == 503
+            assert httpx.get(url + "/").status_code == 200  # cheap: still answered
+        finally:
+            behind.set()
+            hogging.join()
+        wait_until(lambda: admission.lag < LAG_LIMIT, 10, "the loop to catch up")
+        created = httpx.post(url + "/api/v1/projects", json={"name": "X"}, headers=headers)
+        assert created.status_code == 201
+        for sock in signing_in:
+            sock.close()
+        wait_until(lambda: admission.in_flight == 0, 10, "the sign-ins to stop")
+
+
+def test_a_request_abandoned_by_its_client_stops_its_work(settings, caplog):
+    """The new-project request waits for the database's writer; its client gives up. The
+    request leaves the site while the writer is still busy, and never creates the project."""
+    with live(settings) as (url, app, loop, headers):
+        admission = app.state.admission
+        db = app.state.db
+        release = asyncio.Event()
+        holding = asyncio.Event()
+
+        async def hold_the_writer() -> None:
+            async with db.transaction():
+                holding.set()
+                await release.wait()
+
+        held = asyncio.run_coroutine_threadsafe(hold_the_writer(), loop)
+        wait_until(holding.is_set, 10, "the test to hold the writer")
+        body = json.dumps({"name": "Abandoned"}).encode()
+        more = {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))}
+        sock = raw_request(url, "POST", "/api/v1/projects", more, body)
+        wait_until(lambda: db._write_lock._waiters, 10, "the request to wait for the writer")
+        assert admission.in_flight == 1
+
+        with caplog.at_level(logging.INFO):
+            sock.close()
+            wait_until(lambda: admission.in_flight == 0, 10, "the abandoned request to stop")
+        assert db._write_lock.locked()  # it stopped while the writer was still busy
+        loop.call_soon_threadsafe(release.set)
+        held.result(10)
+        projects = asyncio.run_coroutine_threadsafe(
+            db.fetchval("SELECT count(*) FROM projects"), loop
+        ).result(10)
+        assert projects == 0
+        assert admission.abandoned == 1
+
+    lines = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
+    assert lines == [
+        "client went away before the answer: POST /api/v1/projects (its work was stopped)"
+    ]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_an_upload_abandoned_half_way_is_one_log_line_not_a_traceback(settings, caplog):
+    with live(settings) as (url, app, _, headers), caplog.at_level(logging.INFO):
+        admission = app.state.admission
+        sock = slow_upload(url, headers)
+        wait_until(lambda: admission.in_flight == 1, 10, "the upload to start")
+        sock.close()
+        wait_until(lambda: admission.abandoned == 1, 10, "the upload to be abandoned")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert not [r for r in caplog.records if "Exception in ASGI" in r.getMessage()]
+    assert sum("went away" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_request_still_running_when_the_site_stops_is_answered_503(settings, caplog):
+    with caplog.at_level(logging.INFO), live(settings, grace=0.5) as (url, app, _, headers):
+        sock = slow_upload(url, headers)
+        wait_until(lambda: app.state.admission.in_flight == 1, 10, "the upload to start")
+    answer = sock.recv(65536).decode()
+    sock.close()
+    assert answer.startswith("HTTP/1.1 503"), answer
+    assert "retry-after: 2" in answer.lower()
+    assert "The site is restarting" in answer
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert [r.getMessage() for r in caplog.records if "stopped answering" in r.getMessage()] == [
+        "stopped answering POST /api/v1/projects: the site is stopping"
+    ]
+
+
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"max_requests": 0}, "max_requests: must be at least 1"),
+        ({"max_requests_per_page": 0}, "max_requests_per_page: must be at least 1"),
+    ],
+)
+def test_request_limits_must_be_positive(settings, limits, message):
+    from jobsite.config import SettingsError
+
+    with pytest.raises(SettingsError, match=message):
+        dataclasses.replace(settings, **limits)
+
+
+def test_a_page_share_defaults_to_a_quarter_of_the_places(settings):
+    assert (
+        dataclasses.replace(
+            settings, max_requests=10, max_requests_per_page=None
+        ).max_requests_per_page
+        == 2
+    )
+
+
+# -- no page grows without bound with the data ---------------------------------------------
+
+GROWN_PAGES = ["/admin/", "/admin/users", "/ws1/logs", "/ws1/logs/{big}"]
+
+
+class History:
+    """Users, finished job requests, a waiting queue and one big job request, written
+    straight into the database in steps of the same size."""
+
+    STEP = 40  # users, finished requests and queued jobs added per step
+
+    def __init__(self, db: Any, user_id: int, workspace_id: int, big: int) -> None:
+        self.db = db
+        self.user_id = user_id
+        self.workspace_id = workspace_id
+        self.big = big  # the job request that gets more jobs each step
+        self.steps = 0
+
+    @classmethod
+    async def make(cls, app: Any) -> History:
+        db = app.state.db
+        user_id = await auth.create_user(db, "ada", "pw-1234567", is_admin=True)
+        project = await db.execute(
+            "INSERT INTO projects (slug, name, created_by, created_at) "
+            "VALUES ('study', 'Study', ?, 0)",
+            (user_id,),
+        )
+        workspace_id = await db.execute(
+            "INSERT INTO workspaces (name, project_id, repo, branch, database, created_by, "
+            "created_at) VALUES ('ws1', ?, '/repo', 'main', 'sample', ?, 0)",
+            (project, user_id),
+        )
+        history = cls(db, user_id, workspace_id, 0)
+        history.big = await history.request(0)
+        return history
+
+    async def request(self, at: float) -> int:
+        return await self.db.execute(
+            "INSERT INTO job_requests (workspace_id, created_by, branch, sha, "
+            "requested_actions, created_at) VALUES (?, ?, 'main', 'abc1234', '[\"a\"]', ?)",
+            (self.workspace_id, self.user_id, at),
+        )
+
+    async def job(self, conn: Any, request_id: int, n: int, state: str, code: str) -> None:
+        job_id = f"{n:016x}"
+        await conn.execute(
+            "INSERT INTO jobs (id, job_request_id, workspace_id, user_id, action, sha, "
+            "run_command, image, args, outputs, state, status_code, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, 'abc1234', 'python:v2 a.py', 'python:v2', '[]', '{}', ?, ?, "
+            "?, ?)",
+            (job_id, request_id, self.workspace_id, self.user_id, f"a{n:06d}", state, code, n, n),
+        )
+        await conn.execute(
+            "INSERT INTO job_events (job_id, at, status_code) VALUES (?, ?, ?)",
+            (job_id, n, code),
+        )
+
+    async def step(self) -> None:
+        base = self.steps * self.STEP
+        self.steps += 1
+        requests = [await self.request(1000 + base + i) for i in range(self.STEP)]
+        async with self.db.transaction() as conn:
+            for i in range(self.STEP):
+                n = base + i
+                await conn.execute(
+                    "INSERT INTO users (username, created_at) VALUES (?, 0)", (f"user{n:06d}",)
+                )
+                await self.job(conn, requests[i], 10**6 + n, "succeeded", "succeeded")
+                await self.job(conn, requests[i], 2 * 10**6 + n, "pending", "created")
+                await self.job(conn, self.big, 3 * 10**6 + n, "pending", "created")
+
+
+async def page_sizes(client: httpx.AsyncClient, headers: dict, big: int) -> dict[str, int]:
+    sizes = {}
+    for path in GROWN_PAGES:
+        response = await client.get(path.format(big=big), headers=headers)
+        assert response.status_code == 200, (path, response.text[:500])
+        sizes[path] = len(response.content)
+    return sizes
+
+
+async def test_no_page_grows_with_the_history(app, client):
+    await app.state.scheduler.set_paused(True)
+    history = await History.make(app)
+    token = await auth.create_token(app.state.db, history.user_id, "t")
+    headers = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):  # past every page's first screenful
+        await history.step()
+    before = await page_sizes(client, headers, history.big)
+    for _ in range(27):  # ten times the history
+        await history.step()
+    after = await page_sizes(client, headers, history.big)
+    for path in GROWN_PAGES:
+        assert after[path] <= before[path] * 1.02, (path, before[path], after[path])
+    # and what is not shown is counted and a link away
+    admin = (await client.get("/admin/", headers=headers)).text
+    assert "… and 1151 more users" in admin
+    assert 'href="/admin/?from=100"' in admin
+    users = (await client.get("/admin/users", headers=headers)).text
+    assert 'href="/admin/users?after=user000098"' in users
+    big = (await client.get(f"/ws1/logs/{history.big}", headers=headers)).text
+    assert "Jobs 1\u2013100 of 1200" in big and f'href="/ws1/logs/{history.big}?from=100"' in big
+    later = (await client.get("/admin/?from=100", headers=headers)).text
+    assert "Jobs 101\u2013200 of 2400" in later and 'rel="prev" href="/admin/"' in later
+    assert (
+        "Jobs 1\u2013100 of 2400" in (await client.get("/admin/?from=9999", headers=headers)).text
+    )
+    later = (await client.get(f"/ws1/logs/{history.big}?from=200", headers=headers)).text
+    assert "Jobs 201\u2013300 of 1200" in later
+    assert f'rel="prev" href="/ws1/logs/{history.big}?from=100"' in later
+    users = (await client.get("/admin/users?after=user000098", headers=headers)).text
+    assert "user000099" in users and "user000098" not in users and 'rel="prev"' in users
