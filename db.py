@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 READERS = 4
@@ -184,6 +187,10 @@ class Database:
         async with self._write_lock:
             try:
                 await writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError as e:
+                # a statement still open on the writer (a task stopped part way): nothing is
+                # lost, the -wal file stays beside db.sqlite and SQLite reads it when opened
+                log.warning("could not fold %s-wal into the database at shutdown: %s", self.path, e)
             finally:
                 await writer.close()
 
