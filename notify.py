@@ -29,6 +29,8 @@ from .units import elapsed, iso_ms, when
 
 log = logging.getLogger("jobsite.notify")
 
+# seconds a stopping site waits for the email on the wire to be sent and recorded
+STOP_WAIT = 5.0
 MAX_ATTEMPTS = 30  # 30 s, 1 m, 2 m ... then hourly: about a day of retries
 RETRY_DELAY = 30.0  # seconds before the first retry; doubled each time
 MAX_RETRY_DELAY = 3600.0
@@ -98,8 +100,10 @@ class Notifier:
         self.retry_delay = retry_delay
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> None:
+        self._stopping = False
         await self.queue_missed()
         if self.settings.smtp.enabled:
             self._task = asyncio.create_task(self._send_loop(), name="jobsite-outbox")
@@ -107,10 +111,19 @@ class Notifier:
             log.info("smtp.host is not set: emails stay in the outbox for admins to see")
 
     async def stop(self) -> None:
-        if self._task is not None:
+        """Stops sending once the email on the wire (if any) is sent and recorded, so that
+        the next start sends it no second time; one that takes longer than STOP_WAIT is
+        cut off (and sent again by the next start)."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), STOP_WAIT)
+        except TimeoutError:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._task = None
 
     async def job_finished(self, job_id: str) -> None:
         """The scheduler's hook: queue the email about ``job_id`` if its requester asked."""
@@ -159,7 +172,7 @@ class Notifier:
     # -- sending ---------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 delay = await self.send_due()
@@ -180,6 +193,8 @@ class Notifier:
             (MAX_ATTEMPTS, now),
         )
         for row in due:
+            if self._stopping:
+                return None
             await self._send_one(row)
         next_at = await self.db.fetchval(
             "SELECT min(next_attempt_at) FROM outbox WHERE sent_at IS NULL AND attempts < ?",

@@ -137,6 +137,8 @@ async def test_requester_gets_an_email_when_a_job_of_a_notify_request_succeeds(
     async with running(notifier):
         await notifier.job_finished(job_id)
         (message,) = await mailbox.wait_for(1)
+    # stopping right after the server took the message still records it as sent: the next
+    # start must not send it again
 
     assert message["Subject"] == "Succeeded: [ws1] generate"
     assert message["To"] == "alice@example.org"
