@@ -150,14 +150,45 @@ async def queue_parts(db: Database) -> dict[str, list[Row]]:
     }
 
 
+class QueueOrder:
+    """``queue_parts`` as last read, kept while nothing it depends on changed: ordering
+    every unfinished job is most of what the admin page costs, and its open tabs poll it.
+    What it depends on is told by a cheap read (how many unfinished jobs, their latest
+    change, the latest use recorded) and by the scheduler's own count of changes to its
+    queue (``version``: a new priority changes no job row); kept ``ttl`` seconds at most."""
+
+    def __init__(self, ttl: float = 2.0) -> None:
+        self.ttl = ttl
+        self._key: tuple[Any, ...] | None = None
+        self._at = float("-inf")
+        self._parts: dict[str, list[Row]] = {}
+        self._lock = asyncio.Lock()
+
+    async def parts(self, db: Database, version: int) -> dict[str, list[Row]]:
+        async with self._lock:  # tabs asking together share one read
+            seen = await db.fetchone(
+                "SELECT count(*) AS jobs, max(updated_at) AS changed, "
+                "(SELECT max(updated_at) FROM user_usage) AS used "
+                "FROM jobs WHERE state IN ('pending', 'running')"
+            )
+            key = (version, *(seen or {}).values())
+            if key != self._key or time.monotonic() - self._at > self.ttl:
+                self._parts = await queue_parts(db)
+                self._key, self._at = key, time.monotonic()
+            return self._parts
+
+
 async def queue(
-    db: Database, shown: int | None = None, start: int = 0
+    db: Database,
+    shown: int | None = None,
+    start: int = 0,
+    ordered: dict[str, list[Row]] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
-    """The queue as ``queue_parts`` orders it: ``shown`` of its jobs from the ``start``-th
-    on (all when None), per part, each with its ``position`` in its part and what a page
-    shows of it; and how many each part holds. Only what ordering needs is read for every
-    unfinished job; the rest only for the jobs shown."""
-    parts = await queue_parts(db)
+    """The queue as ``queue_parts`` orders it (or as ``ordered`` holds it, read so before):
+    ``shown`` of its jobs from the ``start``-th on (all when None), per part, each with its
+    ``position`` in its part and what a page shows of it; and how many each part holds. Only
+    what ordering needs is read for every unfinished job; the rest only for the jobs shown."""
+    parts = dict(ordered if ordered is not None else await queue_parts(db))
     counts = {part: len(jobs) for part, jobs in parts.items()}
     skip, room = start, sum(counts.values()) if shown is None else shown
     for part, jobs in parts.items():

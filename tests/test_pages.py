@@ -791,8 +791,8 @@ async def test_a_long_queue_is_listed_in_part_and_counted(app, browser, study):
             (f"copy{i}", i + 1, first),
         )
     page = await (await browser("root", admin=True)).get("/admin/")
-    assert page.text.count('data-job="') == 100
-    assert "121 waiting to start" in text(page) and "… and 21 more waiting to start" in text(page)
+    assert page.text.count('data-job="') == 50
+    assert "121 waiting to start" in text(page) and "… and 71 more waiting to start" in text(page)
 
 
 # -- a real run -------------------------------------------------------------------------

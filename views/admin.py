@@ -23,7 +23,7 @@ from .base import (
 )
 
 PRIORITY_RANGE = range(-10, 11)
-SHOWN = 100  # jobs of the queue listed at once; the page pages through the rest
+SHOWN = 50  # jobs of the queue listed at once; the page pages through the rest
 SHOWN_USERS = 50  # users listed here; /admin/users pages through them all
 QUEUE_PARTS = ("running", "queued", "blocked")
 
@@ -43,11 +43,12 @@ async def admin_page(request: Request) -> Response:
     state = site(request)
     db = state.db
     start = query_number(request, "from") or 0
-    jobs, counts = await queue(db, SHOWN, start)
+    ordered = await state.queue_order.parts(db, state.scheduler.queue.version)
+    jobs, counts = await queue(db, SHOWN, start, ordered)
     total = sum(counts.values())
     if start >= total > 0:  # past the end (the queue got shorter): the first jobs
         start = 0
-        jobs, counts = await queue(db, SHOWN, start)
+        jobs, counts = await queue(db, SHOWN, start, ordered)
     disk = await asyncio.to_thread(shutil.disk_usage, state.settings.data_dir)
     context = {
         **jobs,

@@ -33,7 +33,7 @@ from ..graph import ICONS
 from ..metrics import SiteMetrics
 from ..notify import Notifier
 from ..problems import Conflict, NotAllowed, NotFound, Problem
-from ..queries import ExpectedStarts
+from ..queries import ExpectedStarts, QueueOrder
 from ..repos import RepoError, Repos
 from ..runner import Scheduler
 from ..states import status_label
@@ -73,6 +73,7 @@ class Site:
         self.sealer = sealer
         self.projects = ParsedProjects()
         self.expected_starts = ExpectedStarts()
+        self.queue_order = QueueOrder()
         self.fragments = Fragments()
         self.named_routes: dict[str, BaseRoute] = {}  # filled by url() as names are asked for
 
