@@ -132,8 +132,11 @@ class Settings:
     max_request_size: Size = Size(1024**2)
     request_body_timeout: Duration = Duration(30)
     # requests handled at once; past it the site answers 503 at once (views/admission.py)
-    max_requests: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1) + 4)
-    max_requests_per_page: int | None = None  # of those, for one page; default: a quarter
+    # (most of a request's time in flight is spent waiting on the database or a thread, so
+    # a few dozen per core; fewer turned ordinary bursts of polls into 503s in bench/load.py
+    # --writes 150: 182 of 3,840 at 8 and 2 per page, none at 64 and 32)
+    max_requests: int = field(default_factory=lambda: 32 * (os.cpu_count() or 1))
+    max_requests_per_page: int | None = None  # of those, for one page; default: a half
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -151,7 +154,7 @@ class Settings:
         if self.max_requests < 1:
             raise SettingsError("max_requests: must be at least 1")
         if self.max_requests_per_page is None:
-            self.max_requests_per_page = max(1, self.max_requests // 4)
+            self.max_requests_per_page = max(1, self.max_requests // 2)
         if self.max_requests_per_page < 1:
             raise SettingsError("max_requests_per_page: must be at least 1")
 

@@ -244,12 +244,12 @@ def test_request_limits_must_be_positive(settings, limits, message):
         dataclasses.replace(settings, **limits)
 
 
-def test_a_page_share_defaults_to_a_quarter_of_the_places(settings):
+def test_a_page_share_defaults_to_half_of_the_places(settings):
     assert (
         dataclasses.replace(
             settings, max_requests=10, max_requests_per_page=None
         ).max_requests_per_page
-        == 2
+        == 5
     )
 
 
