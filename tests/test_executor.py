@@ -377,7 +377,9 @@ async def test_cpu_and_memory_are_sampled_while_the_job_runs(settings, study, ma
     assert outcome.status_code == "succeeded"
     use = exit.usage
     assert use is not None and use.samples >= 2, use
-    assert 30 <= use.cpu_peak <= 110, use  # one core, as job_cpus allows
+    # one core, as job_cpus allows (a sample's interval is timed on our side, not the
+    # engine's, so one sample may read a little over)
+    assert 30 <= use.cpu_peak <= 125, use
     assert use.cpu_mean <= use.cpu_peak
     assert 8 <= use.memory_peak_mb < 64, use
     assert use.memory_mean_mb <= use.memory_peak_mb
