@@ -17,7 +17,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .. import auth, metrics, notify, openapi, site_status, submit, workspaces
 from ..db import Row
 from ..outputs import Manifest
-from ..states import State
 from ..units import iso_ms
 from .base import (
     HTTPError,
@@ -25,6 +24,7 @@ from .base import (
     check_may_register,
     check_role,
     current_user,
+    expected_starts,
     field,
     get_job,
     get_job_request,
@@ -294,11 +294,7 @@ async def job(request: Request) -> Response:
 async def with_expected_starts(request: Request, jobs: list[dict[str, Any]]) -> list[dict]:
     """Each job's JSON with its "expected_start_at": when it should start if it is waiting
     (null once started, and while the queue is paused)."""
-    state = site(request)
-    waiting = [job["id"] for job in jobs if job["state"] == State.PENDING]
-    starts: dict[str, float] = {}
-    if waiting and not state.scheduler.paused:
-        starts = await state.expected_starts.of(state.db, state.settings.max_workers, waiting)
+    starts = await expected_starts(request, jobs)
     return [{**job, "expected_start_at": iso_ms(starts.get(job["id"]))} for job in jobs]
 
 

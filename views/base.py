@@ -36,7 +36,7 @@ from ..problems import Conflict, NotAllowed, NotFound, Problem
 from ..queries import ExpectedStarts, QueueOrder
 from ..repos import RepoError, Repos
 from ..runner import Scheduler
-from ..states import status_label
+from ..states import State, status_label
 from ..submit import SubmitError
 from ..units import ago, expected_in, human_duration, iso, runtime, when
 from ..workspaces import ParsedProjects
@@ -307,6 +307,15 @@ async def get_job(request: Request, job_id: str) -> Row:
     return await _visible(request, job, "job", job_id)
 
 
+async def expected_starts(request: Request, jobs: list[dict[str, Any]]) -> dict[str, float]:
+    """When the waiting jobs among ``jobs`` should start (none while the queue is paused)."""
+    state = site(request)
+    waiting = [job["id"] for job in jobs if job["state"] == State.PENDING]
+    if state.scheduler.paused or not waiting:
+        return {}
+    return await state.expected_starts.of(state.db, state.settings.max_workers, waiting)
+
+
 def with_usage_so_far(request: Request, job: Row) -> Row:
     """A running job with the CPU and memory sampled so far: its columns are written only
     when it ends."""
@@ -460,6 +469,20 @@ def flash(request: Request, message: str, kind: str = "info") -> None:
         *request.session.get("flash", []),
         {"message": message, "kind": kind},
     ]
+
+
+async def flash_scheduled(request: Request, request_id: int) -> None:
+    """Tell the asker what a job request just made scheduled, in its own words (or that it
+    had nothing to do)."""
+    row = await site(request).db.fetchone(
+        "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
+    )
+    assert row is not None
+    flash(
+        request,
+        row["status_message"] or "Job request submitted",
+        "info" if row["status"] == "created" else "warning",
+    )
 
 
 def redirect(request: Request, name: str, fragment_id: str = "", **params: Any) -> Response:

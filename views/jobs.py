@@ -20,7 +20,9 @@ from .base import (
     HTTPError,
     check_role,
     current_user,
+    expected_starts,
     flash,
+    flash_scheduled,
     fragment,
     get_job,
     get_job_request,
@@ -144,15 +146,6 @@ def job_counts(jobs: list[dict[str, Any]], now: float) -> dict[str, Any]:
     return {"by_state": {k: v for k, v in by_state.items() if v}, "runtime": runtime}
 
 
-async def expected_starts(request: Request, jobs: list[dict[str, Any]]) -> dict[str, float]:
-    """When the waiting jobs among ``jobs`` should start (none while the queue is paused)."""
-    state = site(request)
-    waiting = [job["id"] for job in jobs if job["state"] == State.PENDING]
-    if state.scheduler.paused or not waiting:
-        return {}
-    return await state.expected_starts.of(state.db, state.settings.max_workers, waiting)
-
-
 async def project_yaml_at(request: Request, repo: str, sha: str) -> dict[str, Any]:
     """The text of project.yaml at a commit (its start, when long), or why it cannot be read."""
     try:
@@ -214,15 +207,7 @@ async def rerun(request: Request) -> Response:
             url(request, "job_request", workspace=row["workspace"], id=str(row["id"]))
         )
     state.scheduler.wake()
-    created = await state.db.fetchone(
-        "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
-    )
-    assert created is not None
-    flash(
-        request,
-        created["status_message"] or "Job request submitted",
-        "info" if created["status"] == "created" else "warning",
-    )
+    await flash_scheduled(request, request_id)
     return redirect_to(url(request, "job_request", workspace=row["workspace"], id=str(request_id)))
 
 

@@ -32,6 +32,7 @@ from .base import (
     check_role,
     current_user,
     flash,
+    flash_scheduled,
     fragment,
     get_project,
     get_workspace,
@@ -273,15 +274,7 @@ async def create_job_request(request: Request) -> Response:
             request, workspace, str(e), selected, force, notify, commit or ""
         )
     state.scheduler.wake()
-    row = await state.db.fetchone(
-        "SELECT status, status_message FROM job_requests WHERE id = ?", (request_id,)
-    )
-    assert row is not None
-    flash(
-        request,
-        row["status_message"] or "Job request submitted",
-        "info" if row["status"] == "created" else "warning",
-    )
+    await flash_scheduled(request, request_id)
     return redirect(request, "job_request", workspace=workspace["name"], id=str(request_id))
 
 
