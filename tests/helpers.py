@@ -128,6 +128,24 @@ actions:
         counts: output/counts.csv
 """
 
+# two actions, the second needing the first, that write nothing (for tests of pages and
+# their reads, where the jobs never run)
+TWO_ACTIONS = """\
+version: "4"
+actions:
+  prepare:
+    run: python:v2 -c "echo preparing"
+    outputs:
+      moderately_sensitive:
+        a: output/a.csv
+  analyse:
+    run: python:v2 -c "echo analysing"
+    needs: [prepare]
+    outputs:
+      moderately_sensitive:
+        b: output/b.csv
+"""
+
 FINISHED = ("succeeded", "failed", "nothing_to_do")
 
 

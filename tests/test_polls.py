@@ -9,23 +9,8 @@ import re
 import shutil
 
 import pytest
+from helpers import TWO_ACTIONS as PROJECT_YAML
 from helpers import setup_workspace, submit, user_headers
-
-PROJECT_YAML = """\
-version: "4"
-actions:
-  prepare:
-    run: python:v2 -c "echo preparing"
-    outputs:
-      moderately_sensitive:
-        a: output/a.csv
-  analyse:
-    run: python:v2 -c "echo analysing"
-    needs: [prepare]
-    outputs:
-      moderately_sensitive:
-        b: output/b.csv
-"""
 
 HX = {"HX-Request": "true"}
 
