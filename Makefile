@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # `make run` needs the runtime dependencies only; `make test` adds the test extras
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
+BENCHING := $(VENV)/.installed-bench
 
 .PHONY: run test lint format bench images clean chromium
 
@@ -17,6 +18,10 @@ $(RUNTIME): pyproject.toml
 $(TESTING): $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(TESTING)
+
+$(BENCHING): $(TESTING)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(BENCHING)
 
 run: $(RUNTIME)
 	$(BIN)/jobsite serve
@@ -55,7 +60,7 @@ images: $(TESTING)
 	$(BIN)/python tests/images.py
 
 # one table of medians against baselines measured in the same run, kept in bench/RESULTS.md
-bench: $(TESTING)
+bench: $(BENCHING)
 	$(BIN)/python bench/table.py $(BENCH_ARGS)
 
 clean:

@@ -18,7 +18,7 @@ from .db import Database, DatabaseVersionError
 from .units import Duration, Size, human_size, parse_duration, parse_size
 
 SHUTDOWN_GRACE = 3  # seconds
-SWITCH_INTERVAL = 0.0005  # seconds
+SWITCH_INTERVAL = 0.001  # seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +177,9 @@ def serve(args: argparse.Namespace) -> int:
     asyncio.run(_with_db(settings, lambda db: _first_admin(db, settings)))
     # The event loop gives up the GIL at every socket call and must wait for it back while
     # the database and rendering threads run Python code: hand it over more often than the
-    # default 5 ms, or a busy site answers everything (even its quick 503s) late.
+    # default 5 ms, or a busy site answers everything (even its quick 503s) late; but not
+    # much more often, or the switching itself fills the core (bench/bench_overload.py:
+    # 1 ms served the cheap pages best of 0.1, 0.25, 0.5, 1, 2 and 5 ms).
     sys.setswitchinterval(SWITCH_INTERVAL)
     uvicorn.run(
         create_app(settings),

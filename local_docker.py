@@ -60,6 +60,8 @@ DISK_CHECK_INTERVAL = 1.0  # at least this many seconds between two measures of 
 
 log = logging.getLogger(__name__)
 
+AVAILABLE_FOR = 1.0  # seconds one answer to "is the engine there?" is shared
+
 T = TypeVar("T")
 
 
@@ -81,6 +83,8 @@ class LocalDockerExecutor:
         self._inputs: dict[str, dict[str, str]] = {}
         self._usage: dict[str, UsageSamples] = {}  # running job id -> its samples so far
         self._over_disk: dict[str, int] = {}  # job id -> bytes its dir held when stopped
+        # the last "is the engine there?": (its loop, when it was asked, the answer)
+        self._asked: tuple[asyncio.AbstractEventLoop, float, asyncio.Task[bool]] | None = None
 
     # -- paths -----------------------------------------------------------------
 
@@ -132,6 +136,17 @@ class LocalDockerExecutor:
             raise DockerUnavailable(f"Docker is not reachable: {e}") from e
 
     async def available(self) -> bool:
+        """Whether the engine answers. The pages that show it ask on every view: the engine
+        is asked at most once per AVAILABLE_FOR seconds, and callers meanwhile share that
+        answer (or the ping under way)."""
+        loop = asyncio.get_running_loop()
+        asked = self._asked
+        if asked is None or asked[0] is not loop or loop.time() - asked[1] >= AVAILABLE_FOR:
+            asked = self._asked = (loop, loop.time(), loop.create_task(self._ping()))
+        # shielded: a caller that gives up does not stop the ping the others wait for
+        return await asyncio.shield(asked[2])
+
+    async def _ping(self) -> bool:
         def ping() -> None:
             with self._docker_calls():
                 self._api().ping()

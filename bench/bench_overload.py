@@ -2,11 +2,13 @@
 admits in time, refuses the rest at once, keeps its cheap pages as fast as ever, and stays
 small.
 
-    .venv/bin/python bench/bench_overload.py [ROOT] [--duration 20] [--light 5]
+    .venv/bin/python bench/bench_overload.py [ROOT] [--duration 20] [--light 20] [--repeat 3]
 
 ROOT is a history made by bench/history.py (default: one is built in a temporary dir:
 50,000 finished jobs, 2,000 queued). The server is `jobsite serve` as its own process on
-loopback, with its default request limits. In one run:
+loopback, with its default request limits, on a core of its own (bench/load.py); the load
+goes through bench/wire.py, a client lean enough that what is measured is the server. In
+one run:
 
 1. capacity: each page asked for one request after another (nothing else running); the
    slowest page's capacity is 1 / its median time;
@@ -18,9 +20,10 @@ loopback, with its default request limits. In one run:
    server's RSS read every 0.25 s;
 4. after: the server's RSS 5 s after the load ends.
 
-Printed: the admitted requests' p95 (target <= 100 ms), the refused ones' p95 (503, target
-<= 10 ms), the cheap pages' p95 under load against their baseline (ratio), and the RSS
-during and after (target <= 300 MB).
+Phases 2 and 3 run --repeat times (the machine is shared and noisy) and each figure is the
+median of the rounds: the admitted requests' p95 (target <= 100 ms) and rate (against the
+capacity), the refused ones' p95 (503, target <= 10 ms), the cheap pages' p95 under load
+against their baseline (ratio), and the RSS during and after (target <= 300 MB).
 """
 
 from __future__ import annotations
@@ -33,13 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 from history import History, build  # noqa: E402
-from load import Load, client_for, open_loop, sign_in, site_server, targets  # noqa: E402
+from load import Load, open_loop, site_server, targets, wire_for  # noqa: E402
+from wire import Answer, Wire  # noqa: E402
 
 PAGES = ("admin", "logs", "job-request", "poll", "home", "api-status")
 CHEAP = ("home", "api-status")
@@ -47,7 +49,7 @@ CLOSED_LOOP_SECONDS = 3.0
 ANSWERED = (200, 286, 304, 503)
 
 
-async def service_time(client: httpx.AsyncClient, call, seconds: float) -> float:
+async def service_time(client: Wire, call, seconds: float) -> float:
     """Median ms of one request after another for ``seconds``."""
     times = []
     deadline = time.monotonic() + seconds
@@ -75,7 +77,7 @@ class Split:
     def __init__(self) -> None:
         self.statuses: list[int] = []
 
-    def note(self, response: httpx.Response) -> None:
+    def note(self, response: Answer) -> None:
         if response.status_code in ANSWERED:
             self.statuses.append(response.status_code)
 
@@ -88,13 +90,66 @@ class Split:
         ]
 
 
+async def one_round(
+    server, calls, client, slowest: str, rate: float, duration: float, light: float
+) -> dict[str, float]:
+    """Phases 2 and 3 once: the cheap pages alone, the floor, then the flood; the figures."""
+    figures: dict[str, float] = {}
+    alone = await asyncio.gather(
+        *(open_loop(client[page], page, calls[page], light, duration) for page in CHEAP)
+    )
+    for load in alone:
+        figures[f"{load.name} alone p95"] = load.percentile(95)
+    # the floor on this machine: the cheapest answer there is, at the flood's rate
+    floor = await open_loop(client["home"], "health", calls["health"], rate, duration / 2)
+    figures["floor p95"] = floor.percentile(95)
+
+    rss: list[float] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            rss.append(server.rss_mb())
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.create_task(sample())
+    split = Split()
+    cpu_before, own_before = server.cpu_seconds(), time.process_time()
+    flood, *during = await asyncio.gather(
+        open_loop(
+            client[slowest], slowest, calls[slowest], rate, duration,
+            ok=ANSWERED, on_answer=split.note,
+        ),
+        *(open_loop(client[page], page, calls[page], light, duration) for page in CHEAP),
+    )  # fmt: skip
+    done.set()
+    await sampler
+    admitted, refused = split.of(flood, refused=False), split.of(flood, refused=True)
+    figures.update(
+        {
+            "admitted p95": percentile(admitted, 95),
+            "admitted per s": len(admitted) / flood.elapsed,
+            "refused p95": percentile(refused, 95),
+            "lost": sum(flood.errors.values()) + flood.timeouts,
+            "server CPU": (server.cpu_seconds() - cpu_before) / flood.elapsed,
+            "generator CPU": (time.process_time() - own_before) / flood.elapsed,
+            "RSS during": max(rss),
+        }
+    )
+    for load in during:
+        figures[f"{load.name} p95"] = load.percentile(95)
+        figures[f"{load.name} lost"] = sum(load.errors.values()) + load.timeouts
+    return figures
+
+
 async def main(
-    history: History, duration: float, light: float, rate: float | None, **env: str
+    history: History, duration: float, light: float, rate: float | None, repeat: int, **env: str
 ) -> None:
     with site_server(history, **env) as server:
         calls = targets(history)
-        async with client_for(server) as anyone, client_for(server) as admin:
-            await sign_in(admin, history.admin, history.password)
+        anyone = await wire_for(server)
+        admin = await wire_for(server, history.admin, history.password)
+        async with anyone, admin:
             client = {page: admin if page == "admin" else anyone for page in PAGES}
 
             print(f"1. each page alone, one request after another ({CLOSED_LOOP_SECONDS:g} s):")
@@ -108,72 +163,51 @@ async def main(
             print(f"   slowest: {slowest}, capacity {capacity:.1f} req/s; load {rate:.1f} req/s "
                   f"(x{rate / capacity:.1f})")  # fmt: skip
 
-            print(f"2. cheap pages alone at {light:g}/s for {duration:g} s:")
-            alone = await asyncio.gather(
-                *(open_loop(client[page], page, calls[page], light, duration) for page in CHEAP)
-            )
-            for load in alone:
-                print(
-                    f"   {load.name:<12} p50 {load.p50:6.1f} ms  p95 {load.percentile(95):6.1f} ms"
-                )
-
-            # the floor on this machine: the cheapest answer there is, at the flood's rate
-            floor = await open_loop(anyone, "health", calls["health"], rate, duration / 2)
-            print(f"   health at {rate:.1f} req/s (the cheapest answer, as a floor): "
-                  f"p50 {floor.p50:.1f} ms  p95 {floor.percentile(95):.1f} ms")  # fmt: skip
-
-            print(f"3. {slowest} at {rate:.1f} req/s for {duration:g} s, with the "
-                  "cheap pages alongside:")  # fmt: skip
-            rss: list[float] = []
-            done = asyncio.Event()
-
-            async def sample() -> None:
-                while not done.is_set():
-                    rss.append(server.rss_mb())
-                    await asyncio.sleep(0.25)
-
-            sampler = asyncio.create_task(sample())
-            split = Split()
-            cpu_before, own_before = server.cpu_seconds(), time.process_time()
-            flood, *during = await asyncio.gather(
-                open_loop(
-                    client[slowest], slowest, calls[slowest], rate, duration,
-                    ok=ANSWERED, on_answer=split.note,
-                ),
-                *(open_loop(client[page], page, calls[page], light, duration) for page in CHEAP),
-            )  # fmt: skip
-            done.set()
-            await sampler
-            server_cpu = server.cpu_seconds() - cpu_before
-            own_cpu = time.process_time() - own_before
-
-        admitted, refused = split.of(flood, refused=False), split.of(flood, refused=True)
-        lost = sum(flood.errors.values()) + flood.timeouts
-        print(f"   admitted {len(admitted):5d}  p50 {percentile(admitted, 50):6.1f} ms  "
-              f"p95 {percentile(admitted, 95):6.1f} ms  (target <= 100 ms)")  # fmt: skip
-        print(f"   refused  {len(refused):5d}  p50 {percentile(refused, 50):6.1f} ms  "
-              f"p95 {percentile(refused, 95):6.1f} ms  (503; target <= 10 ms; "
-              f"x{percentile(refused, 95) / floor.percentile(95):.2f} the floor)")  # fmt: skip
-        print(f"   other errors or timeouts: {lost} {dict(flood.errors) or ''}")
-        print(f"   CPU: the server {server_cpu / duration:.0%} of a core, this load generator "
-              f"{own_cpu / duration:.0%}")  # fmt: skip
-        for before, load in zip(alone, during, strict=True):
-            ratio = load.percentile(95) / before.percentile(95)
-            print(f"   {load.name:<12} p95 {load.percentile(95):6.1f} ms  (alone "
-                  f"{before.percentile(95):.1f} ms: x{ratio:.2f})  errors "
-                  f"{dict(load.errors) or 0}  timeouts {load.timeouts}")  # fmt: skip
+            print(f"2-3. {repeat} rounds of: home and the API status alone at {light:g}/s for "
+                  f"{duration:g} s (their normal p95); the health check at {rate:.1f} req/s "
+                  f"(the floor); {slowest} at {rate:.1f} req/s for {duration:g} s with the "
+                  "cheap pages alongside")  # fmt: skip
+            rounds = []
+            for i in range(repeat):
+                figures = await one_round(server, calls, client, slowest, rate, duration, light)
+                rounds.append(figures)
+                print(f"   round {i + 1}: " + ", ".join(
+                    f"{name} {value:.1f}" for name, value in figures.items()
+                ))  # fmt: skip
         await asyncio.sleep(5)
-        print(f"4. server RSS: at most {max(rss):.0f} MB during the load, {server.rss_mb():.0f} MB"
-              " 5 s after it (target <= 300 MB)")  # fmt: skip
-        print(f'   "Traceback" in its log: {server.log_says("Traceback")}; "client went away": '
-              f'{server.log_says("client went away")}')  # fmt: skip
+        after = server.rss_mb()
+        tracebacks = server.log_says("Traceback")
+        went_away = server.log_says("client went away")
+
+    def median(name: str) -> float:
+        return statistics.median(r[name] for r in rounds)
+
+    print(f"medians of {repeat} rounds:")
+    print(f"   admitted p95 {median('admitted p95'):6.1f} ms (target <= 100 ms); "
+          f"{median('admitted per s'):.0f} req/s admitted, "
+          f"{median('admitted per s') / capacity:.0%} of the capacity")  # fmt: skip
+    print(f"   refused  p95 {median('refused p95'):6.1f} ms (503; target <= 10 ms; "
+          f"x{median('refused p95') / median('floor p95'):.2f} the health check's floor "
+          f"{median('floor p95'):.1f} ms)")  # fmt: skip
+    for page in CHEAP:
+        under, alone = median(f"{page} p95"), median(f"{page} alone p95")
+        print(f"   {page:<12} p95 {under:6.1f} ms under the load, {alone:.1f} ms alone: "
+              f"x{under / alone:.2f}  (target: within its normal p95)")  # fmt: skip
+    lost = sum(r["lost"] + sum(r[f"{p} lost"] for p in CHEAP) for r in rounds)
+    print(f"   errors or timeouts (not 503): {lost:.0f} in all rounds")
+    print(f"   CPU: the server {median('server CPU'):.0%} of a core, this load generator "
+          f"{median('generator CPU'):.0%}")  # fmt: skip
+    print(f"4. server RSS: at most {max(r['RSS during'] for r in rounds):.0f} MB during the "
+          f"load, {after:.0f} MB 5 s after it (target <= 300 MB)")  # fmt: skip
+    print(f'   "Traceback" in its log: {tracebacks}; "client went away": {went_away}')
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, nargs="?", help="a history from bench/history.py")
     parser.add_argument("--duration", type=float, default=20)
-    parser.add_argument("--light", type=float, default=5, help="cheap pages' rate per second")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of phases 2 and 3")
+    parser.add_argument("--light", type=float, default=20, help="cheap pages' rate per second")
     parser.add_argument("--rate", type=float, help="the flood's rate (default: 3x capacity)")
     parser.add_argument(
         "--per-page", help="the server's max_requests_per_page (default: its own default)"
@@ -182,8 +216,8 @@ if __name__ == "__main__":
     env = {"JOBSITE_MAX_REQUESTS_PER_PAGE": args.per_page} if args.per_page else {}
     if args.root:
         history = History.load(args.root)
-        asyncio.run(main(history, args.duration, args.light, args.rate, **env))
+        asyncio.run(main(history, args.duration, args.light, args.rate, args.repeat, **env))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             history = build(Path(tmp) / "history")
-            asyncio.run(main(history, args.duration, args.light, args.rate, **env))
+            asyncio.run(main(history, args.duration, args.light, args.rate, args.repeat, **env))

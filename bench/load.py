@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 from helpers import ServeProcess  # noqa: E402
 from history import History, build  # noqa: E402
+from wire import Answer, Wire, signed_in_as  # noqa: E402
 
 JOBSITE = Path(sys.executable).with_name("jobsite")
 OK_CODES = (200, 286, 304)
@@ -45,9 +47,19 @@ OK_CODES = (200, 286, 304)
 # -- the server, as its own process --------------------------------------------------------
 
 
+SERVER_CPU = 0  # on a machine with more than one core, the server has this one to itself
+
+
 def site_server(history: History, **env: str) -> ServeProcess:
-    """The site over a built history, as its own process (start it with ``with``)."""
-    return ServeProcess(Path(history.config), Path(history.root) / "server.log", **env)
+    """The site over a built history, as its own process (start it with ``with``). With two
+    cores or more, the server runs on core SERVER_CPU and this process on the others, so the
+    load generator never takes the server's CPU (a real site's clients are elsewhere)."""
+    server = ServeProcess(Path(history.config), Path(history.root) / "server.log", **env)
+    cores = os.sched_getaffinity(0)
+    if len(cores) > 1 and SERVER_CPU in cores:
+        server.command[:0] = ["taskset", "--cpu-list", str(SERVER_CPU)]
+        os.sched_setaffinity(0, cores - {SERVER_CPU})
+    return server
 
 
 async def sign_in(client: httpx.AsyncClient, username: str, password: str) -> None:
@@ -123,7 +135,7 @@ Call = tuple[str, str, dict[str, str], dict | None]
 
 
 async def open_loop(
-    client: httpx.AsyncClient,
+    client: Wire,
     name: str,
     call: Callable[[int], Call],
     rate: float,
@@ -131,7 +143,7 @@ async def open_loop(
     timeout: float = 5.0,
     ok: tuple[int, ...] = OK_CODES,
     conditional: bool = False,
-    on_answer: Callable[[httpx.Response], None] | None = None,
+    on_answer: Callable[[Answer], None] | None = None,
 ) -> Load:
     """Send ``call(i)`` at ``rate`` per second for ``duration`` seconds, not waiting for
     answers; latency counts from each request's due time. ``conditional``: as htmx polls,
@@ -152,7 +164,7 @@ async def open_loop(
         except TimeoutError:
             result.timeouts += 1
             return
-        except httpx.HTTPError as e:
+        except OSError as e:
             result.errors[type(e).__name__] += 1
             return
         if on_answer is not None:
@@ -177,8 +189,20 @@ async def open_loop(
 
 
 def client_for(server: ServeProcess) -> httpx.AsyncClient:
+    """A browser-like client, for signing in (forms, cookies); the load itself goes
+    through ``wire_for``."""
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     return httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30.0)
+
+
+async def wire_for(server: ServeProcess, user: str | None = None, password: str = "") -> Wire:
+    """The lean client the load goes through, signed in as ``user`` if one is given."""
+    wire = Wire(server.url)
+    if user is not None:
+        async with client_for(server) as browser:
+            await sign_in(browser, user, password)
+            signed_in_as(browser, wire)
+    return wire
 
 
 HTMX = {"HX-Request": "true"}
@@ -240,16 +264,17 @@ async def with_writes(
         path = f"/api/v1/workspaces/{ws[i % len(ws)]}/job-requests"
         return ("POST", path, api, {"actions": ["action_000"]})
 
-    def note(response: httpx.Response) -> None:
+    def note(response: Answer) -> None:
         if response.request.method == "POST" and response.status_code == 201:
             submitted.append(response.json()["id"])
 
-    async with client_for(server) as client:
-        resumed = await client.post(
+    async with client_for(server) as browser:
+        resumed = await browser.post(
             "/api/v1/admin/queue/resume",
             headers={"Authorization": f"Bearer {history.admin_token}"},
         )
         assert resumed.status_code == 200, resumed.text
+    async with Wire(server.url) as client:
         reads, writes = await asyncio.gather(
             open_loop(client, f"{clients} clients: polls", read, rate * 0.9, duration, timeout,
                       conditional=True),
@@ -277,10 +302,10 @@ async def run(
                  str(profile), "--pid", str(server.proc.pid), "--duration", str(int(duration))],
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
-        async with client_for(server) as client:
-            if signed_in or target == "admin":
-                user = history.admin if target == "admin" else history.developer
-                await sign_in(client, user, history.password)
+        user = None
+        if signed_in or target == "admin":
+            user = history.admin if target == "admin" else history.developer
+        async with await wire_for(server, user, history.password) as client:
             call = targets(history)[target]
             name = (
                 target + (" (signed in)" if signed_in else "") + (" (ETag)" if conditional else "")

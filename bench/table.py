@@ -94,7 +94,7 @@ PAGES = [  # (figure, target, rate, signed in, as htmx polls (If-None-Match), p9
 ]
 
 
-async def warm(client: httpx.AsyncClient, history: History) -> None:
+async def warm(client: load.Wire, history: History) -> None:
     """Each workspace's page opened once, as a tab does before it polls."""
     for ws in history.workspaces:
         assert (await client.get(f"/{ws}/")).status_code == 200
@@ -106,10 +106,10 @@ async def page_rows(history: History, duration: float, writes_for: float) -> lis
     with load.site_server(history) as server:
         started_rss = server.rss_mb()
         for figure, target, rate, signed_in, conditional, goal in PAGES:
-            async with load.client_for(server) as client:
-                if signed_in:
-                    user = history.admin if target == "admin" else history.developer
-                    await load.sign_in(client, user, history.password)
+            user = None
+            if signed_in:
+                user = history.admin if target == "admin" else history.developer
+            async with await load.wire_for(server, user, history.password) as client:
                 await warm(client, history)
                 floor = await load.open_loop(client, "health", calls["health"], rate, duration / 2)
                 before = server.cpu_seconds()
@@ -121,7 +121,7 @@ async def page_rows(history: History, duration: float, writes_for: float) -> lis
         before = server.cpu_seconds()
         reads, writes = await load.with_writes(server, history, 150, writes_for)
         load.share_cpu(server.cpu_seconds() - before, reads, writes)
-        async with load.client_for(server) as client:
+        async with await load.wire_for(server) as client:
             floor = await load.open_loop(client, "health", calls["health"], 75, duration / 2)
         rows.append(page_row(f"150 clients, {writes_for:.0f} s: polls", reads, floor, None))
         rows.append(

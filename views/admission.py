@@ -4,17 +4,24 @@ Every request holds one of ``max_requests`` places while it is handled. Past tha
 answers at once with 503 and ``Retry-After`` (a small page, or JSON for the API) instead of
 queueing work it cannot finish in time: queued requests are what made every page slow for
 everyone. One page may hold at most ``max_requests_per_page`` places, so a flood of one
-slow page (``/admin/`` polled by many tabs) cannot crowd out the others. The requests that
-must get through when the site is busy — the health check, signing in, submitting a job
-request, the pages' own CSS and JS — are never refused before the rest: they skip the
-per-page share and have a reserve of places that no other request may take.
+page cannot crowd out the others. The requests that must get through when the site is busy
+— the health check, signing in, submitting a job request, the pages' own CSS and JS — are
+never refused before the rest: they skip the per-page limits and have a reserve of places
+that no other request may take.
 
-In-flight limits alone do not keep the site quick: one page that computes for 20 ms at a
-time holds up every other request, the quick 503s too. So the site also watches how far its
-event loop runs behind; while it is behind and busy, it refuses the pages that usually take
-longest (at least half as long as the slowest, and more than a few milliseconds: the heavy
-ones, measured as they are answered) and keeps answering
-the cheap ones and the reserved ones.
+Counting requests is not enough: the site answers on one event loop, so twenty requests of
+a page that computes for 4 ms are 80 ms of waiting for the last of them, and for any other
+request that arrives meanwhile. So each page's cost is measured as it is answered (the time
+it takes when no other request is in flight), and while the site is busy a page may have at
+most WORK_BUDGET of work in flight (``WORK_BUDGET / cost`` requests, at least one). A heavy
+page is then admitted a few at a time and each answered within about WORK_BUDGET, the other
+pages keep the rest of the site, and the surplus is refused at once. (A quiet site takes a
+burst of one page, up to ``max_requests_per_page``: ten tabs opened at once all load.)
+
+Busy is what the site watches: how far its event loop runs behind and how much CPU it uses.
+While it is behind, or near the end of its core (BUSY_LIMIT), and other requests are in
+flight, it also refuses the pages that usually take longest, and keeps answering the cheap
+ones and the reserved ones: the cheap pages keep their speed, the quick 503s stay quick.
 
 A request whose client has gone away stops its work: its handler is cancelled, and the
 disconnect is logged as one line.
@@ -44,8 +51,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RETRY_AFTER = 2  # seconds a refused client is asked to wait
 TICK = 0.02  # seconds between two looks at the event loop's lag
 LAG_DECAY = 0.9  # per tick: a lag is remembered for a while (0.9**22 < 0.1: about 0.5 s)
-LAG_LIMIT = 0.02  # seconds behind past which the site sheds its costly pages
-CHEAP = 0.005  # seconds: a page answered in less is never shed for lag
+LAG_LIMIT = 0.005  # seconds behind past which the site sheds its costly pages
+BUSY_LIMIT = 0.8  # of one core: past it the site keeps the rest for its cheap pages
+CHEAP = 0.002  # seconds: a page that costs less is never shed for lag
+WORK_BUDGET = 0.02  # seconds of one page's work in flight at most (by its measured cost)
+FIRST_COST = 0.005  # seconds: the cost assumed of a page not answered yet
 BUSY_MESSAGE = (
     "The site is busy: it is answering as many requests as it can at once. "
     f"Nothing was done; try again in {RETRY_AFTER} seconds."
@@ -74,12 +84,16 @@ class Admission:
         self.reserve = max(2, max_requests // 4)
         self.in_flight = 0
         self.per_page: Counter[str] = Counter()
+        self.waiting: Counter[str] = Counter()  # of those, waiting for their client's body
         self.refused = 0
         self.abandoned = 0
         # how far the event loop runs behind (seconds), and each page's usual time to answer
         self.lag = 0.0
+        self.busy = 0.0  # the CPU the site used lately, as a share of one core
         self.cost: dict[str, float] = {}
+        self.heaviest = 0.0  # the usual cost of the costliest page that may be refused
         self._watching = False
+        self.started = 0  # requests admitted so far
 
     def page(self, scope: Scope) -> str:
         """The name of the route that will answer (server.ROUTES), or "" for none."""
@@ -92,18 +106,39 @@ class Admission:
     def admit(self, page: str) -> bool:
         if page in self.reserved:
             return self.in_flight < self.max_requests + self.reserve
-        if self.in_flight >= self.max_requests_per_page and self.lag > LAG_LIMIT:
-            # the site is behind: the pages that cost the most wait first
-            cost = self.cost.get(page, 0.0)
-            if cost > CHEAP and cost * 2 >= max(self.cost.values()):
+        cost = self.cost.get(page, FIRST_COST)
+        if self.in_flight and (self.busy > BUSY_LIMIT or self.lag > LAG_LIMIT):
+            # busy with other requests: the costly pages wait first, and no page may hold
+            # more than WORK_BUDGET of work (a quiet site takes a burst of any page); the
+            # requests waiting for their client to send the body do no work meanwhile
+            if cost > CHEAP and cost * 2 >= self.heaviest:
+                return False
+            if self.per_page[page] - self.waiting[page] >= self.page_limit(cost):
                 return False
         return (
             self.in_flight < self.max_requests and self.per_page[page] < self.max_requests_per_page
         )
 
-    def answered(self, page: str, seconds: float) -> None:
-        """A page took ``seconds`` to answer: its usual cost, a moving average."""
-        self.cost[page] = self.cost.get(page, seconds) * 0.8 + seconds * 0.2
+    def page_limit(self, cost: float) -> int:
+        """How many requests of a page that costs ``cost`` seconds may be in flight."""
+        return max(1, min(self.max_requests_per_page, int(WORK_BUDGET / cost)))
+
+    def answered(self, page: str, seconds: float, alone: bool) -> None:
+        """A page took ``seconds`` to answer, ``alone`` if no other request was in flight
+        meanwhile. Its usual cost is a moving average of the times it took alone: a request
+        that shared the site took longer for the others' sake (until there is such a time,
+        any will do)."""
+        usual = self.cost.get(page)
+        if usual is None:
+            self.cost[page] = seconds
+        elif alone:
+            self.cost[page] = usual * 0.8 + seconds * 0.2
+        else:
+            return
+        if page not in self.reserved:
+            # (signing in costs a password hash: the pages that may be shed are compared
+            # with each other only)
+            self.heaviest = max(c for p, c in self.cost.items() if p not in self.reserved)
 
     def watch_the_loop(self) -> None:
         """Measures, from now on, how late the event loop runs a callback due every TICK: a
@@ -114,12 +149,14 @@ class Admission:
         self._watching = True
         loop = asyncio.get_running_loop()
 
-        def tick(due: float) -> None:
-            now = loop.time()
+        def tick(due: float, cpu: float) -> None:
+            now, used = loop.time(), time.process_time()
             self.lag = max(now - due, self.lag * LAG_DECAY)
-            loop.call_at(now + TICK, tick, now + TICK)
+            # over about five ticks
+            self.busy = self.busy * 0.8 + 0.2 * (used - cpu) / (now - due + TICK)
+            loop.call_at(now + TICK, tick, now + TICK, used)
 
-        loop.call_at(loop.time() + TICK, tick, loop.time() + TICK)
+        loop.call_at(loop.time() + TICK, tick, loop.time() + TICK, time.process_time())
 
 
 class AdmissionMiddleware:
@@ -141,17 +178,21 @@ class AdmissionMiddleware:
             admission.refused += 1
             await refuse(scope, send)
             return
+        alone = not admission.in_flight
+        admission.started += 1
+        ticket = admission.started
         admission.in_flight += 1
         admission.per_page[page] += 1
         start = time.monotonic()
         try:
-            await self.handle(scope, receive, send)
+            await self.handle(scope, receive, send, page)
         finally:
             admission.in_flight -= 1
             admission.per_page[page] -= 1
-            admission.answered(page, time.monotonic() - start)
+            alone = alone and admission.started == ticket  # and no other request came
+            admission.answered(page, time.monotonic() - start, alone)
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, page: str) -> None:
         """The request, cancelled when its client disconnects before the answer is sent."""
         handler = asyncio.current_task()
         assert handler is not None
@@ -175,7 +216,14 @@ class AdmissionMiddleware:
                 await body.put(message)
 
         async def handler_receive() -> Message:
-            return await body.get()
+            if not body.empty():
+                return body.get_nowait()
+            waiting = self.admission.waiting
+            waiting[page] += 1
+            try:
+                return await body.get()
+            finally:
+                waiting[page] -= 1
 
         async def handler_send(message: Message) -> None:
             nonlocal started, answered

@@ -8,6 +8,7 @@ that knows nothing of HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -15,12 +16,13 @@ import sqlite3
 import time
 import urllib.parse
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from jinja2 import pass_context
+from jinja2 import Template, pass_context
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, NoMatchFound
 from starlette.templating import Jinja2Templates
 
@@ -422,9 +424,37 @@ async def render(
         "flashes": [] if name.startswith("_") else request.session.pop("flash", []),
         **context,
     }
-    response = site(request).templates.TemplateResponse(request, name, context, status_code=status)
+    html = await render_page(site(request).templates.get_template(name), request, context)
+    response = HTMLResponse(html, status_code=status)
     response.headers["Vary"] = "HX-Request, Cookie"
     return response
+
+
+# The pages that take long to render are rendered by a thread of their own, not on the
+# event loop: such a page then holds the loop for no more than a switch interval at a time
+# (cli.SWITCH_INTERVAL), and the requests arriving meanwhile — cheap pages, quick 503s —
+# are answered without waiting for it. The quick ones stay on the loop, so they never wait
+# behind a long one in the thread. One thread: renders share one GIL, more would only
+# share it more finely.
+RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+LONG_RENDER = 0.001  # seconds: a template whose renders usually take longer is rendered there
+_render_time: dict[str, float] = {}  # template name -> its usual render time (moving average)
+
+
+async def render_page(template: Template, request: Request, context: dict[str, Any]) -> str:
+    context = {"request": request, **context}
+    usual = _render_time.get(template.name or "", 0.0)
+
+    def timed() -> str:
+        start = time.perf_counter()
+        html = template.render(context)
+        took = time.perf_counter() - start
+        _render_time[template.name or ""] = usual * 0.8 + took * 0.2 if usual else took
+        return html
+
+    if usual < LONG_RENDER:
+        return timed()
+    return await asyncio.get_running_loop().run_in_executor(RENDERER, timed)
 
 
 async def fragment(
