@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import statistics
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,16 +51,25 @@ OK_CODES = (200, 286, 304)
 SERVER_CPU = 0  # on a machine with more than one core, the server has this one to itself
 
 
-def site_server(history: History, **env: str) -> ServeProcess:
-    """The site over a built history, as its own process (start it with ``with``). With two
+@contextlib.contextmanager
+def site_server(history: History, **env: str) -> Iterator[ServeProcess]:
+    """The site over a built history, as its own process, for the ``with`` block. With two
     cores or more, the server runs on core SERVER_CPU and this process on the others, so the
-    load generator never takes the server's CPU (a real site's clients are elsewhere)."""
+    load generator never takes the server's CPU (a real site's clients are elsewhere); this
+    process gets all its cores back after the block, so what it runs next (`jobsite run`,
+    containers' clients) is not confined to one."""
     server = ServeProcess(Path(history.config), Path(history.root) / "server.log", **env)
     cores = os.sched_getaffinity(0)
-    if len(cores) > 1 and SERVER_CPU in cores:
+    pinned = len(cores) > 1 and SERVER_CPU in cores
+    if pinned:
         server.command[:0] = ["taskset", "--cpu-list", str(SERVER_CPU)]
         os.sched_setaffinity(0, cores - {SERVER_CPU})
-    return server
+    try:
+        with server:
+            yield server
+    finally:
+        if pinned:
+            os.sched_setaffinity(0, cores)
 
 
 async def sign_in(client: httpx.AsyncClient, username: str, password: str) -> None:

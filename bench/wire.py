@@ -14,9 +14,9 @@ Content-Length or chunked), and is not a general client.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from json import dumps, loads
 
 import httpx
 
@@ -55,12 +55,8 @@ class Answer:
                 )
         return self._headers
 
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
     def json(self):
-        return json.loads(self.content)
+        return loads(self.content)
 
 
 class Connection(asyncio.Protocol):
@@ -128,7 +124,6 @@ class Wire:
         self.host, self.port = url.host, url.port or 80
         self.headers = dict(headers or {})
         self.idle: list[Connection] = []
-        self.opened = 0
 
     async def _connection(self) -> Connection:
         while self.idle:
@@ -137,7 +132,6 @@ class Wire:
                 return connection
         loop = asyncio.get_running_loop()
         _, connection = await loop.create_connection(Connection, self.host, self.port)
-        self.opened += 1
         return connection
 
     def encode(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> bytes:
@@ -157,7 +151,7 @@ class Wire:
         headers = dict(headers or {})
         body = b""
         if json is not None:
-            body = _json_bytes(json)
+            body = dumps(json).encode()
             headers["content-type"] = "application/json"
         raw = self.encode(method, path, headers, body)
         connection = await self._connection()
@@ -191,10 +185,6 @@ class Wire:
         for connection in self.idle:
             connection.close()
         self.idle.clear()
-
-
-def _json_bytes(value: object) -> bytes:
-    return json.dumps(value).encode()
 
 
 def signed_in_as(client: httpx.AsyncClient, wire: Wire) -> Wire:
