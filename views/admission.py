@@ -18,10 +18,14 @@ page is then admitted a few at a time and each answered within about WORK_BUDGET
 pages keep the rest of the site, and the surplus is refused at once. (A quiet site takes a
 burst of one page, up to ``max_requests_per_page``: ten tabs opened at once all load.)
 
-Busy is what the site watches: how far its event loop runs behind and how much CPU it uses.
-While it is behind, or near the end of its core (BUSY_LIMIT), and other requests are in
-flight, it also refuses the pages that usually take longest, and keeps answering the cheap
-ones and the reserved ones: the cheap pages keep their speed, the quick 503s stay quick.
+Busy is what the site watches: how far its event loop runs behind for its own work, and how
+much CPU it uses. While it is behind, or near the end of its core (BUSY_LIMIT), and other
+requests are at work (not waiting for their client to send the body), it also refuses the
+pages that usually take longest, and keeps answering the cheap ones and the reserved ones:
+the cheap pages keep their speed, the quick 503s stay quick. A loop that is late because the
+machine's other processes (the jobs) had the CPU is not behind for its own work: on Linux the
+time the loop's thread waited for a CPU (``/proc/self/task/<id>/schedstat``) is taken off
+its lateness, so a busy machine does not make a quiet site refuse its users.
 
 A request whose client has gone away stops its work: its handler is cancelled, and the
 disconnect is logged as one line.
@@ -33,6 +37,7 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
@@ -85,9 +90,11 @@ class Admission:
         self.in_flight = 0
         self.per_page: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()  # of those, waiting for their client's body
+        self.all_waiting = 0  # their sum
         self.refused = 0
         self.abandoned = 0
-        # how far the event loop runs behind (seconds), and each page's usual time to answer
+        # how far the event loop runs behind for its own work (seconds), and each page's usual
+        # time to answer
         self.lag = 0.0
         self.busy = 0.0  # the CPU the site used lately, as a share of one core
         self.cost: dict[str, float] = {}
@@ -107,9 +114,9 @@ class Admission:
         if page in self.reserved:
             return self.in_flight < self.max_requests + self.reserve
         cost = self.cost.get(page, FIRST_COST)
-        if self.in_flight and (self.busy > BUSY_LIMIT or self.lag > LAG_LIMIT):
-            # busy with other requests: the costly pages wait first, and no page may hold
-            # more than WORK_BUDGET of work (a quiet site takes a burst of any page); the
+        if self.in_flight > self.all_waiting and (self.busy > BUSY_LIMIT or self.lag > LAG_LIMIT):
+            # busy with other requests at work: the costly pages wait first, and no page may
+            # hold more than WORK_BUDGET of work (a quiet site takes a burst of any page); the
             # requests waiting for their client to send the body do no work meanwhile
             if cost > CHEAP and cost * 2 >= self.heaviest:
                 return False
@@ -148,15 +155,33 @@ class Admission:
             return
         self._watching = True
         loop = asyncio.get_running_loop()
+        waited = cpu_waits()
 
-        def tick(due: float, cpu: float) -> None:
-            now, used = loop.time(), time.process_time()
-            self.lag = max(now - due, self.lag * LAG_DECAY)
+        def tick(due: float, cpu: float, before: float) -> None:
+            now, used, after = loop.time(), time.process_time(), waited()
+            # late for the loop's own work: not the time its thread waited for a CPU
+            self.lag = max(now - due - (after - before), self.lag * LAG_DECAY)
             # over about five ticks
             self.busy = self.busy * 0.8 + 0.2 * (used - cpu) / (now - due + TICK)
-            loop.call_at(now + TICK, tick, now + TICK, used)
+            loop.call_at(now + TICK, tick, now + TICK, used, after)
 
-        loop.call_at(loop.time() + TICK, tick, loop.time() + TICK, time.process_time())
+        start = loop.time() + TICK
+        loop.call_at(start, tick, start, time.process_time(), waited())
+
+
+def cpu_waits() -> Callable[[], float]:
+    """A clock of the seconds the calling thread has spent ready to run but waiting for a
+    CPU (Linux's schedstat); one that stands still where there is none to read."""
+    path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+
+    def waited() -> float:
+        try:
+            with open(path, "rb", buffering=0) as stat:
+                return int(stat.read(64).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    return waited
 
 
 class AdmissionMiddleware:
@@ -218,12 +243,14 @@ class AdmissionMiddleware:
         async def handler_receive() -> Message:
             if not body.empty():
                 return body.get_nowait()
-            waiting = self.admission.waiting
-            waiting[page] += 1
+            admission = self.admission
+            admission.waiting[page] += 1
+            admission.all_waiting += 1
             try:
                 return await body.get()
             finally:
-                waiting[page] -= 1
+                admission.waiting[page] -= 1
+                admission.all_waiting -= 1
 
         async def handler_send(message: Message) -> None:
             nonlocal started, answered
