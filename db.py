@@ -223,12 +223,16 @@ class Database:
             self._readers.put_nowait(conn)
 
     async def fetchall(self, sql: str, params: Iterable[Any] | dict = ()) -> list[Row]:
-        async with self._reader() as conn, conn.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        # one trip to the reader's thread (a cursor's execute, fetch and close are three: on
+        # a busy site each trip waits its turn on the event loop)
+        async with self._reader() as conn:
+            return list(await conn.execute_fetchall(sql, params))
 
     async def fetchone(self, sql: str, params: Iterable[Any] | dict = ()) -> Row | None:
-        async with self._reader() as conn, conn.execute(sql, params) as cur:
-            return await cur.fetchone()
+        """The first row, for a query that matches one row or a few (by a key, or a count):
+        the rows are fetched in the same trip as the query."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
 
     async def fetchval(self, sql: str, params: Iterable[Any] | dict = ()) -> Any:
         row = await self.fetchone(sql, params)

@@ -92,6 +92,7 @@ class Scheduler:
         # why runnable jobs cannot start now: (status code, message), or None
         self.blocked: tuple[str, str] | None = None
         self._wake = asyncio.Event()
+        self._loading = asyncio.Lock()  # one look for new job requests at a time
         self._statuses_stale = asyncio.Event()
         self._statuses_seen: tuple = ()  # what the last status rewrite was asked for
         self._tasks: list[asyncio.Task] = []
@@ -239,6 +240,10 @@ class Scheduler:
         """Add the pending jobs of job requests made since the last look. A request and its
         jobs are written in one transaction, and request ids grow in the order those
         transactions commit (the one writer serialises them), so none is missed."""
+        async with self._loading:
+            await self._load_new_jobs_now()
+
+    async def _load_new_jobs_now(self) -> None:
         rows = await self.db.fetchall(
             f"SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} "
             "WHERE j.job_request_id > ? AND j.state = 'pending' "
@@ -677,6 +682,8 @@ class Scheduler:
         """Cancel jobs: pending ones end now, running ones have their container stopped.
         Returns the jobs cancelled; finished jobs, and jobs already collecting their outputs,
         are left as they are."""
+        # a job request submitted a moment ago may not be in the queue yet
+        await self._load_new_jobs()
         cancelled = []
         asked = set(job_ids)
         for job_id in job_ids:

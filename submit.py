@@ -199,10 +199,13 @@ async def job_request_json(
         "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
         (request_id,),
     )
-    if row is None:
-        return None
+    return None if row is None else await request_json(db, row, show_log)
+
+
+async def request_json(db: Database, row: Row, show_log: bool = False) -> dict[str, Any]:
+    """job_request_json of a job request's row already read (its columns and "workspace")."""
     jobs = await db.fetchall(
-        "SELECT * FROM jobs WHERE job_request_id = ? ORDER BY created_at", (request_id,)
+        "SELECT * FROM jobs WHERE job_request_id = ? ORDER BY created_at", (row["id"],)
     )
     status, message = request_status(row, jobs)
     return {

@@ -136,6 +136,9 @@ async def one_round(
             "RSS during": max(rss),
         }
     )
+    for load in (flood, *during):
+        if load.errors or load.timeouts:
+            print(f"   {load.name}: {load.timeouts} timeouts, errors {dict(load.errors)}")
     for load in during:
         figures[f"{load.name} p95"] = load.percentile(95)
         figures[f"{load.name} lost"] = sum(load.errors.values()) + load.timeouts

@@ -231,7 +231,7 @@ def test_a_loop_late_because_other_processes_had_the_cpu_is_not_behind(settings)
 
         async def lateness() -> float:  # the test's own measure, on the site's loop
             worst = 0.0
-            for _ in range(50):
+            for _ in range(100):
                 due = loop.time() + 0.02
                 await asyncio.sleep(0.02)
                 worst = max(worst, loop.time() - due)
@@ -255,7 +255,7 @@ def test_a_loop_late_because_other_processes_had_the_cpu_is_not_behind(settings)
             for hog in hogs:
                 hog.kill()
                 hog.wait()
-        assert worst > 2 * LAG_LIMIT, f"the loop was late by {worst * 1000:.1f} ms at most"
+        assert worst > LAG_LIMIT, f"the loop was late by {worst * 1000:.1f} ms at most"
         assert highest < LAG_LIMIT, f"behind by {highest * 1000:.1f} ms for its own work"
 
 
@@ -316,6 +316,39 @@ def test_a_request_still_running_when_the_site_stops_is_answered_503(settings, c
     assert [r.getMessage() for r in caplog.records if "stopped answering" in r.getMessage()] == [
         "stopped answering POST /api/v1/projects: the site is stopping"
     ]
+
+
+def test_a_flooded_page_gets_its_share_of_the_site_and_one_persons_clicks_are_never_refused():
+    from jobsite.views.admission import FLOOD_MEMORY, PAGE_SHARE, Admission
+
+    now = [1000.0]
+    admission = Admission([], 100, 100, reserved=(), clock=lambda: now[0])
+    admission.cost.update(logs=0.01, home=0.001)
+    admission.heaviest = 0.01
+    admission.busy = 1.0  # the site at the end of its core all along
+
+    def offer(page: str, every: float, count: int) -> int:
+        """``count`` requests of ``page``, one every ``every`` seconds (each answered
+        before the next): how many were admitted."""
+        admitted = 0
+        for _ in range(count):
+            admitted += admission.admit(page)
+            now[0] += every
+        return admitted
+
+    # one person clicking as fast as can be: never refused, however busy the site is
+    assert offer("logs", 0.01, 100) == 100  # back to back: each takes 10 ms
+    # a flood: requests of the page were refused (here, its places were all taken)
+    admission.per_page["logs"] = 100
+    assert not admission.admit("logs")
+    admission.per_page["logs"] = 0
+    admitted = offer("logs", 0.001, 500)  # half a second of them
+    share = admitted * admission.cost["logs"] / 0.5
+    assert PAGE_SHARE * 0.8 <= share <= PAGE_SHARE * 1.2, share
+    assert offer("home", 0.001, 100) == 100  # another page: the rest is its
+    # the flood over (nothing refused for a while), the page is answered in full again
+    now[0] += FLOOD_MEMORY
+    assert offer("logs", 0.01, 50) == 50
 
 
 @pytest.mark.parametrize(

@@ -464,3 +464,21 @@ async def test_cancelling_a_waiting_request_marks_every_job_cancelled(
         "analyse": "cancelled_by_user",
         "report": "dependency_failed",
     }
+
+
+async def test_a_job_request_cancelled_before_the_scheduler_looked_at_it_is_cancelled(
+    app, client, make_user, make_repo, monkeypatch
+):
+    """Submitted, then cancelled at once: the scheduler has not yet taken the request into
+    its queue (it was not woken), and the cancel still ends its jobs."""
+    admin = await make_user("root", admin=True)
+    headers = await make_user("alice")
+    await setup_workspace(client, headers, make_repo({"project.yaml": FAIR_YAML}))
+    await client.post("/api/v1/admin/queue/pause", headers=admin)
+    monkeypatch.setattr(app.state.scheduler, "wake", lambda: None)
+    request_id, ids = await add_request(app, "ws1", "alice", [("generate", writes("g"), ())])
+    assert ids["generate"] not in app.state.scheduler.queue.pending
+    response = await client.post(f"/api/v1/job-requests/{request_id}/cancel", headers=headers)
+    assert response.json()["cancelled"] == [ids["generate"]]
+    (job,) = response.json()["jobs"]
+    assert job["status_code"] == "cancelled_by_user"

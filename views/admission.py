@@ -18,6 +18,12 @@ page is then admitted a few at a time and each answered within about WORK_BUDGET
 pages keep the rest of the site, and the surplus is refused at once. (A quiet site takes a
 burst of one page, up to ``max_requests_per_page``: ten tabs opened at once all load.)
 
+A page asked for faster than the site answers it (some of its requests were refused within
+FLOOD_MEMORY) is flooded: it may then take at most PAGE_SHARE of the site's time, counted
+in its measured cost per request admitted, so the flood leaves the site room (CPU it does
+not use) for every other page however long it lasts. One person clicking through pages is
+never refused, so never held to a share.
+
 Busy is what the site watches: how far its event loop runs behind for its own work, and how
 much CPU it uses. While it is behind, or near the end of its core (BUSY_LIMIT), and other
 requests are at work (not waiting for their client to send the body), it also refuses the
@@ -59,7 +65,9 @@ LAG_DECAY = 0.9  # per tick: a lag is remembered for a while (0.9**22 < 0.1: abo
 LAG_LIMIT = 0.005  # seconds behind past which the site sheds its costly pages
 BUSY_LIMIT = 0.8  # of one core: past it the site keeps the rest for its cheap pages
 CHEAP = 0.002  # seconds: a page that costs less is never shed for lag
-WORK_BUDGET = 0.02  # seconds of one page's work in flight at most (by its measured cost)
+WORK_BUDGET = 0.02  # seconds of one page's work a busy site takes at once (by its cost)
+PAGE_SHARE = 0.5  # of the site's time at most for a flooded page while the site is busy
+FLOOD_MEMORY = 1.0  # seconds: a page refused less long ago than this is flooded
 FIRST_COST = 0.005  # seconds: the cost assumed of a page not answered yet
 BUSY_MESSAGE = (
     "The site is busy: it is answering as many requests as it can at once. "
@@ -80,8 +88,10 @@ class Admission:
         max_requests: int,
         max_requests_per_page: int,
         reserved: Collection[str],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.routes = routes
+        self.clock = clock  # seconds, for the pages' shares
         self.max_requests = max_requests
         self.max_requests_per_page = max_requests_per_page
         self.reserved = frozenset(reserved)
@@ -91,6 +101,10 @@ class Admission:
         self.per_page: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()  # of those, waiting for their client's body
         self.all_waiting = 0  # their sum
+        # each page's work admitted lately (seconds of its cost, draining at PAGE_SHARE a
+        # second), and when that was reckoned
+        self.work: dict[str, tuple[float, float]] = {}
+        self.refused_at: dict[str, float] = {}  # when a request of each page last was
         self.refused = 0
         self.abandoned = 0
         # how far the event loop runs behind for its own work (seconds), and each page's usual
@@ -112,23 +126,41 @@ class Admission:
 
     def admit(self, page: str) -> bool:
         if page in self.reserved:
-            return self.in_flight < self.max_requests + self.reserve
+            return self.in_flight < self.max_requests + self.reserve or self.shed(page)
+        if self.in_flight >= self.max_requests or self.per_page[page] >= self.max_requests_per_page:
+            return self.shed(page)
         cost = self.cost.get(page, FIRST_COST)
-        if self.in_flight > self.all_waiting and (self.busy > BUSY_LIMIT or self.lag > LAG_LIMIT):
-            # busy with other requests at work: the costly pages wait first, and no page may
-            # hold more than WORK_BUDGET of work (a quiet site takes a burst of any page); the
-            # requests waiting for their client to send the body do no work meanwhile
-            if cost > CHEAP and cost * 2 >= self.heaviest:
-                return False
+        now = self.clock()
+        level, then = self.work.get(page, (0.0, now))
+        level = max(0.0, level - (now - then) * PAGE_SHARE)  # the page's work not yet drained
+        if self.busy > BUSY_LIMIT or self.lag > LAG_LIMIT:
+            # busy: while other requests are at work the costly pages wait first, and no
+            # page may hold more than WORK_BUDGET of work (the requests waiting for their
+            # client to send the body do no work meanwhile)
+            if self.in_flight > self.all_waiting and cost > CHEAP and cost * 2 >= self.heaviest:
+                return self.shed(page)
             if self.per_page[page] - self.waiting[page] >= self.page_limit(cost):
-                return False
-        return (
-            self.in_flight < self.max_requests and self.per_page[page] < self.max_requests_per_page
-        )
+                return self.shed(page)
+        # a page asked for faster than it is answered (some of it was refused lately: never
+        # one person's clicks) takes at most its share of the site's time
+        # (the work counted is capped at a burst: what was answered in full before the
+        # flood does not count against it)
+        burst = max(WORK_BUDGET, 2 * cost)
+        flooded = now - self.refused_at.get(page, -FLOOD_MEMORY) < FLOOD_MEMORY
+        if flooded and level + cost > burst:
+            return self.shed(page)
+        self.work[page] = (min(level + cost, burst), now)
+        return True
 
     def page_limit(self, cost: float) -> int:
-        """How many requests of a page that costs ``cost`` seconds may be in flight."""
+        """How many requests of a page that costs ``cost`` seconds may be at work at once."""
         return max(1, min(self.max_requests_per_page, int(WORK_BUDGET / cost)))
+
+    def shed(self, page: str) -> bool:
+        """Notes that a request of ``page`` is refused; False."""
+        self.refused += 1
+        self.refused_at[page] = self.clock()
+        return False
 
     def answered(self, page: str, seconds: float, alone: bool) -> None:
         """A page took ``seconds`` to answer, ``alone`` if no other request was in flight
@@ -200,7 +232,6 @@ class AdmissionMiddleware:
         admission.watch_the_loop()
         page = admission.page(scope)
         if not admission.admit(page):
-            admission.refused += 1
             await refuse(scope, send)
             return
         alone = not admission.in_flight

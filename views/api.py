@@ -256,8 +256,7 @@ async def create_job_request(request: Request) -> Response:
 async def job_request(request: Request) -> Response:
     row = await get_job_request(request, request.path_params["id"])
     show_log = await may_read_logs(request, row["project_id"])
-    data = await submit.job_request_json(site(request).db, row["id"], show_log)
-    assert data is not None
+    data = await submit.request_json(site(request).db, row, show_log)
     data["jobs"] = await with_expected_starts(request, data["jobs"])
     return JSONResponse(data)
 
