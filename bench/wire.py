@@ -24,6 +24,9 @@ HEAD_END = b"\r\n\r\n"
 CHUNKED_END = b"0\r\n\r\n"
 
 
+NO_BODY = (204, 304)  # answers that never have a body (a 1xx is not awaited here)
+
+
 class WireError(ConnectionError):
     """The server closed the connection, or answered in a way this client does not read."""
 
@@ -82,8 +85,11 @@ class Connection(asyncio.Protocol):
         head = bytes(self.buffer[:end])
         lower = head.lower()
         start = end + len(HEAD_END)
+        status = int(head[9:12])
         at = lower.find(b"\r\ncontent-length:")
-        if at >= 0:
+        if status in NO_BODY:  # whatever its headers say (RFC 9112, 6.3)
+            body, rest = b"", start
+        elif at >= 0:
             stop = lower.find(b"\r\n", at + 2)
             length = int(lower[at + 17 : stop if stop >= 0 else None])
             if len(self.buffer) < start + length:
@@ -102,7 +108,7 @@ class Connection(asyncio.Protocol):
         del self.buffer[:rest]
         if b"\r\nconnection: close" in lower:
             self.keep_alive = False
-        self.waiter.set_result((int(head[9:12]), head, body))
+        self.waiter.set_result((status, head, body))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
