@@ -100,11 +100,10 @@ class Admission:
         self.in_flight = 0
         self.per_page: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()  # of those, waiting for their client's body
-        self.all_waiting = 0  # their sum
         # each page's work admitted lately (seconds of its cost, draining at PAGE_SHARE a
         # second), and when that was reckoned
         self.work: dict[str, tuple[float, float]] = {}
-        self.refused_at: dict[str, float] = {}  # when a request of each page last was
+        self.refused_at: dict[str, float] = {}  # when a request of each page was last refused
         self.refused = 0
         self.abandoned = 0
         # how far the event loop runs behind for its own work (seconds), and each page's usual
@@ -115,6 +114,11 @@ class Admission:
         self.heaviest = 0.0  # the usual cost of the costliest page that may be refused
         self._watching = False
         self.started = 0  # requests admitted so far
+
+    @property
+    def all_waiting(self) -> int:
+        """The requests in flight that wait for their client's body."""
+        return sum(self.waiting.values())
 
     def page(self, scope: Scope) -> str:
         """The name of the route that will answer (server.ROUTES), or "" for none."""
@@ -274,14 +278,12 @@ class AdmissionMiddleware:
         async def handler_receive() -> Message:
             if not body.empty():
                 return body.get_nowait()
-            admission = self.admission
-            admission.waiting[page] += 1
-            admission.all_waiting += 1
+            waiting = self.admission.waiting
+            waiting[page] += 1
             try:
                 return await body.get()
             finally:
-                admission.waiting[page] -= 1
-                admission.all_waiting -= 1
+                waiting[page] -= 1
 
         async def handler_send(message: Message) -> None:
             nonlocal started, answered
