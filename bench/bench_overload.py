@@ -40,7 +40,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 from history import History, build  # noqa: E402
-from load import Load, open_loop, site_server, targets, wire_for  # noqa: E402
+from load import Load, nearest_rank, open_loop, site_server, targets, wire_for  # noqa: E402
 from wire import Answer, Wire  # noqa: E402
 
 PAGES = ("admin", "logs", "job-request", "poll", "home", "api-status")
@@ -65,10 +65,7 @@ async def service_time(client: Wire, call, seconds: float) -> float:
 
 
 def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    return nearest_rank(values, p) if values else float("nan")
 
 
 class Split:

@@ -87,6 +87,12 @@ async def sign_in(client: httpx.AsyncClient, username: str, password: str) -> No
 # -- open-loop load ------------------------------------------------------------------------
 
 
+def nearest_rank(values: list[float], p: float) -> float:
+    """The p-th percentile of ``values`` (not empty), by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
 @dataclass
 class Load:
     """What one run at a fixed rate saw."""
@@ -112,8 +118,7 @@ class Load:
         """The p-th percentile latency in ms (nearest rank); inf when nothing was served."""
         if not self.latencies:
             return float("inf")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+        return nearest_rank(self.latencies, p) * 1000
 
     @property
     def p50(self) -> float:
