@@ -363,6 +363,84 @@ def test_a_flooded_page_gets_its_share_of_the_site_and_one_persons_clicks_are_ne
     assert offer("logs", 0.01, 50) == 50
 
 
+def test_while_a_quick_request_is_at_work_the_long_renders_wait_for_it(settings):
+    """A page that costs a quarter of the costliest or less is quick: while one is at work
+    (here, waiting for the database's writer) the renders in the render thread pause; a
+    costly request at work does not pause them."""
+    with live(settings, max_requests=8, max_requests_per_page=4) as (url, app, loop, headers):
+        admission, db = app.state.admission, app.state.db
+        quiet = admission.no_quick_at_work
+        admission.cost.update(api_create_project=0.001, logs=1.0)
+        admission.heaviest = 1.0
+        assert admission.is_quick("api_create_project") and quiet.is_set()
+        with holding_the_writer(db, loop):
+            quick = new_project(url, headers, "A")
+            wait_until(lambda: db._write_lock._waiters, 10, "the request to wait for the writer")
+            assert admission.quick_at_work == 1 and not quiet.is_set()
+        assert status_of(quick) == 201
+        wait_until(quiet.is_set, 10, "the renders to go on once it is answered")
+
+        admission.cost["api_create_project"] = 0.5  # now a costly page
+        with holding_the_writer(db, loop):
+            costly = new_project(url, headers, "B")
+            wait_until(lambda: db._write_lock._waiters, 10, "the request to wait for the writer")
+            assert admission.quick_at_work == 0 and quiet.is_set()
+        assert status_of(costly) == 201
+
+
+def test_a_long_render_pauses_between_pieces_for_a_quick_request_and_for_so_long_only(
+    monkeypatch,
+):
+    from jinja2 import Environment
+
+    from jobsite.views import base
+
+    ticks: list[int] = []
+    quiet = threading.Event()
+    quiet.set()
+
+    def tick(i: int) -> str:
+        ticks.append(i)
+        if i == 100:
+            quiet.clear()  # a quick request arrives while the page renders
+        return ""
+
+    template = Environment().from_string(
+        "{% for i in range(1000) %}{{ tick(i) }}<p>{{ i }}</p>{% endfor %}"
+    )
+    template.globals["tick"] = tick
+    expected = template.render()
+    ticks.clear()
+    quiet.set()
+    monkeypatch.setattr(base, "GIVE_WAY_MAX", 30.0)
+    rendered: list[tuple[str, float]] = []
+    thread = threading.Thread(
+        target=lambda: rendered.append(base.render_giving_way(template, {}, quiet))
+    )
+    thread.start()
+    wait_until(lambda: len(ticks) > 100, 10, "the render to reach the quick request")
+    thread.join(0.3)  # the whole render takes a few ms: it would be over by now
+    assert thread.is_alive() and not rendered, "the render went on beside the quick request"
+    # it stopped within a few pieces (each iteration makes three)
+    assert len(ticks) <= 101 + base.GIVE_WAY_EVERY, len(ticks)
+    quiet.set()  # the quick request answered
+    thread.join(10)
+    ((html, took),) = rendered
+    assert html == expected and len(ticks) == 1000
+    assert took < 0.25, "the pause (over 0.3 s) counted as render time"
+
+    # a quick request that does not end holds a render up for GIVE_WAY_MAX in all, no more
+    monkeypatch.setattr(base, "GIVE_WAY_MAX", 0.2)
+    ticks.clear()
+    quiet.set()
+    start = time.monotonic()
+    html, took = base.render_giving_way(template, {}, quiet)
+    elapsed = time.monotonic() - start
+    assert html == expected and not quiet.is_set()
+    assert 0.2 <= elapsed < 2, elapsed
+    assert took < elapsed - 0.15
+
+
 @pytest.mark.parametrize(
     "limits, message",
     [

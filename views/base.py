@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -43,7 +44,7 @@ from ..submit import SubmitError
 from ..units import ago, expected_in, human_duration, iso, runtime, when
 from ..workspaces import ParsedProjects
 from . import csrf
-from .admission import Admission
+from .admission import GIVE_WAY_MAX, Admission, answering_quick
 
 
 class Site:
@@ -434,27 +435,47 @@ async def render(
 # event loop: such a page then holds the loop for no more than a switch interval at a time
 # (cli.SWITCH_INTERVAL), and the requests arriving meanwhile — cheap pages, quick 503s —
 # are answered without waiting for it. The quick ones stay on the loop, so they never wait
-# behind a long one in the thread. One thread: renders share one GIL, more would only
-# share it more finely.
+# behind a long one in the thread, and while one is at work the thread's render pauses
+# between pieces of its output (views/admission.py: the quick pages go first). One thread:
+# renders share one GIL, more would only share it more finely.
 RENDERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
 LONG_RENDER = 0.001  # seconds: a template whose renders usually take longer is rendered there
+GIVE_WAY_EVERY = 16  # pieces of output a long render makes between two looks for quick requests
 _render_time: dict[str, float] = {}  # template name -> its usual render time (moving average)
 
 
 async def render_page(template: Template, request: Request, context: dict[str, Any]) -> str:
     context = {"request": request, **context}
-    usual = _render_time.get(template.name or "", 0.0)
-
-    def timed() -> str:
+    name = template.name or ""
+    usual = _render_time.get(name, 0.0)
+    if usual < LONG_RENDER or answering_quick.get():
         start = time.perf_counter()
         html = template.render(context)
         took = time.perf_counter() - start
-        _render_time[template.name or ""] = usual * 0.8 + took * 0.2 if usual else took
-        return html
+    else:
+        quiet = site(request).admission.no_quick_at_work
+        html, took = await asyncio.get_running_loop().run_in_executor(
+            RENDERER, render_giving_way, template, context, quiet
+        )
+    _render_time[name] = usual * 0.8 + took * 0.2 if usual else took
+    return html
 
-    if usual < LONG_RENDER:
-        return timed()
-    return await asyncio.get_running_loop().run_in_executor(RENDERER, timed)
+
+def render_giving_way(
+    template: Template, context: dict[str, Any], quiet: threading.Event
+) -> tuple[str, float]:
+    """The page, and the seconds its render took (not counting its pauses): while ``quiet``
+    is clear it waits between pieces of output, for at most GIVE_WAY_MAX in all."""
+    start = time.perf_counter()
+    allowance = GIVE_WAY_MAX
+    parts = []
+    for i, piece in enumerate(template.generate(context)):
+        parts.append(piece)
+        if allowance > 0 and not i % GIVE_WAY_EVERY and not quiet.is_set():
+            before = time.perf_counter()
+            quiet.wait(allowance)
+            allowance -= time.perf_counter() - before
+    return "".join(parts), time.perf_counter() - start - (GIVE_WAY_MAX - allowance)
 
 
 async def fragment(
