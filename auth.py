@@ -147,7 +147,7 @@ def _user(row: Row | None, stamp: str | None = None) -> User | None:
 async def load_user(db: Database, user_id: int, stamp: str | None = None) -> User | None:
     """The active user with this id, with their roles; with a session's ``stamp``, only
     while their password is the one the session was made with."""
-    row = await db.fetchone(
+    row = await db.lookup(
         f"SELECT {USER_COLUMNS} FROM users u WHERE u.id = ? AND u.is_active = 1", (user_id,)
     )
     return _user(row, stamp)
@@ -206,7 +206,7 @@ async def load_session_user(db: Database, session: dict[str, Any], max_age: floa
     session_id = session.get(SESSION_ID)
     if not isinstance(session_id, str) or not isinstance(session.get("user_id"), int):
         return None
-    row = await db.fetchone(
+    row = await db.lookup(
         f"SELECT {USER_COLUMNS} FROM sessions s JOIN users u ON u.id = s.user_id "
         "WHERE s.id = ? AND s.created_at >= ? AND u.is_active = 1",
         (hash_token(session_id), time.time() - max_age),
@@ -249,7 +249,7 @@ TOKEN_USE_RESOLUTION = 60.0
 async def authenticate_token(db: Database, token: str) -> User | None:
     """The user of a token that exists and has not expired."""
     now = time.time()
-    row = await db.fetchone(
+    row = await db.lookup(
         f"SELECT t.id AS token_id, t.last_used_at, {USER_COLUMNS} FROM api_tokens t "
         "JOIN users u ON u.id = t.user_id "
         "WHERE t.token_hash = ? AND (t.expires_at IS NULL OR t.expires_at > ?) AND u.is_active = 1",

@@ -194,7 +194,7 @@ async def job_request_json(
 ) -> dict[str, Any] | None:
     """A job request and its jobs as the API shows them; with ``show_log`` (the asker may
     read the jobs' logs), failed jobs' last log lines too."""
-    row = await db.fetchone(
+    row = await db.lookup(
         "SELECT r.*, w.name AS workspace FROM job_requests r "
         "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
         (request_id,),

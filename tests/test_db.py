@@ -136,3 +136,57 @@ async def test_closing_folds_the_write_ahead_log_into_the_database_file(tmp_path
         alone.close()
     finally:
         onlooker.close()
+
+
+async def test_a_lookup_by_key_is_answered_on_the_loop_and_sees_every_commit(tmp_path):
+    database = await Database.open(tmp_path / "db.sqlite")
+    held = []
+    try:
+        await database.execute(
+            "INSERT INTO users (username, created_at) VALUES ('ann', 0), ('bob', 0)"
+        )
+        # every reader thread taken: a read that needs one would wait for good
+        while not database._readers.empty():
+            held.append(database._readers.get_nowait())
+        find = "SELECT id, username FROM users WHERE username = ?"
+        assert (await asyncio.wait_for(database.lookup(find, ("bob",)), 1))["username"] == "bob"
+        assert await database.lookup(find, ("nobody",)) is None
+        await database.execute("UPDATE users SET username = 'cy' WHERE username = 'bob'")
+        assert await database.lookup(find, ("bob",)) is None  # the write just committed
+        assert (await database.lookup(find, ("cy",)))["username"] == "cy"
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            await database.lookup("SELECT * FROM missing WHERE id = ?", (1,))
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await database.lookup("DELETE FROM users WHERE id = ?", (1,))  # reads only
+    finally:
+        for conn in held:
+            database._readers.put_nowait(conn)
+        await database.close()
+
+
+async def test_a_lookup_that_would_wait_for_a_lock_goes_to_a_reader_thread(tmp_path):
+    database = await Database.open(tmp_path / "db.sqlite")
+    other = tmp_path / "locked.sqlite"
+    locker = sqlite3.connect(other, isolation_level=None)
+    try:
+        await database.execute("INSERT INTO users (username, created_at) VALUES ('ann', 0)")
+        # the loop's connection swapped for one whose file another connection has locked
+        # (a rollback journal, exclusive): SQLite answers "database is locked" at once
+        locker.execute("CREATE TABLE users (id, username)")
+        locker.execute("BEGIN EXCLUSIVE")
+        database._quick.close()
+        database._quick = sqlite3.connect(other, isolation_level=None, timeout=0)
+        database._quick.row_factory = db_module._row_factory
+        row = await database.lookup("SELECT username FROM users WHERE id = ?", (1,))
+        assert row == {"username": "ann"}  # from db.sqlite, through a reader thread
+        # and asked from another thread (with a loop of its own), where the loop's
+        # connection may not be used, the lookup goes to a reader thread as well
+        database._quick.close()
+        database._quick = sqlite3.connect(":memory:", check_same_thread=False)  # no users
+        row = await asyncio.to_thread(
+            asyncio.run, database.lookup("SELECT username FROM users WHERE id = ?", (1,))
+        )
+        assert row == {"username": "ann"}
+    finally:
+        locker.close()
+        await database.close()

@@ -286,14 +286,14 @@ async def _visible(request: Request, row: Row | None, kind: str, key: str) -> Ro
 
 
 async def get_project(request: Request, slug: str) -> Row:
-    project = await site(request).db.fetchone(
+    project = await site(request).db.lookup(
         "SELECT *, id AS project_id FROM projects WHERE slug = ?", (slug,)
     )
     return await _visible(request, project, "project", slug)
 
 
 async def get_workspace(request: Request, name: str) -> Row:
-    workspace = await site(request).db.fetchone(
+    workspace = await site(request).db.lookup(
         "SELECT w.*, p.slug AS project_slug, p.name AS project_name FROM workspaces w "
         "JOIN projects p ON p.id = w.project_id WHERE w.name = ?",
         (name,),
@@ -302,7 +302,7 @@ async def get_workspace(request: Request, name: str) -> Row:
 
 
 async def get_job(request: Request, job_id: str) -> Row:
-    job = await site(request).db.fetchone(
+    job = await site(request).db.lookup(
         "SELECT j.*, w.name AS workspace, w.project_id FROM jobs j "
         "JOIN workspaces w ON w.id = j.workspace_id WHERE j.id = ?",
         (job_id,),
@@ -332,7 +332,7 @@ async def get_job_request(request: Request, request_id: str) -> Row:
     row = None
     number = parse_number(request_id)
     if number is not None:
-        row = await site(request).db.fetchone(
+        row = await site(request).db.lookup(
             "SELECT r.*, w.name AS workspace, w.project_id FROM job_requests r "
             "JOIN workspaces w ON w.id = r.workspace_id WHERE r.id = ?",
             (number,),
