@@ -504,6 +504,17 @@ def last_fetch(mirror: Path) -> int | None:
     return fetch_head.stat().st_mtime_ns if fetch_head.exists() else None
 
 
+async def view(client: httpx.AsyncClient, path: str) -> httpx.Response:
+    """A page, asked for again while the site refuses it as busy (its loop may run behind
+    while thirty views arrive at once: then it takes a few of a page at a time)."""
+    for _ in range(200):
+        page = await client.get(path)
+        if page.status_code != 503:
+            return page
+        await asyncio.sleep(0.05)
+    return page
+
+
 async def test_viewing_a_workspace_over_and_over_fetches_its_repo_at_most_once_per_interval(
     settings, make_repo, intact
 ):
@@ -516,8 +527,8 @@ async def test_viewing_a_workspace_over_and_over_fetches_its_repo_at_most_once_p
         fetched = last_fetch(app.state.repos.mirror_path(repo.url))
         repo.commit({"project.yaml": project_yaml(second=evil_action("second"))})
         shown = await asyncio.gather(
-            *[client.get("/api/v1/workspaces/ws1") for _ in range(20)],
-            *[client.get("/ws1/") for _ in range(10)],
+            *[view(client, "/api/v1/workspaces/ws1") for _ in range(20)],
+            *[view(client, "/ws1/") for _ in range(10)],
         )
         assert all(page.status_code == 200 for page in shown)
         assert all("second" not in page.text for page in shown), "the mirror was not fetched"

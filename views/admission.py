@@ -127,6 +127,7 @@ class Admission:
         self.lag = 0.0
         self.busy = 0.0  # the CPU the site used lately, as a share of one core
         self.cost: dict[str, float] = {}
+        self.measured: Counter[str] = Counter()  # how many answers each page's cost is from
         self.heaviest = 0.0  # the usual cost of the costliest page that may be refused
         self._watching = False
         self.started = 0  # requests admitted so far
@@ -193,14 +194,16 @@ class Admission:
         """A page took ``seconds`` to answer, ``alone`` if no other request was in flight
         meanwhile. Its usual cost is a moving average of the times it took alone: a request
         that shared the site took longer for the others' sake (until there is such a time,
-        any will do)."""
+        any will do). The first answer of a page is cold (its templates compiled, its first
+        connection opened: home took 22 ms, then 3 ms), so the next one alone replaces it."""
         usual = self.cost.get(page)
-        if usual is None:
+        if usual is None or (alone and self.measured[page] == 1):
             self.cost[page] = seconds
         elif alone:
             self.cost[page] = usual * 0.8 + seconds * 0.2
         else:
             return
+        self.measured[page] += 1
         if page not in self.reserved:
             # (signing in costs a password hash: the pages that may be shed are compared
             # with each other only)
