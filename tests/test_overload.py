@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -405,6 +406,43 @@ def test_while_a_quick_request_is_at_work_the_long_renders_wait_for_it(settings)
             wait_until(lambda: db._write_lock._waiters, 10, "the request to wait for the writer")
             assert admission.quick_at_work == 0 and quiet.is_set()
         assert status_of(costly) == 201
+
+
+def test_a_long_render_hands_the_gil_over_between_pieces():
+    """The event loop gives the GIL up at every socket call: while a long render runs in its
+    thread, the loop must get it back at once, not when the render's switch interval ends
+    (here 50 ms, so that a wait for it cannot be mistaken for anything else)."""
+    from jinja2 import Environment
+
+    from jobsite.views import base
+
+    measured = threading.Event()
+
+    def pieces() -> Iterator[int]:
+        i = 0
+        while not measured.is_set():  # the render goes on until the waits are measured
+            yield i
+            i += 1
+
+    template = Environment().from_string("{% for i in pieces() %}<p>{{ i }}</p>{% endfor %}")
+    template.globals["pieces"] = pieces
+    quiet = threading.Event()
+    quiet.set()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)
+    try:
+        rendering = threading.Thread(target=base.render_giving_way, args=(template, {}, quiet))
+        rendering.start()
+        waits = []
+        for _ in range(20):  # a socket call's worth: the GIL given up, then taken back
+            start = time.perf_counter()
+            time.sleep(0.0001)
+            waits.append(time.perf_counter() - start)
+    finally:
+        measured.set()
+        sys.setswitchinterval(interval)
+    rendering.join(10)
+    assert statistics.median(waits) < 0.01, waits
 
 
 def test_a_long_render_pauses_between_pieces_for_a_quick_request_and_for_so_long_only(

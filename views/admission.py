@@ -38,7 +38,8 @@ costliest is quick: it is rendered on the event loop, and while one is at work t
 renders of the other pages (in their own thread) pause between pieces of their output, for
 at most GIVE_WAY_MAX each, instead of taking the interpreter's lock from it every switch
 interval (under bench_overload's flood the cheap pages' p95 went from 2.6-2.9x their
-idle p95 to 1.4-1.6x, with the lookups by key of db.Database.lookup).
+idle p95 to 1.4-1.6x, with the lookups by key of db.Database.lookup; and to 0.8-1.0x once
+the long renders also hand the lock back every millisecond: views.base.HAND_OVER).
 
 A request whose client has gone away stops its work: its handler is cancelled, and the
 disconnect is logged as one line.
