@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import gc
 import logging
 import secrets
@@ -193,11 +194,25 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level="info",
         proxy_headers=True,
+        log_config=log_config(),
         # on SIGTERM or Ctrl-C, requests still running after this long are stopped, so the
         # site is down within seconds even under load (running jobs' containers stay up)
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
     return 0
+
+
+def log_config() -> dict:
+    """uvicorn's own logging, its access log without the requests refused as busy: a flood
+    would write a line for each (views/admission.py counts them in one line instead)."""
+    import uvicorn.config
+
+    from .views.admission import QuietRefusals
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config.setdefault("filters", {})["quiet_refusals"] = {"()": QuietRefusals}
+    config["handlers"]["access"]["filters"] = ["quiet_refusals"]
+    return config
 
 
 async def _check_executor(settings: Settings) -> None:

@@ -200,6 +200,7 @@ def create_app(settings: Settings) -> Starlette:
             await site.scheduler.start()
             yield
         finally:
+            site.admission.summarise(stopping=True)
             await site.scheduler.stop()
             await site.notifier.stop()
             await db.close()

@@ -332,6 +332,45 @@ def test_a_request_still_running_when_the_site_stops_is_answered_503(settings, c
     ]
 
 
+def test_the_requests_refused_as_busy_are_counted_in_one_log_line_every_so_often(caplog):
+    from jobsite.views.admission import SUMMARY_EVERY, Admission
+
+    now = [1000.0]
+    admission = Admission([], 100, 100, reserved=(), clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="jobsite")
+
+    def lines() -> list[str]:
+        said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        caplog.clear()
+        return said
+
+    admission.summarise()
+    assert lines() == [], "nothing was refused: nothing to say"
+    for page in ("logs", "logs", "logs", "home", ""):
+        admission.shed(page)
+        now[0] += 0.5
+    admission.summarise()  # the first refusals after a quiet while: said at once
+    assert lines() == [
+        "refused 5 requests in 2.5 s, the site being busy (503, Retry-After): "
+        "logs 3, home 1, no page 1"
+    ]
+    admission.shed("logs")
+    now[0] += SUMMARY_EVERY / 2
+    admission.summarise()
+    assert lines() == [], "the next count waits for its time"
+    now[0] += SUMMARY_EVERY / 2
+    admission.summarise()
+    assert lines() == [
+        f"refused 1 requests in {SUMMARY_EVERY:.1f} s, the site being busy (503, Retry-After): "
+        "logs 1"
+    ]
+    admission.shed("admin")
+    admission.summarise(stopping=True)  # the site stops: the last count is not lost
+    assert lines() == [
+        "refused 1 requests in 0.0 s, the site being busy (503, Retry-After): admin 1"
+    ]
+
+
 def test_a_flooded_page_gets_its_share_of_the_site_and_one_persons_clicks_are_never_refused():
     from jobsite.views.admission import FLOOD_MEMORY, PAGE_SHARE, Admission
 

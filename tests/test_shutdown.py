@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import signal
 import socket
@@ -181,6 +182,14 @@ def test_the_site_stops_within_10_s_under_load_and_the_next_start_adopts_its_job
     log = text(first)
     assert "Traceback" not in log and "Exception in ASGI" not in log, log
     assert log.count("client went away") == ABANDONED, log
+    # the admin page's refusals counted in a line or a few, not one access log line each
+    assert '"GET /admin/ HTTP/1.1" 200' in log, "the access log is written"
+    # (a request stopped by the site's stopping has its 503 logged, and a line saying so)
+    stopped = log.count("stopped answering GET /admin/")
+    assert log.count('"GET /admin/ HTTP/1.1" 503') <= stopped, log
+    refused = re.findall(r"refused (\d+) requests in [\d.]+ s, the site being busy.*: (.*)", log)
+    assert any(re.search(r"\badmin \d+", pages) for _, pages in refused), log
+    assert sum(int(count) for count, _ in refused) >= statuses.count(503) - stopped, log
     container = docker_client.containers.get(f"jobsite-{job['id']}")
     assert container.status == "running"
 

@@ -42,7 +42,9 @@ idle p95 to 1.4-1.6x, with the lookups by key of db.Database.lookup; and to 0.8-
 the long renders also hand the lock back every millisecond: views.base.HAND_OVER).
 
 A request whose client has gone away stops its work: its handler is cancelled, and the
-disconnect is logged as one line.
+disconnect is logged as one line. The requests refused as busy get no access log line of
+their own (a flood would write one a request, as fast as the site refuses them): one line
+every SUMMARY_EVERY counts them, page by page, and a last one when the site stops.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ FLOOD_MEMORY = 1.0  # seconds: a page refused less long ago than this is flooded
 FIRST_COST = 0.005  # seconds: the cost assumed of a page not answered yet
 QUICK_SHARE = 0.25  # of the costliest page's cost: a page that costs at most this is quick
 GIVE_WAY_MAX = 0.02  # seconds a long render may pause for the quick requests, in all
+SUMMARY_EVERY = 10.0  # seconds between two log lines counting the requests refused as busy
 BUSY_MESSAGE = (
     "The site is busy: it is answering as many requests as it can at once. "
     f"Nothing was done; try again in {RETRY_AFTER} seconds."
@@ -94,6 +97,20 @@ STOPPING_MESSAGE = (
 answering_quick: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "answering_quick", default=False
 )
+
+
+# set while a request is refused as busy: its access log line is left out (QuietRefusals)
+refusing_as_busy: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "refusing_as_busy", default=False
+)
+
+
+class QuietRefusals(logging.Filter):
+    """Leaves out the access log lines of the requests refused as busy (for uvicorn's access
+    handler): Admission.summarise counts them instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not refusing_as_busy.get()
 
 
 class Admission:
@@ -122,6 +139,9 @@ class Admission:
         self.work: dict[str, tuple[float, float]] = {}
         self.refused_at: dict[str, float] = {}  # when a request of each page was last refused
         self.refused = 0
+        self.unlogged: Counter[str] = Counter()  # refused per page since the last count logged
+        self.unlogged_since = 0.0  # when the first of those was refused
+        self.logged_at = -SUMMARY_EVERY  # when the last count was logged
         self.abandoned = 0
         # how far the event loop runs behind for its own work (seconds), and each page's usual
         # time to answer
@@ -187,9 +207,29 @@ class Admission:
 
     def shed(self, page: str) -> bool:
         """Notes that a request of ``page`` is refused; False."""
+        now = self.clock()
         self.refused += 1
-        self.refused_at[page] = self.clock()
+        self.refused_at[page] = now
+        if not self.unlogged:
+            self.unlogged_since = now
+        self.unlogged[page or "no page"] += 1
         return False
+
+    def summarise(self, stopping: bool = False) -> None:
+        """Logs how many requests were refused as busy since the last such line, page by
+        page, once SUMMARY_EVERY has passed since it (at once when the site is stopping)."""
+        now = self.clock()
+        if not self.unlogged or (not stopping and now - self.logged_at < SUMMARY_EVERY):
+            return
+        pages = ", ".join(f"{page} {count}" for page, count in self.unlogged.most_common())
+        log.warning(
+            "refused %d requests in %.1f s, the site being busy (503, Retry-After): %s",
+            self.unlogged.total(),
+            now - self.unlogged_since,
+            pages,
+        )
+        self.unlogged.clear()
+        self.logged_at = now
 
     def answered(self, page: str, seconds: float, alone: bool) -> None:
         """A page took ``seconds`` to answer, ``alone`` if no other request was in flight
@@ -226,6 +266,7 @@ class Admission:
             self.lag = max(now - due - (after - before), self.lag * LAG_DECAY)
             # over about five ticks
             self.busy = self.busy * 0.8 + 0.2 * (used - cpu) / (now - due + TICK)
+            self.summarise()
             loop.call_at(now + TICK, tick, now + TICK, used, after)
 
         start = loop.time() + TICK
@@ -263,7 +304,11 @@ class AdmissionMiddleware:
         admission.watch_the_loop()
         page = admission.page(scope)
         if not admission.admit(page):
-            await refuse(scope, send)
+            marked = refusing_as_busy.set(True)
+            try:
+                await refuse(scope, send)
+            finally:
+                refusing_as_busy.reset(marked)
             return
         alone = not admission.in_flight
         admission.started += 1
